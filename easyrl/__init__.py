@@ -1,0 +1,3 @@
+"""easyrl: RLHF for LLaMA-family models in JAX/Flax."""
+
+__version__ = "0.1.0"
