@@ -1,0 +1,42 @@
+"""`python -m easyrl <command>` / `easyrl <command>`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# command -> (module with add_parser(subparsers), one-line help)
+COMMANDS = {
+    "convert": "easyrl.convert",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="easyrl", description="RLHF for LLaMA-family models in JAX: SFT, reward models, "
+                                   "PPO, DPO, RRHF, and Hugging Face conversion.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in COMMANDS.items():
+        importlib.import_module(mod).add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # user errors: one clear line
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"easyrl {args.command}: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

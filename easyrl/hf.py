@@ -1,0 +1,307 @@
+"""Hugging Face <-> easyrl: one name-mapping table and streaming weight io.
+
+`load` reads config.json and safetensors (single or sharded with an index) or `.bin` files
+(`torch.load(weights_only=True)`, when torch is installed) tensor by tensor from memory maps and
+places each slice straight onto its device sharding. `save` writes config.json,
+generation_config.json and safetensors shards, one tensor in host memory at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from typing import Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from easyrl import model as M
+from easyrl.model.config import LlamaConfig
+from easyrl.parallel import PARTITION_RULES, named_shardings, path_str
+from easyrl.st_io import SafetensorsFile, write_streaming
+
+log = logging.getLogger(__name__)
+
+# (easyrl path regex, HF name template, transpose). `{i}` = layer index of a stacked parameter.
+NAME_MAP = (
+    (r"embed_tokens/embedding", "model.embed_tokens.weight", False),
+    (r"layers/(self_attn|mlp)/(\w+_proj)/kernel", r"model.layers.{i}.\1.\2.weight", True),
+    (r"layers/(self_attn|mlp)/(\w+_proj)/bias", r"model.layers.{i}.\1.\2.bias", False),
+    (r"layers/(\w+_layernorm)/scale", r"model.layers.{i}.\1.weight", False),
+    (r"norm/scale", "model.norm.weight", False),
+    (r"lm_head/kernel", "lm_head.weight", True),
+    (r"score/kernel", "score.weight", True),
+)
+# tensors some checkpoints carry that easyrl recomputes or does not use
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|lm_head\.weight|score\.weight)$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+ARCHITECTURES = {"causal_lm": "LlamaForCausalLM", "reward": "LlamaForSequenceClassification",
+                 "value": "LlamaForSequenceClassification"}
+
+
+def hf_names(path: str, num_layers: int):
+    """[(hf_name, layer index or None)], transpose flag for one easyrl parameter path."""
+    for pattern, template, transpose in NAME_MAP:
+        m = re.fullmatch(pattern, path)
+        if m:
+            name = m.expand(template)
+            if path.startswith("layers/"):
+                return [(name.replace("{i}", str(i)), i) for i in range(num_layers)], transpose
+            return [(name, None)], transpose
+    raise ValueError(f"no Hugging Face name for easyrl parameter {path!r}; add it to easyrl.hf.NAME_MAP")
+
+
+# ---- reading ------------------------------------------------------------------------------
+class _TensorIndex:
+    """name -> file, over safetensors (single/sharded) or pytorch .bin files of one folder."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._files: Dict[str, object] = {}
+        self.where: Dict[str, str] = {}
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            ip = os.path.join(folder, index_name)
+            if os.path.exists(ip):
+                try:
+                    with open(ip) as f:
+                        self.where = dict(json.load(f)["weight_map"])
+                except (OSError, ValueError, KeyError) as e:
+                    raise ValueError(f"{ip}: unreadable weight index ({e})") from e
+                return
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            fp = os.path.join(folder, single)
+            if os.path.exists(fp):
+                self.where = {n: single for n in self._open(single).names()}
+                return
+        raise FileNotFoundError(f"{folder}: no model weights found (expected model.safetensors, "
+                                f"model.safetensors.index.json, or pytorch_model.bin)")
+
+    def _open(self, fname: str):
+        if fname not in self._files:
+            fp = os.path.join(self.folder, fname)
+            if not os.path.exists(fp):
+                raise FileNotFoundError(f"{fp}: listed in the weight index but missing")
+            self._files[fname] = SafetensorsFile(fp) if fname.endswith(".safetensors") else _BinFile(fp)
+        return self._files[fname]
+
+    def get(self, name: str) -> np.ndarray:
+        return self._open(self.where[name]).get(name)
+
+    def file_of(self, name: str) -> str:
+        return os.path.join(self.folder, self.where[name])
+
+    def shape(self, name: str):
+        return tuple(self._open(self.where[name]).shape(name))
+
+
+class _BinFile:
+    """A pytorch_model*.bin read with torch.load(weights_only=True, mmap=True)."""
+
+    def __init__(self, path: str):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"{path}: reading .bin checkpoints needs torch "
+                              f"(pip install 'easyrl[torch]'), or convert it to safetensors") from e
+        self._torch = torch
+        self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+    def names(self):
+        return list(self._sd)
+
+    def shape(self, name):
+        return tuple(self._sd[name].shape)
+
+    def get(self, name):
+        t = self._sd[name]
+        return (t.float() if t.dtype == self._torch.bfloat16 else t).numpy()
+
+
+def read_config(folder: str) -> dict:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: not a directory (expected a Hugging Face model folder)")
+    cp = os.path.join(folder, "config.json")
+    if not os.path.exists(cp):
+        raise FileNotFoundError(f"{cp}: missing config.json (not a Hugging Face model folder?)")
+    try:
+        with open(cp) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{cp}: invalid JSON ({e})") from e
+
+
+def load(path: str, kind: str = "causal_lm", dtype=None, *, mesh=None, rules=PARTITION_RULES,
+         init_missing_head: bool = False, rng=None, **runtime) -> Tuple[LlamaConfig, dict]:
+    """Load a local HF LLaMA folder -> (LlamaConfig, params).
+
+    kind: causal_lm | reward | value (reward/value read `score.weight`; with
+    `init_missing_head=True` a missing score head is drawn from N(0, 1/(D+1)), e.g. to start a
+    reward model from an SFT checkpoint). dtype: parameter dtype (default float32). With `mesh`,
+    every tensor is placed straight onto its partition-rule sharding.
+    """
+    hf_cfg = read_config(path)
+    if dtype is not None:
+        runtime["param_dtype"] = jnp.dtype(dtype).name
+    config = LlamaConfig.from_hf(hf_cfg, **runtime)
+    index = _TensorIndex(path)
+    shapes = M.param_shapes(config, kind)
+    if mesh is not None:
+        shardings = named_shardings(shapes, mesh, rules)
+    else:
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: dev, shapes)
+    used = set()
+
+    def load_leaf(kpath, sds, sharding):
+        p = path_str(kpath)
+        names, transpose = hf_names(p, config.num_hidden_layers)
+        stacked = names[0][1] is not None
+        missing = [n for n, _ in names if n not in index.where]
+        if missing:
+            if p == "score/kernel" and init_missing_head:
+                key = jax.random.PRNGKey(0) if rng is None else rng
+                std = 1.0 / np.sqrt(config.hidden_size + 1)
+                val = (jax.random.normal(key, sds.shape, jnp.float32) * std).astype(sds.dtype)
+                return jax.device_put(val, sharding)
+            raise KeyError(f"{path}: missing tensor {missing[0]!r} (needed for easyrl parameter "
+                           f"{p!r}, kind={kind!r})")
+        want = tuple(sds.shape[1:] if stacked else sds.shape)
+        want_hf = want[::-1] if transpose else want
+        for n, _ in names:
+            got = index.shape(n)
+            if got != want_hf:
+                raise ValueError(f"{index.file_of(n)}: tensor {n!r} has shape {got}, expected "
+                                 f"{want_hf} from config.json")
+            used.add(n)
+
+        def read(n):
+            a = index.get(n)
+            return a.T if transpose else a
+
+        def callback(idx):
+            if stacked:
+                layers = range(sds.shape[0])[idx[0]]
+                out = np.stack([read(names[i][0])[idx[1:]] for i in layers])
+            else:
+                out = read(names[0][0])[idx]
+            return np.asarray(out).astype(sds.dtype)
+
+        return jax.make_array_from_callback(sds.shape, sharding, callback)
+
+    params = jax.tree_util.tree_map_with_path(load_leaf, shapes, shardings)
+    extra = [n for n in index.where if n not in used and not _IGNORED.search(n)]
+    if extra:
+        log.warning("%s: %d tensors not used by easyrl (e.g. %s)", path, len(extra), extra[:3])
+    return config, params
+
+
+# ---- writing ------------------------------------------------------------------------------
+def _host(x) -> np.ndarray:
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def hf_config_dict(config: LlamaConfig, kind: str, dtype, pad_token_id=None) -> dict:
+    out = config.to_hf()
+    out["architectures"] = [ARCHITECTURES[kind]]
+    out["torch_dtype"] = out["dtype"] = jnp.dtype(dtype).name
+    if pad_token_id is not None:
+        out["pad_token_id"] = pad_token_id
+    if kind != "causal_lm":
+        out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        if out.get("pad_token_id") is None:  # sequence classification needs it for batches
+            eos = config.eos_token_id
+            out["pad_token_id"] = eos[0] if isinstance(eos, tuple) else eos
+    return out
+
+
+def save(path: str, config: LlamaConfig, params, kind: str = "causal_lm", tokenizer=None,
+         dtype=None, max_shard_size: int = 5 * 2**30, extra_config: Optional[dict] = None) -> None:
+    """Write an HF folder that `AutoModelForCausalLM` / `AutoModelForSequenceClassification`
+    `.from_pretrained` loads. `tokenizer`: an HF tokenizer object or a folder to copy files from.
+    Streams one tensor at a time; shards above `max_shard_size` bytes with an index."""
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {tuple(ARCHITECTURES)}")
+    flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    dtype = np.dtype(jnp.dtype(dtype or next(iter(flat.values())).dtype))
+    want = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(M.param_shapes(config, kind))[0]}
+    if set(flat) != want:
+        raise ValueError(f"params do not match a {kind} model of this config: missing "
+                         f"{sorted(want - set(flat))[:3]}, unexpected {sorted(set(flat) - want)[:3]}")
+    entries = []  # (hf_name, easyrl path, layer, transpose) in HF order
+    order = lambda p: (0 if p.startswith("embed") else 1 if p.startswith("layers") else 2, p)  # noqa: E731
+    per_layer = []
+    for p in sorted(flat, key=order):
+        names, tr = hf_names(p, config.num_hidden_layers)
+        (per_layer if names[0][1] is not None else entries).append((p, names, tr))
+    ordered = [(n, p, None, tr) for p, names, tr in entries if p.startswith("embed") for n, _ in names]
+    for i in range(config.num_hidden_layers):
+        ordered += [(names[i][0], p, i, tr) for p, names, tr in per_layer]
+    ordered += [(n, p, None, tr) for p, names, tr in entries if not p.startswith("embed") for n, _ in names]
+
+    def spec(entry):
+        n, p, i, tr = entry
+        shape = flat[p].shape[1:] if i is not None else flat[p].shape
+        return n, tuple(shape[::-1] if tr else shape), dtype
+
+    shards, cur, size = [], [], 0
+    for e in ordered:
+        nbytes = int(np.prod(spec(e)[1])) * dtype.itemsize
+        if cur and size + nbytes > max_shard_size:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += nbytes
+    shards.append(cur)
+    by_name = {e[0]: e for e in ordered}
+
+    def produce(name):
+        _, p, i, tr = by_name[name]
+        a = _host(flat[p] if i is None else flat[p][i])
+        return a.T if tr else a
+
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(path, exist_ok=True)
+    total, weight_map = 0, {}
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        target = os.path.join(path, fname) if writer else os.devnull
+        total += write_streaming(target, [spec(e) for e in shard], produce, metadata={"format": "pt"})
+        weight_map.update({e[0]: fname for e in shard})
+    if not writer:
+        return
+    if len(shards) > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None and not isinstance(tokenizer, str) else None
+    cfg = hf_config_dict(config, kind, dtype, pad_token_id=pad)
+    cfg.update(extra_config or {})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": cfg.get("eos_token_id"),
+           "pad_token_id": cfg.get("pad_token_id")}
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+    if tokenizer is not None:
+        save_tokenizer_files(tokenizer, path)
+
+
+def save_tokenizer_files(tokenizer, path: str) -> None:
+    """Tokenizer object -> save_pretrained; a folder -> copy its tokenizer files."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        src = str(tokenizer)
+        if os.path.isfile(src):  # a sentencepiece .model
+            shutil.copy(src, os.path.join(path, "tokenizer.model"))
+            return
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), os.path.join(path, name))
+    else:
+        tokenizer.save_pretrained(path)

@@ -1,0 +1,212 @@
+"""LlamaConfig: the architecture (mirrors Hugging Face `LlamaConfig`) plus easyrl's runtime options.
+
+The architecture fields round-trip through `from_hf` / `to_hf`; the runtime fields (dtypes, remat
+policy, attention implementation) never reach a Hugging Face config.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Tuple, Union
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rope_theta: float = 10000.0
+    # stored as a sorted tuple of (key, value) pairs so the config stays hashable (a jit static arg)
+    rope_scaling: Optional[Tuple[Tuple[str, Any], ...]] = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[Union[int, Tuple[int, ...]]] = 2
+    pad_token_id: Optional[int] = None
+    # runtime options (not part of the HF config)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots | dots_no_batch | minimal
+    attention: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.num_key_value_heads is None:
+            set_("num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            set_("head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.rope_scaling, dict):
+            set_("rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if isinstance(self.eos_token_id, list):
+            set_("eos_token_id", tuple(self.eos_token_id))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
+        rs = self.rope_scaling_dict
+        if rs is not None:
+            kind = rs.get("rope_type", rs.get("type", "default"))
+            if kind not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(f"rope_scaling type {kind!r} is not supported "
+                                 f"(supported: {SUPPORTED_ROPE_TYPES})")
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def rope_scaling_dict(self) -> Optional[dict]:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count of the causal LM (embeddings and head included)."""
+        d, f, v, l = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
+        h, k, dh = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        attn = d * h * dh * 2 + d * k * dh * 2
+        if self.attention_bias:
+            attn += h * dh + 2 * k * dh + d
+        mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        layer = attn + mlp + 2 * d
+        head = 0 if self.tie_word_embeddings else d * v
+        return v * d + l * layer + d + head
+
+    def replace(self, **kw) -> "LlamaConfig":
+        return dataclasses.replace(self, **kw)
+
+    # ---- Hugging Face --------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict, **runtime) -> "LlamaConfig":
+        """Build from a Hugging Face config dict (config.json); `runtime` sets dtype, remat, ..."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported architecture: model_type={model_type!r} "
+                             f"(easyrl supports {SUPPORTED_MODEL_TYPES})")
+        rope_theta = hf.get("rope_theta")
+        rope_scaling = hf.get("rope_scaling")
+        params = hf.get("rope_parameters")  # transformers >= 5 layout
+        if isinstance(params, dict):
+            rope_theta = params.get("rope_theta", rope_theta)
+            if params.get("rope_type", "default") != "default":
+                rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        if rope_scaling is not None:
+            rope_scaling = {k: v for k, v in rope_scaling.items() if v is not None}
+            if rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+                rope_scaling = None
+        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
+        kw = {k: hf[k] for k in names if k in hf and hf[k] is not None}
+        kw["rope_theta"] = float(rope_theta if rope_theta is not None else 10000.0)
+        kw["rope_scaling"] = rope_scaling
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kw[k] = hf.get(k)
+        return cls(**kw, **runtime)
+
+    def to_hf(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in _RUNTIME_FIELDS}
+        out["rope_scaling"] = self.rope_scaling_dict
+        if isinstance(self.eos_token_id, tuple):
+            out["eos_token_id"] = list(self.eos_token_id)
+        out.update(model_type="llama", hidden_act="silu", attention_dropout=0.0,
+                   pretraining_tp=1, use_cache=True)
+        return out
+
+    def to_json_dict(self) -> dict:
+        """Everything, runtime options included (easyrl checkpoints)."""
+        out = self.to_hf()
+        out.update({k: getattr(self, k) for k in _RUNTIME_FIELDS})
+        return out
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> "LlamaConfig":
+        runtime = {k: d[k] for k in _RUNTIME_FIELDS if k in d}
+        return cls.from_hf(d, **runtime)
+
+
+PRESETS = {
+    # test / CPU sizes
+    "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        rms_norm_eps=1e-6),
+    "small": LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=352,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, rms_norm_eps=1e-6),
+    "bench_100m": LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                              num_hidden_layers=12, num_attention_heads=12,
+                              max_position_embeddings=2048, rms_norm_eps=1e-5),
+    "bench_1b": LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                            num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                            max_position_embeddings=2048, rms_norm_eps=1e-5),
+    # published Hugging Face configs (meta-llama/*)
+    "llama2_7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                             max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama2_13b": LlamaConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                              num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                              max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama2_70b": LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                              num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                              max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama3_8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                             max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                             bos_token_id=128000, eos_token_id=128001),
+    "llama3_70b": LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                              num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                              max_position_embeddings=8192, rms_norm_eps=1e-5,
+                              rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
+    "llama31_8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                              max_position_embeddings=131072, rms_norm_eps=1e-5,
+                              rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192}),
+}
+
+
+def get_preset(name: str, **overrides) -> LlamaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+def rope_inv_freq(config: LlamaConfig):
+    """Inverse frequencies [Dh/2] (float32, computed as transformers does), scaling applied."""
+    import numpy as np
+    dh = config.head_dim
+    f32 = np.float32
+    inv = f32(1.0) / (f32(config.rope_theta) ** (np.arange(0, dh, 2).astype(f32) / f32(dh)))
+    rs = config.rope_scaling_dict
+    if rs is None:
+        return inv
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "linear":
+        return (inv / f32(rs["factor"])).astype(f32)
+    if kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        lo_wl, hi_wl = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > lo_wl, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
+        return np.where(medium, smoothed, scaled).astype(f32)
+    return inv

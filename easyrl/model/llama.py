@@ -1,0 +1,180 @@
+"""Pure-functional LLaMA in Flax linen.
+
+Parameters are a plain pytree in Hugging Face orientation except that dense kernels are stored
+[in, out] (flax) where HF stores [out, in]; decoder layers are stacked on a leading axis L (the
+layers run under `nn.scan`):
+
+    embed_tokens/embedding [V, D]
+    layers/input_layernorm/scale [L, D]
+    layers/self_attn/{q,k,v}_proj/kernel [L, D, H*Dh | K*Dh]   (+ bias when attention_bias)
+    layers/self_attn/o_proj/kernel [L, H*Dh, D]
+    layers/post_attention_layernorm/scale [L, D]
+    layers/mlp/{gate,up}_proj/kernel [L, D, F], layers/mlp/down_proj/kernel [L, F, D]
+    norm/scale [D]
+    lm_head/kernel [D, V]        (causal LM, untied)   |   score/kernel [D, 1]   (reward / value)
+
+The rotary embedding uses HF's rotate-half layout, so conversion needs no q/k permutation.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from easyrl.model.config import LlamaConfig, rope_inv_freq
+
+Array = jax.Array
+HEADS = ("lm", "score", "hidden")
+
+
+def _dt(name: str):
+    return jnp.dtype(name)
+
+
+def rope_cos_sin(config: LlamaConfig, positions: Array) -> Tuple[Array, Array]:
+    """cos, sin [B, T, Dh] float32 for integer positions [B, T] (rotate-half layout)."""
+    inv = jnp.asarray(rope_inv_freq(config), jnp.float32)
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, N, Dh]; cos/sin [B, T, Dh]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def remat_policy(name: str):
+    cp = jax.checkpoint_policies
+    return {
+        "full": cp.nothing_saveable,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.checkpoint_dots_with_no_batch_dims,
+        "minimal": cp.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str, std: Optional[float] = None):
+    return nn.Dense(features, use_bias=bias, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype),
+                    kernel_init=nn.initializers.normal(std or cfg.initializer_range), name=name)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, impl: str = "xla") -> Array:
+    """Grouped-query attention. q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] bool -> [B,T,H,Dh]."""
+    b, t, h, dh = q.shape
+    kh = k.shape[2]
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    q = q.reshape(b, t, kh, h // kh, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / np.sqrt(dh))
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, dh)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        cfg = self.config
+        b, t, _ = x.shape
+        h, kh, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = _dense(cfg, h * dh, cfg.attention_bias, "q_proj")(x).reshape(b, t, h, dh)
+        k = _dense(cfg, kh * dh, cfg.attention_bias, "k_proj")(x).reshape(b, t, kh, dh)
+        v = _dense(cfg, kh * dh, cfg.attention_bias, "v_proj")(x).reshape(b, t, kh, dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_cache = None
+        if cache is not None:  # write this step's keys/values at cache_index, attend to all S
+            ck, cv = cache
+            start = (0, cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            new_cache = (ck, cv)
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        out = attend(q, k, v, mask, cfg.attention).reshape(b, t, h * dh)
+        return _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out), new_cache
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, _dt(cfg.dtype), _dt(cfg.param_dtype), name=name)  # noqa: E731
+        h, new_cache = Attention(cfg, name="self_attn")(
+            norm("input_layernorm")(x), cos, sin, mask, layer_cache, cache_index)
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        return x, new_cache
+
+
+class Llama(nn.Module):
+    """LLaMA decoder with a head: `lm` (logits), `score` (a scalar per token), `hidden`."""
+    config: LlamaConfig
+    head: str = "lm"
+
+    @nn.compact
+    def __call__(self, input_ids, positions, mask, cache=None, cache_index=None):
+        """input_ids/positions [B, T] int, mask [B, T, S] bool (S = T, or the cache length).
+
+        cache: (k, v) each [L, B, S, K, Dh] or None. Returns (output, new_cache).
+        """
+        cfg = self.config
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=_dt(cfg.dtype),
+                         param_dtype=_dt(cfg.param_dtype),
+                         embedding_init=nn.initializers.normal(cfg.initializer_range),
+                         name="embed_tokens")
+        x = embed(input_ids.astype(jnp.int32))
+        cos, sin = rope_cos_sin(cfg, positions)
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, policy=remat_policy(cfg.remat), prevent_cse=False)
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=cfg.num_hidden_layers)
+        x, new_cache = stack(cfg, name="layers")(x, cache, cos, sin, mask, cache_index)
+        x = RMSNorm(cfg.rms_norm_eps, _dt(cfg.dtype), _dt(cfg.param_dtype), name="norm")(x)
+        if self.head == "hidden":
+            return x, new_cache
+        if self.head == "score":
+            std = 1.0 / np.sqrt(cfg.hidden_size + 1)
+            return _dense(cfg, 1, False, "score", std=std)(x)[..., 0].astype(jnp.float32), new_cache
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(cfg, cfg.vocab_size, False, "lm_head")(x)
+        return logits.astype(jnp.float32), new_cache

@@ -1,0 +1,449 @@
+"""easyrl.losses against independent float64 numpy references (loops where it reads clearer)."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from easyrl import losses as L
+
+TOL = dict(rtol=1e-6, atol=1e-6)
+SEEDS = [0, 1, 2]
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    """float64 for this module only (do not leak x64 into other test modules)."""
+    with jax.enable_x64(True):
+        yield
+
+
+def close(a, b):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), **TOL)
+
+
+# ----------------------------------------------------------------------------- numpy references
+def np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def ref_token_logprobs(logits, ids, temp=1.0):
+    b, t, _ = logits.shape
+    out = np.zeros((b, t))
+    for i in range(b):
+        for j in range(1, t):
+            out[i, j] = np_log_softmax(logits[i, j - 1] / temp)[ids[i, j]]
+    return out
+
+
+def ref_token_entropy(logits, temp=1.0):
+    b, t, _ = logits.shape
+    out = np.zeros((b, t))
+    for i in range(b):
+        for j in range(1, t):
+            lp = np_log_softmax(logits[i, j - 1] / temp)
+            out[i, j] = -(np.exp(lp) * lp).sum()
+    return out
+
+
+def ref_masked_mean(x, m):
+    return (x * m).sum() / m.sum()
+
+
+def ref_masked_var(x, m, unbiased=True):
+    v = x[m.astype(bool)]
+    return v.var(ddof=1 if unbiased else 0)
+
+
+def ref_sft(logits, ids, mask):
+    nll = correct = n = 0.0
+    for i in range(ids.shape[0]):
+        for j in range(1, ids.shape[1]):
+            if mask[i, j]:
+                lp = np_log_softmax(logits[i, j - 1])
+                nll -= lp[ids[i, j]]
+                correct += float(np.argmax(logits[i, j - 1]) == ids[i, j])
+                n += 1
+    return nll, correct, n
+
+
+def log_sig(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def ref_dpo(pc, pr, rc, rr, beta, loss_type, eps, ref_free, lc=None, lr=None):
+    out, cr, rjr = [], [], []
+    for i in range(len(pc)):
+        rci, rri = (0.0, 0.0) if ref_free else (rc[i], rr[i])
+        if loss_type == "ipo":
+            h = (pc[i] - rci) / lc[i] - (pr[i] - rri) / lr[i]
+            out.append((h - 1 / (2 * beta)) ** 2)
+        else:
+            h = (pc[i] - rci) - (pr[i] - rri)
+            if loss_type == "sigmoid":
+                out.append(-(1 - eps) * log_sig(beta * h) - eps * log_sig(-beta * h))
+            elif loss_type == "robust":
+                out.append((-(1 - eps) * log_sig(beta * h) + eps * log_sig(-beta * h)) / (1 - 2 * eps))
+            else:
+                out.append(max(0.0, 1 - beta * h))
+        cr.append(beta * (pc[i] - rci))
+        rjr.append(beta * (pr[i] - rri))
+    return np.array(out), np.array(cr), np.array(rjr)
+
+
+def ref_rrhf(logp, lengths, scores, valid, nll, alpha, w):
+    b, n = logp.shape
+    rank = 0.0
+    pairs = good = 0
+    sft = 0.0
+    for i in range(b):
+        p = [logp[i, k] / lengths[i, k] ** alpha for k in range(n)]
+        for a in range(n):
+            for c in range(n):
+                if valid[i, a] and valid[i, c] and scores[i, a] < scores[i, c]:
+                    rank += max(0.0, p[a] - p[c])
+                    pairs += 1
+                    good += p[a] < p[c]
+        cands = [k for k in range(n) if valid[i, k]]
+        if cands:
+            best = max(cands, key=lambda k: (scores[i, k], -k))  # first index on ties
+            sft += nll[i, best] / lengths[i, best]
+    rank /= b
+    sft /= b
+    return w * rank + sft, rank, sft, pairs, good / max(pairs, 1)
+
+
+def ref_kl(lp, ref, kind):
+    d = lp - ref
+    return {"k1": d, "k3": np.exp(-d) - 1 + d, "abs": np.abs(d), "mse": 0.5 * d * d}[kind]
+
+
+def ref_ppo_rewards(scores, lp, ref, mask, kl_coef, kind, has_eos, pen):
+    kl = np.where(mask > 0, ref_kl(np.where(mask > 0, lp, 0), np.where(mask > 0, ref, 0), kind), 0)
+    rew = -kl_coef * kl
+    for i in range(len(scores)):
+        idx = np.nonzero(mask[i])[0]
+        if len(idx):
+            s = scores[i] - (pen if (pen is not None and not has_eos[i]) else 0.0)
+            rew[i, idx[-1]] += s
+    return rew, kl
+
+
+def ref_gae(rew, val, mask, gamma, lam):
+    b, r = rew.shape
+    rew = np.where(mask > 0, rew, 0.0)
+    val = np.where(mask > 0, val, 0.0)
+    adv = np.zeros((b, r))
+    for i in range(b):
+        last = 0.0
+        for t in reversed(range(r)):
+            nv = val[i, t + 1] if t + 1 < r else 0.0
+            delta = rew[i, t] + gamma * nv - val[i, t]
+            last = delta + gamma * lam * last
+            adv[i, t] = last
+    adv = np.where(mask > 0, adv, 0.0)
+    return adv, adv + val
+
+
+# ----------------------------------------------------------------------------- random inputs
+def rand_seq_batch(rng, b=4, t=9, v=11):
+    """logits, ids, and a mask of [prompt zeros | response ones | pad zeros] per row."""
+    logits = rng.normal(size=(b, t, v)) * 3
+    ids = rng.integers(0, v, size=(b, t))
+    mask = np.zeros((b, t))
+    for i in range(b):
+        p = rng.integers(1, t // 2)
+        r = rng.integers(1, t - p + 1)
+        mask[i, p:p + r] = 1
+    mask[0, 0] = 1  # column 0 has no predictor: must be ignored by the SFT sums
+    return logits, ids, mask
+
+
+def rand_response_mask(rng, b=5, r=8, allow_empty=False):
+    lens = rng.integers(0 if allow_empty else 1, r + 1, size=b)
+    lens[0] = r  # one full row
+    return (np.arange(r)[None] < lens[:, None]).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- token level
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("temp", [1.0, 0.7])
+def test_token_logprobs_and_entropy(seed, temp):
+    rng = np.random.default_rng(seed)
+    logits, ids, mask = rand_seq_batch(rng)
+    lp = jax.jit(L.token_logprobs)(jnp.asarray(logits), jnp.asarray(ids), temp)
+    assert lp.dtype == jnp.float64  # the 1e-6 comparisons below really are float64
+    close(lp, ref_token_logprobs(logits, ids, temp))
+    ent = jax.jit(L.token_entropy)(jnp.asarray(logits), temp)
+    close(ent, ref_token_entropy(logits, temp))
+    # sequence log-prob == sum of a numpy log-softmax gather over the masked targets
+    lsm = np_log_softmax(logits[:, :-1] / temp)
+    gathered = np.take_along_axis(lsm, ids[:, 1:, None], -1)[..., 0]
+    close(L.masked_sum(lp, mask, axis=-1), (gathered * mask[:, 1:]).sum(-1))
+
+
+def test_token_logprobs_dtype_float32_from_bf16():
+    with jax.enable_x64(False):
+        logits = jnp.zeros((2, 3, 5), jnp.bfloat16)
+        out = L.token_logprobs(logits, jnp.zeros((2, 3), jnp.int32))
+        assert out.dtype == jnp.float32 and out.shape == (2, 3)
+        close(out[:, 1:], np.full((2, 2), -math.log(5)))
+        close(out[:, 0], 0.0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_masked_stats_and_whiten(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4, 7)) * 2 + 1
+    m = (rng.random((4, 7)) < 0.6).astype(np.float64)
+    m[0, 0] = 1
+    m[0, 1] = 1
+    x_bad = np.where(m > 0, x, np.nan)  # garbage at masked positions must not leak
+    close(L.masked_sum(x_bad, m), (x * m).sum())
+    close(L.masked_mean(x_bad, m), ref_masked_mean(x, m))
+    close(L.masked_mean(x, m, axis=1)[m.sum(1) > 0],
+          ((x * m).sum(1) / np.maximum(m.sum(1), 1))[m.sum(1) > 0])
+    close(L.masked_var(x, m), ref_masked_var(x, m))
+    close(L.masked_var(x, m, unbiased=False), ref_masked_var(x, m, unbiased=False))
+    mu, var = ref_masked_mean(x, m), ref_masked_var(x, m)
+    close(L.whiten(x, m), (x - mu) / np.sqrt(var + 1e-8))
+    close(L.whiten(x, m, shift_mean=False), (x - mu) / np.sqrt(var + 1e-8) + mu)
+    assert float(L.masked_mean(x, np.zeros_like(m))) == 0.0
+
+
+# ----------------------------------------------------------------------------- SFT
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sft_sums_and_split_invariance(seed):
+    rng = np.random.default_rng(seed)
+    logits, ids, mask = rand_seq_batch(rng, b=6)
+    s = jax.jit(L.sft_loss_sums)(logits, ids, mask)
+    nll, correct, n = ref_sft(logits, ids, mask)
+    close(s["nll_sum"], nll)
+    close(s["correct_sum"], correct)
+    close(s["n_tokens"], n)
+    close(L.sft_loss(logits, ids, mask), nll / n)
+    # accumulate over an uneven split, divide by the global count: same as the whole batch
+    parts = [L.sft_loss_sums(logits[a:b], ids[a:b], mask[a:b]) for a, b in [(0, 1), (1, 4), (4, 6)]]
+    close(sum(p["nll_sum"] for p in parts) / sum(p["n_tokens"] for p in parts), nll / n)
+
+
+# ----------------------------------------------------------------------------- reward model
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("use_margin", [False, True])
+def test_reward_loss(seed, use_margin):
+    rng = np.random.default_rng(seed)
+    rc, rr = rng.normal(size=8) * 2, rng.normal(size=8) * 2
+    m = rng.random(8) if use_margin else None
+    d = rc - rr - (m if use_margin else 0)
+    per = np.logaddexp(0.0, -d)
+    close(L.reward_losses(rc, rr, m), per)
+    loss, met = jax.jit(L.reward_loss)(rc, rr, m)
+    close(loss, per.mean())
+    close(met["accuracy"], (rc > rr).mean())
+    close(met["margin"], (rc - rr).mean())
+    close(met["reward/chosen"], rc.mean())
+    close(met["reward/rejected"], rr.mean())
+
+
+# ----------------------------------------------------------------------------- DPO
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.1),
+                                           ("hinge", 0.0), ("ipo", 0.0)])
+@pytest.mark.parametrize("ref_free", [False, True])
+def test_dpo_losses_vs_reference(seed, loss_type, eps, ref_free):
+    rng = np.random.default_rng(seed)
+    b, beta = 6, 0.1
+    pc, pr, rc, rr = (rng.normal(size=b) * 20 - 50 for _ in range(4))
+    lc, lr = rng.integers(1, 40, size=b).astype(np.float64), rng.integers(1, 40, size=b).astype(np.float64)
+    fn = jax.jit(functools.partial(L.dpo_losses, beta=beta, loss_type=loss_type, label_smoothing=eps,
+                                   reference_free=ref_free))
+    got = fn(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr)
+    want = ref_dpo(pc, pr, rc, rr, beta, loss_type, eps, ref_free, lc, lr)
+    for g, w in zip(got, want):
+        close(g, w)
+
+
+def test_dpo_properties():
+    rng = np.random.default_rng(0)
+    pc, pr, rc, rr = (rng.normal(size=5) * 5 for _ in range(4))
+    beta = 0.5
+    h = (pc - rc) - (pr - rr)
+    losses, cr, rjr = L.dpo_losses(pc, pr, rc, rr, beta=beta)
+    close(losses, -jax.nn.log_sigmoid(beta * h))
+    close(cr, beta * (pc - rc))
+    close(rjr, beta * (pr - rr))
+    # robust with eps=0 and sigmoid agree; hinge and ipo closed forms
+    close(L.dpo_losses(pc, pr, rc, rr, beta=beta, loss_type="robust")[0], losses)
+    close(L.dpo_losses(pc, pr, rc, rr, beta=beta, loss_type="hinge")[0], np.maximum(0, 1 - beta * h))
+    ones = np.ones(5)
+    close(L.dpo_losses(pc, pr, rc, rr, beta=beta, loss_type="ipo", chosen_lengths=ones,
+                       rejected_lengths=ones)[0], (h - 1 / (2 * beta)) ** 2)
+    # reference-free: ref terms are 0 (None accepted), rewards are beta * logp
+    lf, cf, rf = L.dpo_losses(pc, pr, None, None, beta=beta, reference_free=True)
+    close(lf, -jax.nn.log_sigmoid(beta * (pc - pr)))
+    close(cf, beta * pc)
+    close(rf, beta * pr)
+    # rewards carry no gradient; the loss does
+    g = jax.grad(lambda x: L.dpo_losses(x, pr, rc, rr, beta=beta)[1].sum())(jnp.asarray(pc))
+    assert np.all(np.asarray(g) == 0)
+    g = jax.grad(lambda x: L.dpo_losses(x, pr, rc, rr, beta=beta)[0].sum())(jnp.asarray(pc))
+    close(g, -beta * jax.nn.sigmoid(-beta * h))
+
+
+def test_dpo_errors_and_metrics():
+    x = np.zeros(3)
+    with pytest.raises(ValueError, match="sigmoid.*robust.*hinge.*ipo"):
+        L.dpo_losses(x, x, x, x, beta=0.1, loss_type="kto")
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        L.dpo_losses(x, x, x, x, beta=0.1, loss_type="ipo")
+    with pytest.raises(ValueError, match="rejected_lengths"):
+        L.dpo_losses(x, x, x, x, beta=0.1, loss_type="ipo", chosen_lengths=x + 1)
+    cr, rjr = np.array([1.0, -1.0, 2.0, 0.5]), np.array([0.0, 0.0, 3.0, 0.5])
+    pc, pr = np.array([-1.0, -2.0, -3.0, -4.0]), np.array([-5.0, -6.0, -7.0, -8.0])
+    met = L.dpo_metrics(cr, rjr, pc, pr)
+    want = {"rewards/chosen": cr.mean(), "rewards/rejected": rjr.mean(), "rewards/accuracies": 0.25,
+            "rewards/margins": (cr - rjr).mean(), "logps/chosen": pc.mean(), "logps/rejected": pr.mean()}
+    assert set(met) == set(want)
+    for k, v in want.items():
+        close(met[k], v)
+
+
+# ----------------------------------------------------------------------------- RRHF
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("alpha,w", [(1.0, 1.0), (0.7, 2.5)])
+def test_rrhf_vs_reference(seed, alpha, w):
+    rng = np.random.default_rng(seed)
+    b, n = 4, 5
+    lengths = rng.integers(1, 30, size=(b, n)).astype(np.float64)
+    logp = -rng.random((b, n)) * lengths
+    nll = rng.random((b, n)) * lengths
+    scores = rng.integers(0, 4, size=(b, n)).astype(np.float64)  # small ints: ties happen
+    valid = rng.random((b, n)) < 0.8
+    valid[:, 0] = True
+    valid[-1] = False  # a row with no valid response
+    lengths[~valid] = 0  # padding rows may carry length 0
+    fn = jax.jit(functools.partial(L.rrhf_loss, length_penalty=alpha, rank_weight=w))
+    loss, met = fn(logp, lengths, scores, valid, nll)
+    rl, rank, sft, pairs, acc = ref_rrhf(logp, np.maximum(lengths, 1), scores, valid, nll, alpha, w)
+    close(loss, rl)
+    close(met["loss/rank"], rank)
+    close(met["loss/sft"], sft)
+    close(met["rank_pairs"], pairs)
+    close(met["rank_acc"], acc)
+
+
+def test_rrhf_ties_give_no_pairs():
+    one = np.ones((1, 3))
+    loss, met = L.rrhf_loss(np.array([[-1.0, -5.0, -3.0]]), one, np.array([[2.0, 2.0, 2.0]]),
+                            one.astype(bool), np.array([[4.0, 5.0, 6.0]]))
+    assert float(met["rank_pairs"]) == 0 and float(met["loss/rank"]) == 0
+    close(loss, 4.0)  # first of the tied best
+
+
+# ----------------------------------------------------------------------------- PPO
+@pytest.mark.parametrize("kind", ["k1", "k3", "abs", "mse"])
+def test_kl_penalty(kind):
+    rng = np.random.default_rng(0)
+    lp, ref = rng.normal(size=(3, 6)), rng.normal(size=(3, 6))
+    close(L.kl_penalty(lp, ref, kind), ref_kl(lp, ref, kind))
+    if kind != "k1":
+        assert np.all(np.asarray(L.kl_penalty(lp, ref, kind)) >= 0)
+    with pytest.raises(ValueError, match="k1.*k3.*abs.*mse"):
+        L.kl_penalty(lp, ref, "full")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("kind,pen", [("k1", None), ("k3", 1.5)])
+def test_ppo_rewards(seed, kind, pen):
+    rng = np.random.default_rng(seed)
+    b, r = 5, 8
+    mask = rand_response_mask(rng, b, r, allow_empty=True)
+    mask[1] = 0  # an empty row gets no score
+    lp = np.where(mask > 0, rng.normal(size=(b, r)) - 2, 1e4)  # garbage on padding
+    ref = np.where(mask > 0, rng.normal(size=(b, r)) - 2, -1e4)
+    scores, has_eos = rng.normal(size=b), rng.random(b) < 0.5
+    fn = jax.jit(functools.partial(L.ppo_rewards, kl_coef=0.05, kl_kind=kind, missing_eos_penalty=pen))
+    rew, kl = fn(scores, lp, ref, mask, has_eos=has_eos)
+    want_rew, want_kl = ref_ppo_rewards(scores, lp, ref, mask, 0.05, kind, has_eos, pen)
+    close(rew, want_rew)
+    close(kl, want_kl)
+    with pytest.raises(ValueError, match="has_eos"):
+        L.ppo_rewards(scores, lp, ref, mask, kl_coef=0.1, missing_eos_penalty=1.0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
+def test_gae_vs_reference(seed, gamma, lam):
+    rng = np.random.default_rng(seed)
+    mask = rand_response_mask(rng, 5, 9)
+    rew = rng.normal(size=mask.shape)
+    val = rng.normal(size=mask.shape)
+    adv, ret = jax.jit(L.gae)(rew, val, mask, gamma, lam)
+    want_adv, want_ret = ref_gae(rew, val, mask, gamma, lam)
+    close(adv, want_adv)
+    close(ret, want_ret)
+
+
+def test_gae_gamma_lam_one_is_reverse_cumsum():
+    rng = np.random.default_rng(3)
+    mask = rand_response_mask(rng, 4, 7)
+    rew = rng.normal(size=mask.shape) * mask
+    val = rng.normal(size=mask.shape)
+    _, ret = L.gae(rew, val, mask, 1.0, 1.0)
+    close(ret, np.cumsum(rew[:, ::-1], axis=1)[:, ::-1] * mask)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ppo_policy_loss(seed):
+    rng = np.random.default_rng(seed)
+    mask = rand_response_mask(rng, 5, 8)
+    old = rng.normal(size=mask.shape) - 2
+    lp = np.where(mask > 0, old + rng.normal(size=mask.shape) * 0.3, 50.0)  # padding garbage
+    adv = rng.normal(size=mask.shape)
+    c = 0.2
+    loss, met = jax.jit(L.ppo_policy_loss)(lp, old, adv, mask, c)
+    d = np.where(mask > 0, lp - old, 0)
+    rho = np.exp(d)
+    l1, l2 = -adv * rho, -adv * np.clip(rho, 1 - c, 1 + c)
+    close(loss, ref_masked_mean(np.maximum(l1, l2), mask))
+    close(met["policy/approxkl"], 0.5 * ref_masked_mean(d * d, mask))
+    close(met["policy/clipfrac"], ref_masked_mean((l2 > l1).astype(float), mask))
+    close(met["policy/ratio"], ref_masked_mean(rho, mask))
+    assert 0 < float(met["policy/clipfrac"]) < 1
+    # logp == old_logp: ratio 1, approx KL 0, no clipping, loss = -mean(A)
+    loss, met = L.ppo_policy_loss(old, old, adv, mask, c)
+    close(met["policy/ratio"], 1.0)
+    close(met["policy/approxkl"], 0.0)
+    close(met["policy/clipfrac"], 0.0)
+    close(loss, -ref_masked_mean(adv, mask))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ppo_value_loss(seed):
+    rng = np.random.default_rng(seed)
+    mask = rand_response_mask(rng, 5, 8)
+    old = rng.normal(size=mask.shape)
+    v = old + rng.normal(size=mask.shape) * 0.5
+    ret = rng.normal(size=mask.shape)
+    c = 0.2
+    loss, met = jax.jit(L.ppo_value_loss)(v, old, ret, mask, c)
+    l1 = (v - ret) ** 2
+    l2 = (np.clip(v, old - c, old + c) - ret) ** 2
+    close(loss, 0.5 * ref_masked_mean(np.maximum(l1, l2), mask))
+    close(met["val/clipfrac"], ref_masked_mean((l2 > l1).astype(float), mask))
+    close(met["val/mean"], ref_masked_mean(v, mask))
+
+
+@pytest.mark.parametrize("kl,want_e", [(6.0, 0.0), (9.0, 0.2), (1.0, -0.2), (6.6, 0.1)])
+def test_adaptive_kl_update(kl, want_e):
+    coef, n, target, horizon = 0.2, 256, 6.0, 10000
+    want = coef * (1 + want_e * n / horizon)
+    got = L.adaptive_kl_update(coef, kl, n, target=target, horizon=horizon)
+    assert isinstance(got, float)
+    close(got, want)
+    got_j = jax.jit(functools.partial(L.adaptive_kl_update, target=target, horizon=horizon))(
+        jnp.asarray(coef), jnp.asarray(kl), n)
+    close(got_j, want)
