@@ -9,6 +9,7 @@ import sys
 # command -> (module with add_parser(subparsers), one-line help)
 COMMANDS = {
     "convert": "easyrl.convert",
+    "generate": "easyrl.generate_cli",
 }
 
 
@@ -19,12 +20,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod in COMMANDS.items():
         importlib.import_module(mod).add_parser(sub)
+    for name, help_ in TRAINERS.items():
+        sub.add_parser(name, help=f"{help_}: --config configs/{name}.py:PRESET [--config.KEY=VALUE]")
     return parser
 
 
+TRAINERS = {
+    "sft": "supervised fine-tuning",
+}
+
+
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRAINERS:  # ml_collections config flags, not argparse
+        from easyrl.train import launch
+        try:
+            launch.main(argv[0], argv[1:])
+        except (FileNotFoundError, ValueError) as e:
+            print(f"easyrl {argv[0]}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

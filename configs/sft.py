@@ -1,0 +1,35 @@
+"""SFT presets. `python -m easyrl sft --config configs/sft.py:PRESET [--config.KEY=VALUE ...]`
+
+tiny            random-init tiny LLaMA on the bundled synthetic task (minutes on 2 CPU cores)
+stackllama_7b   LLaMA-7B on stack-exchange-paired answers, `Question: ...\\n\\nAnswer: ...`
+tulu2_13b       Llama-2-13B on the Tulu v2 SFT mixture with the Tulu chat format
+"""
+from easyrl.train.config import base_config
+
+
+def get_config(preset: str = "tiny"):
+    c = base_config("sft")
+    if preset == "tiny":
+        c.train.update(steps=300, batch_size=32, seq_len=48)
+        c.optim.update(lr=3e-3, schedule="cosine", warmup=20, weight_decay=0.0)
+        c.log.every = 20
+        c.eval.max_batches = 4
+    elif preset == "stackllama_7b":
+        # StackLLaMA SFT (TRL example): 4000+ steps, lr 1e-5, seq 1024, packed
+        c.model.update(path="/path/to/llama-7b-hf", dtype="bfloat16", remat="dots")
+        c.data.update(train="lvwerra/stack-exchange-paired", eval="", split="train",
+                      format="prompt_completion", template="stackllama", packing=True)
+        c.train.update(steps=4000, batch_size=64, micro_batch_size=16, seq_len=1024)
+        c.optim.update(lr=1e-5, schedule="cosine", warmup=100, weight_decay=0.05)
+        c.checkpoint.update(every=500, keep=3)
+    elif preset == "tulu2_13b":
+        # Tulu 2 SFT (Ivison et al. 2023): lr 1e-5 linear, 3% warmup, 2 epochs, 8192 tokens
+        c.model.update(path="/path/to/Llama-2-13b-hf", dtype="bfloat16", remat="dots")
+        c.data.update(train="allenai/tulu-v2-sft-mixture", eval="", split="train",
+                      format="messages", template="tulu", packing=True)
+        c.train.update(epochs=2, batch_size=128, micro_batch_size=8, seq_len=8192)
+        c.optim.update(lr=1e-5, schedule="linear", warmup=0.03, weight_decay=0.0)
+        c.checkpoint.update(every=1000, keep=2)
+    else:
+        raise ValueError(f"unknown sft preset {preset!r}: tiny, stackllama_7b, tulu2_13b")
+    return c

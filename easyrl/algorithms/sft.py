@@ -1,0 +1,43 @@
+"""Supervised fine-tuning: token-level mean cross-entropy over completion tokens."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from easyrl import losses
+from easyrl.algorithms.common import fmt, iter_kwargs, lm_logits
+from easyrl.data.iterator import sft_iterator
+from easyrl.train import loop, setup
+
+
+def make_loss(config):
+    def loss_fn(params, frozen, batch, rng, denom):
+        logits = lm_logits(config, params, batch)
+        s = losses.sft_loss_sums(logits, batch["input_ids"], batch["loss_mask"])
+        return s["nll_sum"] / denom, {"accuracy": s["correct_sum"] / denom}
+    return loss_fn
+
+
+def denom(batch):
+    """Target tokens in the whole global batch (column 0 is never a target)."""
+    return jnp.sum(batch["loss_mask"][:, 1:])
+
+
+def iterators(c, tokenizer):
+    kw = dict(seq_len=c.train.seq_len, template=c.data.template, packing=c.data.packing,
+              format=fmt(c), skip_bad_rows=c.data.skip_bad_rows)
+    train = sft_iterator(setup.data_source(c, "sft", "train"), tokenizer,
+                         global_batch_size=c.train.batch_size, **kw, **iter_kwargs(c, "train"))
+    src = setup.data_source(c, "sft", "eval")
+    ev = None if src is None else sft_iterator(src, tokenizer, global_batch_size=c.train.batch_size,
+                                               **kw, **iter_kwargs(c, "eval"))
+    return train, ev
+
+
+def build_task(env: loop.Env) -> loop.Task:
+    train, ev = iterators(env.config, env.tokenizer)
+    return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config), denom_fn=denom,
+                     train_data=train, eval_data=ev)
+
+
+def train(c) -> dict:
+    return loop.run(c, build_task, init_kind="causal_lm")

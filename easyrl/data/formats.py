@@ -1,0 +1,348 @@
+"""Load rows from local files or HF datasets, detect their format, validate them.
+
+Sources (``load_rows``): a local ``.jsonl`` / ``.json`` / ``.parquet`` file, a local folder or hub
+dataset name (``"name"``, ``"name:split"``, or a dict of ``datasets.load_dataset`` kwargs such as
+``{"path": "Anthropic/hh-rlhf", "split": "test", "data_dir": ...}``), a ``datasets.Dataset``, or
+an in-memory list of dicts. JSON / JSON lines are parsed here (line by line for ``.jsonl``) so that
+a bad line is reported with its 1-based line number; parquet, folders and hub names go through
+``datasets.load_dataset`` (offline: local files or the local cache only).
+
+Formats (``FORMATS``; a row is normalized to the canonical dict on the right):
+  SFT         ``messages``          {"messages": [{"role","content"}...]}      loss on assistant turns
+              ``prompt_completion`` {"prompt": str|messages, "completion": str}
+              ``text``              {"text": str}                              loss on all tokens
+  preference  ``preference``        {"prompt", "chosen", "rejected", "margin"} (explicit; chosen/
+                                    rejected are strings or message lists; margin optional -> 0.0)
+              ``implicit_preference`` Anthropic-HH style whole conversations ``chosen``/``rejected``
+                                    (strings ``"\\n\\nHuman: ..\\n\\nAssistant: .."`` or message lists):
+                                    prompt = shared text up to and including the last
+                                    ``Assistant:`` both share; responses = what follows.
+  RRHF        ``rrhf``              {"prompt", "responses": [str], "scores": [float]}
+  prompts     ``prompt``            {"prompt": str|messages}; ``messages`` rows also work for prompts
+                                    (trailing assistant turns are dropped).
+
+Bad rows raise ``DataError`` naming the file and the row (``line N`` for JSON lines, else
+``row N``, 1-based), or with ``skip_bad_rows=True`` are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterable
+
+KINDS = ("sft", "preference", "rrhf", "prompts")
+FORMATS = {
+    "sft": ("messages", "prompt_completion", "text"),
+    "preference": ("preference", "implicit_preference"),
+    "rrhf": ("rrhf",),
+    "prompts": ("prompt", "messages"),
+}
+_ROLES = ("system", "user", "assistant")
+_ASSISTANT_TAG = "Assistant:"
+
+
+class DataError(ValueError):
+    """A bad data row or source; the message names the file and row."""
+
+
+class BadRow(ValueError):
+    """Internal: reason a single row is invalid."""
+
+
+@dataclasses.dataclass
+class Loaded:
+    """Validated rows: ``rows`` (canonical dicts), their ``format``, ``num_bad`` skipped rows."""
+
+    rows: list[dict]
+    format: str
+    num_bad: int
+    source: str
+    bad_examples: list[str] = dataclasses.field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- reading
+def _read_jsonl(path: str) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
+    """-> ([(location, row)], [(location, error)]); blank lines are ignored."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {i}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                bad.append((f"line {i}", f"invalid JSON ({e.msg} at column {e.colno})"))
+    return rows, bad
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("{"):
+            return _read_jsonl(path)  # JSON lines in a .json file
+        raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if data and len(lists) == len(data) and len({len(v) for v in lists}) == 1:  # columnar
+            n = len(lists[0])
+            data = [{k: v[i] for k, v in data.items()} for i in range(n)]
+        else:  # a single row
+            data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects")
+    return [(f"row {i}", r) for i, r in enumerate(data, start=1)], []
+
+
+def _read_datasets(spec: dict, label: str):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(**spec)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"could not load dataset {label}: {type(e).__name__}: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"dataset {label}: pick a split (one of {list(ds)}), e.g. '{label}:train'")
+    return [(f"row {i}", r) for i, r in enumerate(ds, start=1)], []
+
+
+def load_rows(source, split: str | None = None) -> tuple[str, list[tuple[str, Any]], list[tuple[str, str]]]:
+    """Read raw rows -> ``(label, [(location, row)], [(location, json_error)])``."""
+    try:
+        import datasets
+        if isinstance(source, datasets.Dataset):
+            return "<dataset>", [(f"row {i}", r) for i, r in enumerate(source, start=1)], []
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(source, (list, tuple)):
+        return "<rows>", [(f"row {i}", r) for i, r in enumerate(source, start=1)], []
+    if isinstance(source, dict):
+        spec = dict(source)
+        path = spec.get("path")
+        if isinstance(path, str) and os.path.isfile(path):
+            return load_rows(path)
+        spec.setdefault("split", split or "train")
+        return (str(path),) + _read_datasets(spec, str(path))
+    source = os.fspath(source)
+    if os.path.isfile(source):
+        ext = source.lower().rsplit(".", 1)[-1]
+        if ext == "jsonl":
+            return (source,) + _read_jsonl(source)
+        if ext == "json":
+            return (source,) + _read_json(source)
+        if ext == "parquet":
+            return (source,) + _read_datasets({"path": "parquet", "data_files": source, "split": "train"}, source)
+        raise DataError(f"{source}: unsupported file type .{ext} (use .jsonl, .json or .parquet)")
+    if os.path.isdir(source):
+        return (source,) + _read_datasets({"path": source, "split": split or "train"}, source)
+    name, sep, sp = source.rpartition(":")
+    if not (sep and name and sp and "/" not in sp):
+        name, sp = source, split or "train"
+    if name.startswith((".", "/", "~")) or name.lower().endswith((".jsonl", ".json", ".parquet")):
+        raise DataError(f"data file not found: {name}")
+    return (source,) + _read_datasets({"path": name, "split": sp}, source)
+
+
+# ----------------------------------------------------------------------------- detection
+def detect_format(columns: Iterable[str], kind: str | None = None) -> str:
+    """Format name for a set of column names (optionally restricted to a ``kind`` in ``KINDS``)."""
+    cols = set(columns)
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; known: {', '.join(KINDS)}")
+    order = [
+        ("rrhf", {"prompt", "responses", "scores"}),
+        ("preference", {"prompt", "chosen", "rejected"}),
+        ("implicit_preference", {"chosen", "rejected"}),
+        ("messages", {"messages"}),
+        ("prompt_completion", {"prompt", "completion"}),
+        ("text", {"text"}),
+        ("prompt", {"prompt"}),
+    ]
+    allowed = FORMATS[kind] if kind else tuple(f for fs in FORMATS.values() for f in fs)
+    for fmt, need in order:
+        if need <= cols and fmt in allowed:
+            return fmt
+    want = {f: sorted(n) for f, n in order if f in allowed}
+    raise ValueError(f"cannot detect a {kind or 'data'} format from columns {sorted(cols)}; "
+                     f"expected one of {want}")
+
+
+# ----------------------------------------------------------------------------- validation
+def _field(row: dict, key: str):
+    if key not in row or row[key] is None:
+        raise BadRow(f"missing field {key!r}")
+    return row[key]
+
+
+def _messages(value, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"field {key!r} must be a non-empty list of {{role, content}} messages")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise BadRow(f"{key}[{j}] must be {{'role': one of {_ROLES}, 'content': str}}, got {m!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _text(row: dict, key: str, allow_empty: bool = False) -> str:
+    v = _field(row, key)
+    if not isinstance(v, str):
+        raise BadRow(f"field {key!r} must be a string, got {type(v).__name__}")
+    if not allow_empty and not v.strip():
+        raise BadRow(f"field {key!r} is empty")
+    return v
+
+
+def _prompt(row: dict, allow_empty: bool = True):
+    v = _field(row, "prompt")
+    if isinstance(v, list):
+        return _messages(v, "prompt")
+    return _text(row, "prompt", allow_empty=allow_empty)
+
+
+def _response(row: dict, key: str) -> str:
+    """A chosen/rejected/completion value: a string or messages ending in an assistant turn."""
+    v = _field(row, key)
+    if isinstance(v, list):
+        msgs = _messages(v, key)
+        if msgs[-1]["role"] != "assistant":
+            raise BadRow(f"field {key!r}: last message must be an assistant turn")
+        v = msgs[-1]["content"]
+    elif not isinstance(v, str):
+        raise BadRow(f"field {key!r} must be a string or a message list")
+    if not v.strip():
+        raise BadRow(f"field {key!r} is empty")
+    return v
+
+
+def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """HH-style split -> ``(prompt, chosen_response, rejected_response)``.
+
+    prompt = the shared text up to and including the last ``Assistant:`` both strings share.
+    """
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    cut = chosen.rfind(_ASSISTANT_TAG, 0, n)
+    if cut < 0 or cut + len(_ASSISTANT_TAG) > n:
+        raise BadRow("chosen and rejected share no prefix ending in 'Assistant:'")
+    cut += len(_ASSISTANT_TAG)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _implicit(row: dict) -> dict:
+    c, r = _field(row, "chosen"), _field(row, "rejected")
+    if isinstance(c, list) and isinstance(r, list):
+        c, r = _messages(c, "chosen"), _messages(r, "rejected")
+        if c[:-1] != r[:-1] or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+            raise BadRow("chosen and rejected must share all turns but a final assistant turn")
+        prompt, cr, rr = c[:-1], c[-1]["content"], r[-1]["content"]
+    elif isinstance(c, str) and isinstance(r, str):
+        prompt, cr, rr = split_implicit(c, r)
+    else:
+        raise BadRow("chosen and rejected must both be strings or both message lists")
+    for k, v in (("chosen", cr), ("rejected", rr)):
+        if not v.strip():
+            raise BadRow(f"{k} response is empty")
+    return {"prompt": prompt, "chosen": cr, "rejected": rr, "margin": _margin(row)}
+
+
+def _margin(row: dict) -> float:
+    m = row.get("margin")
+    if m is None:
+        return 0.0
+    try:
+        return float(m)
+    except (TypeError, ValueError):
+        raise BadRow(f"field 'margin' must be a number, got {m!r}") from None
+
+
+def normalize_row(row: Any, fmt: str) -> dict:
+    """Validate one raw row and return its canonical dict (raises ``BadRow``)."""
+    if not isinstance(row, dict):
+        raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+    if fmt == "messages":
+        msgs = _messages(_field(row, "messages"), "messages")
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            raise BadRow("messages contain no non-empty assistant turn")
+        return {"messages": msgs}
+    if fmt == "prompt_completion":
+        return {"prompt": _prompt(row), "completion": _response(row, "completion")}
+    if fmt == "text":
+        return {"text": _text(row, "text")}
+    if fmt == "preference":
+        p = _prompt(row)
+        return {"prompt": p, "chosen": _response(row, "chosen"), "rejected": _response(row, "rejected"),
+                "margin": _margin(row)}
+    if fmt == "implicit_preference":
+        return _implicit(row)
+    if fmt == "rrhf":
+        p = _prompt(row)
+        resp, scores = _field(row, "responses"), _field(row, "scores")
+        if not isinstance(resp, list) or not resp or not all(isinstance(x, str) and x.strip() for x in resp):
+            raise BadRow("field 'responses' must be a non-empty list of non-empty strings")
+        if not isinstance(scores, list) or len(scores) != len(resp):
+            raise BadRow(f"field 'scores' must be a list with one number per response ({len(resp)})")
+        try:
+            scores = [float(s) for s in scores]
+        except (TypeError, ValueError):
+            raise BadRow("field 'scores' must hold numbers") from None
+        return {"prompt": p, "responses": list(resp), "scores": scores}
+    if fmt == "prompt":
+        return {"prompt": _prompt(row, allow_empty=False)}
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def _prompt_from_messages(row: dict) -> dict:
+    msgs = _messages(_field(row, "messages"), "messages")
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs.pop()
+    if not msgs or msgs[-1]["role"] != "user":
+        raise BadRow("messages must contain a user turn to prompt with")
+    return {"prompt": msgs}
+
+
+def load_data(source, kind: str, format: str | None = None, skip_bad_rows: bool = False,
+              split: str | None = None) -> Loaded:
+    """Load, detect (unless ``format`` is given) and validate rows for ``kind`` in ``KINDS``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; known: {', '.join(KINDS)}")
+    label, raw, bad_json = load_rows(source, split)
+    if format is None:
+        cols: set[str] = set()
+        for _, r in raw[:1000]:
+            if isinstance(r, dict):
+                cols |= set(r)
+        try:
+            format = detect_format(cols, kind)
+        except ValueError as e:
+            raise DataError(f"{label}: {e}") from None
+    elif format not in FORMATS[kind]:
+        raise ValueError(f"format {format!r} is not a {kind} format; choose from {FORMATS[kind]}")
+    errors = list(bad_json)
+    rows = []
+    for loc, r in raw:
+        try:
+            if kind == "prompts" and format == "messages":
+                rows.append(_prompt_from_messages(r) if isinstance(r, dict) else normalize_row(r, "prompt"))
+            else:
+                rows.append(normalize_row(r, format))
+        except BadRow as e:
+            errors.append((loc, str(e)))
+    if errors:
+        errors.sort(key=lambda x: int(x[0].split()[-1]))
+        msgs = [f"{label}: {loc}: {why}" for loc, why in errors]
+        if not skip_bad_rows:
+            more = f" (and {len(msgs) - 1} more bad rows)" if len(msgs) > 1 else ""
+            raise DataError(msgs[0] + more)
+    if not rows:
+        raise DataError(f"{label}: no valid rows")
+    return Loaded(rows=rows, format=format, num_bad=len(errors), source=label, bad_examples=[
+        f"{label}: {loc}: {why}" for loc, why in errors[:5]])

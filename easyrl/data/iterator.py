@@ -1,0 +1,159 @@
+"""Deterministic, resumable, host-sliced batch iterators, and one builder per trainer kind.
+
+``BatchIterator`` shuffles item indices with ``np.random.default_rng([seed, epoch])`` each epoch,
+cuts them into global batches of ``global_batch_size`` (an incomplete last batch is dropped so
+every host sees equal shapes) and gives process ``i`` of ``n`` rows ``[i*G/n, (i+1)*G/n)`` of each
+global batch. Its position is ``{"epoch": e, "index": k}`` (JSON-able): ``set_state`` on a fresh
+iterator built from the same data and arguments continues at exactly the next batch.
+
+Builders (``sft_iterator``, ``preference_iterator``, ``rrhf_iterator``, ``prompt_iterator``) load a
+source (see ``formats.load_data``), tokenize with a template, and return a ``BatchIterator`` whose
+``stats`` dict counts rows, bad rows skipped, truncations and dropped examples. Batch keys and
+shapes are documented in ``easyrl.data.pipeline``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from easyrl.data import formats, pipeline, templates
+
+
+class BatchIterator:
+    """Iterate host-local slices of global batches over ``items`` forever or for ``num_epochs``.
+
+    Each ``next()`` returns ``collate([items[i] for i in local_indices])`` with
+    ``global_batch_size // process_count`` items.
+    """
+
+    def __init__(self, items: Sequence[Any], collate: Callable[[list], dict], global_batch_size: int,
+                 *, seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int = 0, process_count: int = 1, stats: dict | None = None):
+        if global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+        if process_count <= 0 or not 0 <= process_index < process_count:
+            raise ValueError(f"bad process_index {process_index} for process_count {process_count}")
+        if global_batch_size % process_count:
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count "
+                             f"{process_count}")
+        if len(items) < global_batch_size:
+            raise ValueError(f"dataset has {len(items)} examples, fewer than one global batch "
+                             f"({global_batch_size})")
+        self.items = items
+        self.collate = collate
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
+        self.process_index, self.process_count = process_index, process_count
+        self.steps_per_epoch = len(items) // global_batch_size
+        self.stats = dict(stats or {})
+        self.epoch, self.index = 0, 0
+        self._perm_epoch, self._perm = None, None
+
+    # -- position
+    def get_state(self) -> dict:
+        """``{"epoch": int, "index": int}``: the next batch is batch ``index`` of epoch ``epoch``."""
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    def set_state(self, state: dict) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index < self.steps_per_epoch:
+            raise ValueError(f"bad iterator state {state}: index must be in [0, {self.steps_per_epoch})")
+        self.epoch, self.index = epoch, index
+
+    # -- batches
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            n = len(self.items)
+            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                          else np.arange(n))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def global_indices(self, epoch: int, index: int) -> np.ndarray:
+        g = self.global_batch_size
+        return self.permutation(epoch)[index * g:(index + 1) * g]
+
+    def local_indices(self, epoch: int, index: int) -> np.ndarray:
+        lo = self.process_index * self.local_batch_size
+        return self.global_indices(epoch, index)[lo:lo + self.local_batch_size]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        idx = self.local_indices(self.epoch, self.index)
+        batch = self.collate([self.items[i] for i in idx])
+        self.index += 1
+        if self.index >= self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return self.steps_per_epoch
+
+
+def _iterator(items, collate, stats, loaded, *, global_batch_size, **kw) -> BatchIterator:
+    stats = dict(stats, num_bad_rows=loaded.num_bad, format=loaded.format, source=loaded.source)
+    return BatchIterator(items, collate, global_batch_size, stats=stats, **kw)
+
+
+def sft_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int, template: str = "plain",
+                 packing: bool = False, format: str | None = None, skip_bad_rows: bool = False,
+                 split: str | None = None, **iter_kw) -> BatchIterator:
+    """SFT batches (``input_ids, attention_mask, loss_mask, segment_ids, positions`` [B, T]).
+
+    With ``packing`` each item is a row of whole examples packed sequentially into ``seq_len``.
+    ``iter_kw``: seed, shuffle, num_epochs, process_index, process_count.
+    """
+    templates.check_template(template)
+    loaded = formats.load_data(source, "sft", format, skip_bad_rows, split)
+    examples, stats = pipeline.tokenize_sft(loaded.rows, tokenizer, template, seq_len)
+    groups = pipeline.pack_examples(examples, seq_len) if packing else [[i] for i in range(len(examples))]
+    rows = [[examples[i] for i in g] for g in groups]
+    stats["num_packed_rows"] = len(rows)
+    pad = pipeline._pad_id(tokenizer)
+    return _iterator(rows, lambda items: pipeline.collate_sft(items, seq_len, pad), stats, loaded,
+                     global_batch_size=global_batch_size, **iter_kw)
+
+
+def preference_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int,
+                        template: str = "plain", format: str | None = None,
+                        skip_bad_rows: bool = False, split: str | None = None, **iter_kw) -> BatchIterator:
+    """Preference batches (``chosen_*``/``rejected_*`` [B, T], ``margin`` [B]) for RM and DPO."""
+    templates.check_template(template)
+    loaded = formats.load_data(source, "preference", format, skip_bad_rows, split)
+    examples, stats = pipeline.tokenize_preference(loaded.rows, tokenizer, template, seq_len)
+    pad = pipeline._pad_id(tokenizer)
+    return _iterator(examples, lambda items: pipeline.collate_preference(items, seq_len, pad), stats,
+                     loaded, global_batch_size=global_batch_size, **iter_kw)
+
+
+def rrhf_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int, template: str = "plain",
+                  num_responses: int | None = None, format: str | None = None,
+                  skip_bad_rows: bool = False, split: str | None = None, **iter_kw) -> BatchIterator:
+    """RRHF batches ([B, N, T] ids/masks, ``scores``/``valid`` [B, N]); N defaults to the max in the data."""
+    templates.check_template(template)
+    loaded = formats.load_data(source, "rrhf", format, skip_bad_rows, split)
+    n = num_responses or max(len(r["responses"]) for r in loaded.rows)
+    examples, stats = pipeline.tokenize_rrhf(loaded.rows, tokenizer, template, seq_len, n)
+    pad = pipeline._pad_id(tokenizer)
+    return _iterator(examples, lambda items: pipeline.collate_rrhf(items, n, seq_len, pad), stats,
+                     loaded, global_batch_size=global_batch_size, **iter_kw)
+
+
+def prompt_iterator(source, tokenizer, *, max_prompt_len: int, global_batch_size: int,
+                    template: str = "plain", format: str | None = None, skip_bad_rows: bool = False,
+                    split: str | None = None, **iter_kw) -> BatchIterator:
+    """Prompt batches for PPO / generation: LEFT-padded ``input_ids``, ``attention_mask`` [B, P] + ``prompts``."""
+    templates.check_template(template)
+    loaded = formats.load_data(source, "prompts", format, skip_bad_rows, split)
+    examples, stats = pipeline.tokenize_prompts(loaded.rows, tokenizer, template, max_prompt_len)
+    pad = pipeline._pad_id(tokenizer)
+    return _iterator(examples, lambda items: pipeline.collate_prompts(items, max_prompt_len, pad),
+                     stats, loaded, global_batch_size=global_batch_size, **iter_kw)

@@ -1,0 +1,211 @@
+"""Prompt templates and template-aware tokenization with prompt masking.
+
+Templates (``TEMPLATES``):
+  * ``tulu``:       ``<|user|>\\n{prompt}\\n<|assistant|>\\n{answer}</s>`` (the newline after the
+                    assistant tag matters). Multi-turn: ``<|system|>\\n..\\n``, ``<|user|>\\n..\\n``,
+                    ``<|assistant|>\\n{answer}</s>\\n``.
+  * ``stackllama``: ``Question: {prompt}\\n\\nAnswer: {answer}</s>``.
+  * ``plain``:      ``{prompt}{answer}</s>`` (prompt and answer tokenized separately, no separator).
+  * ``chat``:       the tokenizer's own ``chat_template`` (``apply_chat_template``).
+
+``</s>`` stands for the EOS *id* (``tokenizer.eos_token_id``), appended after every answer, never
+the literal text. A conversation (``messages``: list of ``{"role", "content"}`` with roles
+``system``/``user``/``assistant``) is rendered to segments ``(text, is_target)``; only assistant
+turns (and their EOS) are targets. Each segment is tokenized on its own (``add_special_tokens=
+False``) and the ids concatenated; BOS is prepended when the tokenizer has one and the rendered
+text does not already start with it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+TEMPLATES = ("tulu", "stackllama", "plain", "chat")
+ROLES = ("system", "user", "assistant")
+
+Messages = Sequence[dict]
+# A rendered segment: (text, is_target, append_eos_id)
+Segment = tuple[str, bool, bool]
+
+
+def check_template(template: str) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}")
+    return template
+
+
+def _as_messages(prompt_or_messages: str | Messages) -> list[dict]:
+    if isinstance(prompt_or_messages, str):
+        return [{"role": "user", "content": prompt_or_messages}]
+    return [dict(m) for m in prompt_or_messages]
+
+
+# ---------------------------------------------------------------------------- own templates
+_TURN = {  # template -> role -> (text before content, text after content)
+    "tulu": {"system": ("<|system|>\n", "\n"), "user": ("<|user|>\n", "\n"),
+             "assistant": ("<|assistant|>\n", "\n")},
+    "stackllama": {"system": ("", "\n\n"), "user": ("Question: ", "\n\nAnswer: "),
+                   "assistant": ("", "\n\n")},
+    "plain": {"system": ("", "\n"), "user": ("", ""), "assistant": ("", "")},
+}
+
+
+def _own_segments(template: str, messages: Messages, generation_prompt: bool) -> list[Segment]:
+    turns = _TURN[template]
+    segs: list[Segment] = []
+    pending = ""  # non-target text waiting to be emitted
+    for m in messages:
+        role, content = m["role"], m["content"]
+        before, after = turns[role]
+        if role == "assistant":
+            segs.append((pending + before, False, False))
+            segs.append((content, True, True))
+            pending = after
+        else:
+            pending += before + content + after
+    if generation_prompt and (not messages or messages[-1]["role"] != "assistant"):
+        pending += turns["assistant"][0]
+        segs.append((pending, False, False))
+    elif pending and not segs:
+        segs.append((pending, False, False))
+    return [s for s in segs if s[0] or s[2]]
+
+
+# ---------------------------------------------------------------------------- chat template
+def _apply_chat(tokenizer, messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def _require_chat(tokenizer):
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", None) or "this tokenizer"
+        raise ValueError(f"template 'chat' needs a tokenizer with a chat_template; {name} has none "
+                         f"(use one of {', '.join(t for t in TEMPLATES if t != 'chat')})")
+
+
+def _chat_segments(tokenizer, messages: Messages, generation_prompt: bool) -> list[Segment]:
+    _require_chat(tokenizer)
+    eos = tokenizer.eos_token
+    segs: list[Segment] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _apply_chat(tokenizer, messages[:i], True)
+        full = _apply_chat(tokenizer, messages[: i + 1], False)
+        if not before.startswith(done) or not full.startswith(before):
+            raise ValueError("the tokenizer's chat_template does not render conversations incrementally; "
+                             "cannot locate assistant turns for loss masking")
+        answer, rest = full[len(before):], ""
+        if eos and eos in answer:
+            cut = answer.rindex(eos) + len(eos)
+            answer, rest = answer[:cut], answer[cut:]
+        segs.append((before[len(done):], False, False))
+        segs.append((answer, True, False))
+        done = full[: len(full) - len(rest)]
+    if generation_prompt and (not messages or messages[-1]["role"] != "assistant"):
+        full = _apply_chat(tokenizer, messages, True)
+        segs.append((full[len(done):], False, False))
+    elif not segs:
+        segs.append((_apply_chat(tokenizer, messages, False), False, False))
+    return [s for s in segs if s[0]]
+
+
+# ---------------------------------------------------------------------------- public API
+def render_segments(template: str, messages: Messages, tokenizer=None,
+                    generation_prompt: bool = False) -> list[Segment]:
+    """Render a conversation to ``[(text, is_target, append_eos)]``; targets = assistant turns.
+
+    With ``generation_prompt`` the text that opens an assistant turn is appended (when the last
+    message is not already an assistant turn).
+    """
+    check_template(template)
+    for m in messages:
+        if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"bad message {m!r}: need role in {ROLES} and string content")
+    if template == "chat":
+        return _chat_segments(tokenizer, messages, generation_prompt)
+    return _own_segments(template, messages, generation_prompt)
+
+
+def render_prompt(template: str, prompt_or_messages: str | Messages, tokenizer=None) -> str:
+    """The text fed to the model before its answer (with the assistant-turn opener), no BOS/EOS ids.
+
+    ``render_prompt("tulu", "hi")`` -> ``"<|user|>\\nhi\\n<|assistant|>\\n"``.
+    """
+    msgs = _as_messages(prompt_or_messages)
+    segs = render_segments(template, msgs, tokenizer, generation_prompt=True)
+    out = []
+    for text, _, eos in segs:
+        out.append(text)
+        if eos:
+            out.append(tokenizer.eos_token if tokenizer is not None else "</s>")
+    return "".join(out)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def _eos_id(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; templates need one to end answers")
+    return int(eos)
+
+
+def bos_prefix(tokenizer, ids: Sequence[int]) -> list[int]:
+    """``[bos]`` if the tokenizer has a BOS and ``ids`` do not already start with it, else ``[]``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or (len(ids) and ids[0] == bos):
+        return []
+    return [int(bos)]
+
+
+def encode_segments(segments: Sequence[Segment], tokenizer, add_bos: bool = True
+                    ) -> tuple[list[int], list[int]]:
+    """Tokenize segments -> ``(ids, loss_mask)`` of equal length; mask 1 on target tokens."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for text, target, eos in segments:
+        piece = _encode(tokenizer, text) + ([_eos_id(tokenizer)] if eos else [])
+        ids += piece
+        mask += [int(target)] * len(piece)
+    if add_bos:
+        pre = bos_prefix(tokenizer, ids)
+        ids, mask = pre + ids, [0] * len(pre) + mask
+    return ids, mask
+
+
+def tokenize_prompt(template: str, prompt_or_messages: str | Messages, tokenizer,
+                    add_bos: bool = True) -> list[int]:
+    """Prompt ids for generation: ``[bos] + ids(render_prompt(...))``."""
+    msgs = _as_messages(prompt_or_messages)
+    segs = render_segments(template, msgs, tokenizer, generation_prompt=True)
+    ids, _ = encode_segments([(t, False, e) for t, _, e in segs], tokenizer, add_bos)
+    return ids
+
+
+def tokenize_prompt_completion(template: str, prompt_or_messages: str | Messages, completion: str,
+                               tokenizer, add_bos: bool = True) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, completion_ids)``: prompt with BOS + template, completion ending with EOS.
+
+    Train on ``prompt_ids + completion_ids`` with loss only on ``completion_ids``.
+    """
+    check_template(template)
+    msgs = _as_messages(prompt_or_messages)
+    if template == "chat":
+        prompt_text = render_prompt("chat", msgs, tokenizer)
+        segs = render_segments("chat", msgs + [{"role": "assistant", "content": completion}], tokenizer)
+        answer = [s for s in segs if s[1]][-1][0]
+        p_ids, _ = encode_segments([(prompt_text, False, False)], tokenizer, add_bos)
+        return p_ids, _encode(tokenizer, answer)
+    p_ids = tokenize_prompt(template, msgs, tokenizer, add_bos)
+    return p_ids, _encode(tokenizer, completion) + [_eos_id(tokenizer)]
+
+
+def tokenize_messages(template: str, messages: Messages, tokenizer, add_bos: bool = True
+                      ) -> tuple[list[int], list[int]]:
+    """A whole conversation -> ``(ids, loss_mask)``; loss only on assistant turns (and their EOS)."""
+    return encode_segments(render_segments(template, messages, tokenizer), tokenizer, add_bos)

@@ -1,0 +1,98 @@
+"""Config files: ml_collections `get_config(preset)`, the shared keys, and validation.
+
+Every trainer's config file starts from `base_config()` and adds its own section. Values are
+checked by `validate` before anything is compiled, and errors name the config key.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import ml_collections as mlc
+
+SYNTHETIC = "synthetic"  # data.train / data.eval value: the bundled synthetic task
+
+
+def base_config(command: str) -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.command = command
+    c.output_dir = f"runs/{command}"
+    c.seed = 0
+    c.mesh = "dp:1,fsdp:-1,tp:1"
+    c.model = mlc.ConfigDict(dict(
+        path="",            # HF folder or easyrl checkpoint; empty = random init from preset
+        preset="tiny",
+        dtype="float32",    # compute dtype (bfloat16 for speed; params stay param_dtype)
+        param_dtype="float32",
+        remat="none",       # none | full | dots | dots_no_batch | minimal
+        attention="xla",    # xla | cudnn
+    ))
+    c.tokenizer = mlc.ConfigDict(dict(path=""))  # HF folder or sentencepiece .model; empty = synthetic
+    c.data = mlc.ConfigDict(dict(
+        train=SYNTHETIC, eval=SYNTHETIC, split="", format="", template="plain",
+        packing=False, shuffle=True, skip_bad_rows=False,
+    ))
+    c.train = mlc.ConfigDict(dict(
+        steps=0, epochs=0, batch_size=32, micro_batch_size=0, seq_len=64, max_nonfinite=10,
+    ))
+    c.optim = mlc.ConfigDict(dict(
+        lr=1e-3, schedule="cosine", warmup=0, min_lr_ratio=0.0, weight_decay=0.0,
+        b1=0.9, b2=0.999, eps=1e-8, clip=1.0,
+    ))
+    c.checkpoint = mlc.ConfigDict(dict(every=0, keep=2, async_save=True))
+    c.log = mlc.ConfigDict(dict(every=10, tensorboard=True, wandb_project="", wandb_name=""))
+    c.eval = mlc.ConfigDict(dict(every=0, max_batches=0))
+    c.distributed = mlc.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))
+    return c
+
+
+def load_config_file(spec: str) -> mlc.ConfigDict:
+    """'configs/sft.py:tiny' -> get_config('tiny'). Relative paths are tried against the working
+    directory, then against the easyrl source checkout."""
+    path, _, arg = spec.partition(":")
+    candidates = [path, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), path)]
+    found = next((p for p in candidates if os.path.isfile(p)), None)
+    if found is None:
+        raise FileNotFoundError(f"--config: config file {path!r} not found")
+    mod_spec = importlib.util.spec_from_file_location(f"easyrl_config_{abs(hash(found))}", found)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg else mod.get_config()
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or path.endswith(
+        (".json", ".jsonl", ".parquet", ".model")) or os.path.exists(path)
+
+
+def validate(c: mlc.ConfigDict, *, dp_size: Optional[int] = None,
+             max_positions: Optional[int] = None) -> None:
+    """Raise ValueError / FileNotFoundError naming the config key."""
+    def need(cond, key, msg):
+        if not cond:
+            raise ValueError(f"config {key}: {msg}")
+    t = c.train
+    need(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
+    mb = t.micro_batch_size or t.batch_size
+    need(mb > 0 and t.batch_size % mb == 0, "train.micro_batch_size",
+         f"{mb} must divide train.batch_size={t.batch_size}")
+    need(t.steps > 0 or t.epochs > 0, "train.steps", "set train.steps or train.epochs")
+    need(t.seq_len > 0, "train.seq_len", f"must be positive, got {t.seq_len}")
+    if dp_size is not None:
+        need(mb % dp_size == 0, "train.batch_size",
+             f"micro-batch {mb} (global batch {t.batch_size}) is not divisible by the "
+             f"data-parallel size {dp_size} of mesh {c.mesh!r}")
+    if max_positions is not None:
+        need(t.seq_len <= max_positions, "train.seq_len",
+             f"{t.seq_len} exceeds the model's max_position_embeddings={max_positions}")
+    need(c.optim.lr >= 0, "optim.lr", "must be >= 0")
+    for key in ("data.train", "data.eval"):
+        v = c.data.get(key.split(".")[1], "")
+        if v and v != SYNTHETIC and _is_local(v) and not v.startswith("gs://"):
+            if not os.path.exists(os.path.expanduser(v)):
+                raise FileNotFoundError(f"config {key}: file {v!r} not found")
+    for key, v in (("model.path", c.model.path), ("tokenizer.path", c.tokenizer.path)):
+        if v and not v.startswith("gs://") and not os.path.exists(os.path.expanduser(v)):
+            raise FileNotFoundError(f"config {key}: {v!r} not found")

@@ -1,0 +1,115 @@
+"""TrainState and the shared jitted train/eval steps (gradient accumulation, non-finite skip).
+
+A loss function has the signature
+
+    loss_fn(params, frozen, micro_batch, rng, denom) -> (loss, metrics)
+
+where `loss` and every metric are SUMS over the micro-batch divided by `denom`, a normalizer the
+algorithm computes from the whole global batch (`denom_fn(batch)`, e.g. its number of target
+tokens). Summing over micro-batches then gives exactly the global-batch value, so any
+micro-batch split yields the same loss and gradient.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from easyrl.parallel import BATCH
+from easyrl.train.optim import global_norm
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    params: Any
+    opt_state: Any
+    nonfinite: jax.Array  # total skipped updates
+    streak: jax.Array  # consecutive skipped updates
+    frozen: Any = None  # not trained, not checkpointed (e.g. a DPO reference model)
+
+    @classmethod
+    def create(cls, params, tx, frozen=None):
+        z = jnp.zeros((), jnp.int32)
+        return cls(step=z, params=params, opt_state=tx.init(params), nonfinite=z, streak=z,
+                   frozen=frozen)
+
+
+def split_micro(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...] with micro-batch m = rows m, m+n, ... (stays evenly sharded)."""
+    def f(x):
+        b = x.shape[0]
+        y = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
+        spec = jax.sharding.PartitionSpec(None, BATCH)
+        try:
+            return jax.lax.with_sharding_constraint(y, spec)
+        except (ValueError, RuntimeError):  # no mesh in context
+            return y
+    return jax.tree.map(f, batch)
+
+
+def accumulate(loss_fn, params, frozen, batch, rng, denom, micro_steps: int, with_grad=True):
+    """Sum loss, metrics (and gradients) over `micro_steps` micro-batches with lax.scan."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True) if with_grad else None
+    if micro_steps == 1:
+        if with_grad:
+            (loss, metrics), grads = grad_fn(params, frozen, batch, rng, denom)
+            return loss, metrics, grads
+        loss, metrics = loss_fn(params, frozen, batch, rng, denom)
+        return loss, metrics, None
+    micro = split_micro(batch, micro_steps)
+    rngs = jax.random.split(rng, micro_steps)
+
+    def body(carry, xs):
+        mb, r = xs
+        if with_grad:
+            (loss, metrics), grads = grad_fn(params, frozen, mb, r, denom)
+            acc = (loss, metrics, grads)
+        else:
+            acc = loss_fn(params, frozen, mb, r, denom) + (None,)
+        carry = acc if carry is None else jax.tree.map(jnp.add, carry, acc)
+        return carry, None
+
+    first = jax.tree.map(lambda x: x[0], (micro, rngs))
+    carry, _ = body(None, first)
+    rest = jax.tree.map(lambda x: x[1:], (micro, rngs))
+    carry, _ = jax.lax.scan(body, carry, rest)
+    return carry
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule,
+                    denom_fn: Callable, micro_steps: int = 1):
+    """step(state, batch, rng) -> (state, metrics). Skips the update on a non-finite loss or
+    gradient and counts it."""
+    def step(state: TrainState, batch: dict, rng):
+        denom = jnp.maximum(denom_fn(batch).astype(jnp.float32), 1.0)
+        loss, metrics, grads = accumulate(loss_fn, state.params, state.frozen, batch, rng, denom,
+                                          micro_steps)
+        gnorm = global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        bad = (~ok).astype(jnp.int32)
+        new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
+                                  opt_state=keep(new_opt, state.opt_state),
+                                  nonfinite=state.nonfinite + bad, streak=(state.streak + bad) * bad)
+        metrics = dict(metrics, loss=loss, grad_norm=gnorm, lr=schedule(state.step),
+                       nonfinite=new_state.nonfinite, nonfinite_streak=new_state.streak)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(loss_fn: Callable, denom_fn: Callable):
+    """eval_step(params, frozen, batch, rng) -> (loss_sum_weighted, metrics, denom): callers
+    aggregate over batches as sum(value * denom) / sum(denom)."""
+    def eval_step(params, frozen, batch, rng):
+        denom = jnp.maximum(denom_fn(batch).astype(jnp.float32), 1.0)
+        loss, metrics, _ = accumulate(loss_fn, params, frozen, batch, rng, denom, 1, with_grad=False)
+        return dict(metrics, loss=loss), denom
+
+    return eval_step
