@@ -118,6 +118,12 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
         task.train_data.set_state(meta["data"])
         _print(f"resuming from checkpoint at step {start} ({out}/checkpoints/{start})")
     step = int(start or 0)
+    stats = getattr(task.train_data, "stats", {}) or {}
+    data_metrics = {f"data/{k}": v for k, v in stats.items()
+                    if k.startswith("num_") and isinstance(v, (int, float))}
+    if stats.get("num_bad_rows"):
+        _print(f"skipped {stats['num_bad_rows']} bad rows in {stats.get('source')} "
+               f"(data.skip_bad_rows=True)")
     writer = MetricsWriter(out, c, c.log.tensorboard, c.log.wandb_project, c.log.wandb_name,
                            resume_step=start)
 
@@ -158,7 +164,7 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
                     avg.update(_evaluate(eval_fn, state, task, mesh, batch_sh, c, base_rng))
                     if task.eval_hook is not None:
                         avg.update(task.eval_hook(state.params, step))
-                writer.write(step, avg)
+                writer.write(step, {**avg, **data_metrics})
                 bar.set_postfix(loss=f"{avg['loss']:.4f}", tok_s=f"{avg['tokens_per_sec']:.0f}")
                 last, pending, tokens, t0 = avg, [], 0, time.time()
                 if streak >= c.train.max_nonfinite:
