@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 TRAINERS = {
     "sft": "supervised fine-tuning",
+    "rm": "reward model on preference pairs",
+    "dpo": "direct preference optimization (sigmoid / robust / hinge / IPO)",
+    "rrhf": "rank responses to align with human feedback (RRHF)",
 }
 
 

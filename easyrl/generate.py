@@ -1,0 +1,257 @@
+"""Jitted KV-cache sampler: batched prefill of LEFT-padded prompts, then a `lax.while_loop` decode.
+
+    out = generate(config, params, input_ids, attention_mask, rng, max_new_tokens=N,
+                   temperature=0.7, top_k=0, top_p=1.0, eos_token_id=2, pad_token_id=0)
+    out["tokens"] [B, P+N]   prompt (as given) followed by the response
+    out["response"] [B, N]   sampled ids; pad_token_id after a row's first EOS
+    out["response_mask"] [B, N] int32: 1 on generated tokens up to and including the first EOS
+    out["logprobs"] [B, N] float32: log softmax(logits / T) at the sampled token (T = 1 when
+                     greedy), taken BEFORE top-k / top-p filtering, so it equals what a scoring
+                     pass over `tokens` computes at the same temperature; 0 where the mask is 0
+    out["has_eos"] [B] bool
+
+Layout: one KV cache of length S = P + N per layer, [L, B, S, K, Dh]. Prompt token j sits in
+slot j (pads included, masked out of attention); generated token i is written to slot P + i when
+it is fed back. Positions: prompt positions are cumsum(mask) - 1; generated token i of row b has
+position n_prompt_b + i, so left padding changes nothing. The loop exits early once every row has
+emitted EOS. `make_sampler` returns the compiled callable (jit cached on the static settings) so a
+trainer can call it every iteration without retracing; `generate` uses the same cache.
+
+Sharded params (any `dp/fsdp/tp` mesh) work through plain jit propagation; pass `mesh` to also pin
+the KV cache to batch x kv-head sharding (`P(None, ('dp','fsdp'), None, 'tp', None)`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from easyrl.model.config import LlamaConfig
+from easyrl.model.llama import Llama
+
+__all__ = ["generate", "make_sampler", "sample_logits", "filter_logits", "normalize_eos"]
+
+EosArg = Optional[Union[int, Sequence[int]]]
+
+
+def normalize_eos(eos_token_id: EosArg, config: Optional[LlamaConfig] = None) -> Tuple[int, ...]:
+    """EOS ids as a tuple. None -> the config's eos ids (or none); () disables stopping."""
+    if eos_token_id is None:
+        eos_token_id = None if config is None else config.eos_token_id
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, (int,)) or hasattr(eos_token_id, "__index__"):
+        return (int(eos_token_id),)
+    return tuple(sorted({int(e) for e in eos_token_id}))
+
+
+def _check_settings(max_new_tokens, temperature, top_k, top_p):
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if int(top_k) < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+# ---- sampling -------------------------------------------------------------------------------
+def filter_logits(scaled: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Top-k then top-p (nucleus) filtering of temperature-scaled logits [B, V]: dropped entries
+    become -inf. Nucleus keeps the smallest set of most likely tokens whose (renormalized after
+    top-k) probability sums to >= top_p; the most likely token is always kept."""
+    neg = jnp.finfo(scaled.dtype).min
+    v = scaled.shape[-1]
+    if 0 < top_k < v:
+        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled < kth, neg, scaled)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(scaled, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each sorted entry
+        keep = before < top_p
+        keep = keep.at[..., 0].set(True)
+        # the smallest kept logit is the threshold (the kept set is a prefix of the sorted order)
+        thresh = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(scaled < thresh, neg, scaled)
+    return scaled
+
+
+def sample_logits(logits: jax.Array, rng, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> Tuple[jax.Array, jax.Array]:
+    """logits [B, V] float32 -> (token [B] int32, logprob [B] float32).
+
+    Greedy when temperature == 0. The logprob is log softmax(logits / T) at the token, before
+    top-k / top-p filtering (T = 1 when greedy)."""
+    logits = logits.astype(jnp.float32)
+    if temperature == 0:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / jnp.float32(temperature)
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        filtered = filter_logits(scaled, top_k, top_p)
+        tok = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+    lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+    return tok, lp
+
+
+# ---- model pieces ---------------------------------------------------------------------------
+def _lm_logits(config: LlamaConfig, params, h: jax.Array) -> jax.Array:
+    """The LM head on final hidden states [B, D] -> logits [B, V] float32 (as `Llama(head='lm')`)."""
+    dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    if config.tie_word_embeddings:
+        emb = nn.Embed(config.vocab_size, config.hidden_size, dtype=dt, param_dtype=pdt)
+        out = emb.apply({"params": params["embed_tokens"]}, h, method=nn.Embed.attend)
+    else:
+        dense = nn.Dense(config.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt)
+        out = dense.apply({"params": params["lm_head"]}, h)
+    return out.astype(jnp.float32)
+
+
+def _cache_sharding(config: LlamaConfig, mesh, batch: int):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from easyrl.parallel import BATCH, data_parallel_size
+    b_ax = BATCH if batch % data_parallel_size(mesh) == 0 else None
+    k_ax = "tp" if config.num_key_value_heads % mesh.shape["tp"] == 0 else None
+    return NamedSharding(mesh, P(None, b_ax, None, k_ax, None))
+
+
+def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
+                   config: LlamaConfig, max_new_tokens: int, temperature: float, top_k: int,
+                   top_p: float, cache_dtype, mesh):
+    b, p = input_ids.shape
+    n = max_new_tokens
+    s = p + n
+    cfg = config
+    input_ids = input_ids.astype(jnp.int32)
+    pmask = attention_mask.astype(jnp.int32) > 0  # [B, P]
+    n_prompt = jnp.sum(pmask, axis=-1).astype(jnp.int32)  # [B]
+    cdt = jnp.dtype(cache_dtype or cfg.dtype)
+    shape = (cfg.num_hidden_layers, b, s, cfg.num_key_value_heads, cfg.head_dim)
+    cache = (jnp.zeros(shape, cdt), jnp.zeros(shape, cdt))
+    if mesh is not None:
+        sh = _cache_sharding(cfg, mesh, b)
+        cache = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, sh), cache)
+    eos_arr = jnp.asarray(eos_ids, jnp.int32)  # [E], -1 entries never match
+    pad = jnp.asarray(pad_id, jnp.int32)
+
+    # ---- prefill: prompt slots [0, P); pad queries attend to themselves (finite, unused)
+    positions = jnp.maximum(jnp.cumsum(pmask.astype(jnp.int32), axis=-1) - 1, 0)
+    q_idx = jnp.arange(p)[:, None]
+    k_idx = jnp.arange(s)[None, :]
+    causal = (k_idx <= q_idx) & (k_idx < p)  # [P, S]
+    prompt_keys = jnp.concatenate([pmask, jnp.zeros((b, n), bool)], axis=-1)  # [B, S]
+    mask = (causal[None] & prompt_keys[:, None, :]) | (k_idx == q_idx)[None]
+    hidden_model = Llama(cfg, head="hidden")
+    h, cache = hidden_model.apply({"params": params}, input_ids, positions, mask, cache,
+                                  jnp.int32(0))
+    logits = _lm_logits(cfg, params, h[:, -1])  # left padding: the last slot is the last token
+
+    def pick(logits, step, finished):
+        key = jax.random.fold_in(rng, step)
+        tok, lp = sample_logits(logits, key, temperature, top_k, top_p)
+        live = ~finished
+        tok = jnp.where(live, tok, pad)
+        lp = jnp.where(live, lp, 0.0)
+        finished = finished | (live & jnp.isin(tok, eos_arr))
+        return tok, lp, live, finished
+
+    finished0 = jnp.zeros((b,), bool)
+    tok, lp, live, finished = pick(logits, 0, finished0)
+    response = jnp.full((b, n), pad, jnp.int32).at[:, 0].set(tok)
+    logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
+    rmask = jnp.zeros((b, n), jnp.int32).at[:, 0].set(live.astype(jnp.int32))
+    lm_model = Llama(cfg, head="lm")
+    slots = jnp.arange(s)[None, :]
+
+    def cond(state):
+        i, _, _, finished, _, _, _ = state
+        return (i < n) & ~jnp.all(finished)
+
+    def body(state):
+        i, cache, tok, finished, response, logprobs, rmask = state
+        slot = p + i - 1  # where the previous token (fed now) is written
+        pos = (n_prompt + i - 1)[:, None]
+        key_ok = prompt_keys | ((slots >= p) & (slots <= slot))  # [B, S]
+        logits, cache = lm_model.apply({"params": params}, tok[:, None], pos, key_ok[:, None, :],
+                                       cache, slot)
+        tok, lp, live, finished = pick(logits[:, 0], i, finished)
+        response = jax.lax.dynamic_update_slice(response, tok[:, None], (0, i))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
+        rmask = jax.lax.dynamic_update_slice(rmask, live.astype(jnp.int32)[:, None], (0, i))
+        return i + 1, cache, tok, finished, response, logprobs, rmask
+
+    state = (jnp.int32(1), cache, tok, finished, response, logprobs, rmask)
+    _, _, _, finished, response, logprobs, rmask = jax.lax.while_loop(cond, body, state)
+    return {
+        "tokens": jnp.concatenate([input_ids, response], axis=-1),
+        "response": response,
+        "response_mask": rmask,
+        "logprobs": logprobs,
+        "has_eos": finished,
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(config, max_new_tokens, temperature, top_k, top_p, cache_dtype, mesh):
+    """The jitted sampler for one set of static settings (EOS / pad ids are traced inputs)."""
+    fn = functools.partial(_generate_impl, config=config, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p,
+                           cache_dtype=cache_dtype, mesh=mesh)
+    return jax.jit(fn)
+
+
+def _eos_array(eos: Tuple[int, ...]) -> np.ndarray:
+    """EOS ids padded with -1 to a multiple of 8, so most settings share one compilation."""
+    n = max(8, -(-len(eos) // 8) * 8)
+    return np.asarray(list(eos) + [-1] * (n - len(eos)), np.int32)
+
+
+def make_sampler(config: LlamaConfig, *, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, eos_token_id: EosArg = None,
+                 pad_token_id: Optional[int] = None, cache_dtype=None,
+                 mesh=None) -> Callable:
+    """`sample(params, input_ids [B,P], attention_mask [B,P], rng) -> dict` (see module doc).
+
+    The jit is cached on the static settings (config, max_new_tokens, temperature, top_k, top_p,
+    cache dtype, mesh); EOS and pad ids are traced inputs. Repeated calls with the same shapes
+    never retrace, whichever sampler object makes them.
+
+    eos_token_id: int or ints; None uses `config.eos_token_id`; () never stops early.
+    pad_token_id: None uses `config.pad_token_id`, else 0.
+    """
+    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    eos = normalize_eos(eos_token_id, config)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    cdt = None if cache_dtype is None else jnp.dtype(cache_dtype).name
+    fn = _compiled(config, int(max_new_tokens), float(temperature), int(top_k), float(top_p), cdt,
+                   mesh)
+    eos_arr, pad = _eos_array(eos), np.int32(pad_token_id)
+
+    def sample(params, input_ids, attention_mask, rng) -> dict:
+        return fn(params, input_ids, attention_mask, rng, eos_arr, pad)
+
+    sample.jitted = fn  # the shared compiled function (for inspection / cache checks)
+    return sample
+
+
+def generate(config: LlamaConfig, params, input_ids, attention_mask, rng, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: EosArg = None, pad_token_id: Optional[int] = None, cache_dtype=None,
+             mesh=None) -> dict:
+    """Sample `max_new_tokens` continuations of LEFT-padded prompts (see the module doc)."""
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must both be [B, P]; got "
+                         f"{input_ids.shape} and {attention_mask.shape}")
+    fn = make_sampler(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                      cache_dtype=cache_dtype, mesh=mesh)
+    return fn(params, input_ids, attention_mask, rng)

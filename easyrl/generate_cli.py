@@ -1,0 +1,194 @@
+"""`easyrl generate`: sample responses for a JSONL file of prompts with the KV-cache sampler.
+
+    python -m easyrl generate --model DIR --prompts prompts.jsonl --out out.jsonl \
+        [--max_new_tokens 128] [--temperature 0.7] [--top_p 1.0] [--top_k 0] [--template plain] \
+        [--batch_size 8] [--seed 0] [--tokenizer PATH] [--mesh dp:1,fsdp:-1,tp:1] [--dtype bfloat16]
+
+DIR is a Hugging Face model folder or an easyrl checkpoint / run directory (its tokenizer is read
+from `<dir>/tokenizer/` when present, else from `--tokenizer`). Each input line is a JSON object
+with `prompt` (a string) or `messages` (a list of {"role", "content"}); each output line holds
+`prompt`, `response` (decoded text without special tokens) and `response_ids` (the generated ids
+up to and including the first EOS). Temperature 0 is greedy decoding.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from typing import List, Tuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_SUBDIR = "tokenizer"
+LENGTH_BUCKET = 16  # prompt lengths are padded up to a multiple of this (fewer recompiles)
+
+
+# ---- input ----------------------------------------------------------------------------------
+def read_prompts(path: str) -> List[Tuple[int, dict]]:
+    """[(line number, row)] from a JSONL prompt file; a clear error names the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: prompt file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'prompt' or "
+                                 f"'messages', got {type(row).__name__}")
+            if isinstance(row.get("prompt"), str):
+                pass
+            elif isinstance(row.get("messages"), list) and row["messages"]:
+                for m in row["messages"]:
+                    if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                            and isinstance(m.get("content"), str)):
+                        raise ValueError(f"{path}:{lineno}: bad message {m!r} (expected "
+                                         f"{{'role': ..., 'content': '...'}})")
+            else:
+                raise ValueError(f"{path}:{lineno}: row has no 'prompt' (string) or 'messages' "
+                                 f"(non-empty list); keys: {sorted(row)}")
+            rows.append((lineno, row))
+    if not rows:
+        raise ValueError(f"{path}: no prompts found")
+    return rows
+
+
+def load_model_and_tokenizer(model_dir: str, tokenizer_path=None, mesh=None, dtype=None):
+    """(config, params, tokenizer) from an HF folder or an easyrl checkpoint / run dir."""
+    from easyrl import checkpoint, hf
+    from easyrl.data.tokenizer import load_tokenizer
+
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir}: model directory not found (expected a Hugging Face "
+                                f"folder or an easyrl checkpoint)")
+    if checkpoint.is_checkpoint(model_dir):
+        config, kind, params = checkpoint.load_model(model_dir, mesh=mesh, dtype=dtype)
+        if kind != "causal_lm":
+            raise ValueError(f"{model_dir}: holds a {kind!r} model; generation needs a causal_lm")
+        run_dir, _ = checkpoint.resolve(model_dir)
+        own = os.path.join(run_dir, TOKENIZER_SUBDIR)
+        if tokenizer_path is None and os.path.isdir(own):
+            tokenizer_path = own
+        if tokenizer_path is None:
+            raise ValueError(f"{model_dir}: easyrl checkpoint without a tokenizer/ folder; "
+                             f"pass --tokenizer")
+    else:
+        config, params = hf.load(model_dir, mesh=mesh, dtype=dtype)
+        tokenizer_path = tokenizer_path or model_dir
+    if dtype is not None:  # compute in the parameter dtype too
+        config = config.replace(dtype=config.param_dtype)
+    tok = load_tokenizer(tokenizer_path)
+    if len(tok) > config.vocab_size:
+        log.warning("tokenizer %s has %d tokens but the model vocab is %d", tokenizer_path,
+                    len(tok), config.vocab_size)
+    return config, params, tok
+
+
+def encode_prompts(rows, tokenizer, template: str, path: str):
+    from easyrl.data.templates import tokenize_prompt
+
+    out = []
+    for lineno, row in rows:
+        src = row["prompt"] if isinstance(row.get("prompt"), str) else row["messages"]
+        try:
+            ids = tokenize_prompt(template, src, tokenizer)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        if not ids:
+            raise ValueError(f"{path}:{lineno}: prompt tokenizes to nothing")
+        out.append(ids)
+    return out
+
+
+def left_pad(batch_ids, batch_size: int, pad_id: int, bucket: int = LENGTH_BUCKET):
+    """Left-pad a list of id lists to [batch_size, P] (P rounded up to `bucket`); rows past the
+    list are dummies (one pad token, mask 0)."""
+    p = max(len(x) for x in batch_ids)
+    p = -(-p // bucket) * bucket
+    ids = np.full((batch_size, p), pad_id, np.int32)
+    mask = np.zeros((batch_size, p), np.int32)
+    for i, x in enumerate(batch_ids):
+        ids[i, p - len(x):] = x
+        mask[i, p - len(x):] = 1
+    return ids, mask
+
+
+# ---- command --------------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample responses for a JSONL file of prompts")
+    p.add_argument("--model", required=True, help="Hugging Face folder or easyrl checkpoint/run dir")
+    p.add_argument("--prompts", required=True, help="JSONL: one {'prompt': ...} or {'messages': [...]} per line")
+    p.add_argument("--out", required=True, help="JSONL to write: prompt, response, response_ids")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--template", default="plain", help="tulu | stackllama | plain | chat")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or sentencepiece .model")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. dp:1,fsdp:-1,tp:1 (default: one device)")
+    p.add_argument("--dtype", default=None, help="parameter and compute dtype, e.g. bfloat16")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import jax
+    from tqdm.auto import tqdm
+
+    from easyrl import parallel
+    from easyrl.data.templates import check_template
+    from easyrl.generate import make_sampler
+
+    check_template(args.template)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    rows = read_prompts(args.prompts)
+    mesh = parallel.create_mesh(args.mesh) if args.mesh else None
+    config, params, tok = load_model_and_tokenizer(args.model, args.tokenizer, mesh, args.dtype)
+    prompt_ids = encode_prompts(rows, tok, args.template, args.prompts)
+
+    eos = set()
+    for e in (tok.eos_token_id, config.eos_token_id):
+        if e is not None:
+            eos.update([e] if isinstance(e, int) else e)
+    pad_id = next(x for x in (tok.pad_token_id, config.pad_token_id, 0) if x is not None)
+    bs = args.batch_size
+    if mesh is not None:
+        dp = parallel.data_parallel_size(mesh)
+        bs = -(-bs // dp) * dp
+    sampler = make_sampler(config, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           eos_token_id=tuple(sorted(eos)), pad_token_id=pad_id, mesh=mesh)
+    rng = jax.random.PRNGKey(args.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    n_batches = -(-len(rows) // bs)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for bi in tqdm(range(n_batches), desc="generate", unit="batch"):
+            chunk = prompt_ids[bi * bs:(bi + 1) * bs]
+            ids, mask = left_pad(chunk, bs, pad_id)
+            if mesh is not None:
+                gb = parallel.to_global_batch({"ids": ids, "mask": mask}, mesh)
+                ids, mask = gb["ids"], gb["mask"]
+            out = sampler(params, ids, mask, jax.random.fold_in(rng, bi))
+            resp = np.asarray(out["response"])
+            rmask = np.asarray(out["response_mask"])
+            for i in range(len(chunk)):
+                _, row = rows[bi * bs + i]
+                r_ids = [int(t) for t in resp[i][rmask[i] > 0]]
+                rec = {"prompt": row["prompt"] if isinstance(row.get("prompt"), str) else
+                       tok.decode(chunk[i], skip_special_tokens=True)}
+                if "messages" in row and not isinstance(row.get("prompt"), str):
+                    rec["messages"] = row["messages"]
+                rec["response"] = tok.decode(r_ids, skip_special_tokens=True)
+                rec["response_ids"] = r_ids
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+    print(f"wrote {len(rows)} responses to {args.out}")
