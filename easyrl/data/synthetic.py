@@ -95,7 +95,9 @@ def _sample_prompt(rng: random.Random, split: str | None) -> str:
             return p
 
 
-_BAD_KINDS = ("copy", "swap", "drop", "replace", "duplicate", "descending")
+_BAD_KINDS = ("copy", "swap", "drop", "replace", "duplicate", "descending", "truncate", "suffix",
+              "subset", "insert", "repeat", "random")
+VERSION = 5  # bump when generated data changes (cached datasets are keyed by it)
 
 
 def _bad_answer(rng: random.Random, prompt: str, kind: str | None = None) -> str:
@@ -117,6 +119,19 @@ def _bad_answer(rng: random.Random, prompt: str, kind: str | None = None) -> str
         elif k == "duplicate":
             i = rng.randrange(len(ans))
             ans.insert(i, ans[i])
+        elif k == "truncate":  # a short prefix of the answer
+            ans = gold[:rng.randint(1, max(1, len(gold) - 2))]
+        elif k == "suffix":  # the answer with its first letters missing
+            ans = gold[rng.randint(1, len(gold) - 1):]
+        elif k == "subset":  # a sorted subsequence missing some letters
+            ans = sorted(rng.sample(gold, rng.randint(1, len(gold) - 1)))
+        elif k == "insert":  # an extra letter not in the prompt, in sorted position
+            ans = sorted(gold + [rng.choice([c for c in ALPHABET if c not in gold])])
+        elif k == "repeat":  # one letter stuttered 2-4 extra times
+            i = rng.randrange(len(ans))
+            ans[i:i] = [ans[i]] * rng.randint(2, 4)
+        elif k == "random":  # random letters, random length
+            ans = rng.sample(ALPHABET, rng.randint(1, MAX_LEN))
         else:  # descending
             ans = gold[::-1]
         if ans != gold:
@@ -178,7 +193,7 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def write_dataset(directory: str, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> dict:
+def write_dataset(directory: str, n_train: int = 4000, n_eval: int = 256, seed: int = 0) -> dict:
     """Write ``{sft,preference,rrhf,prompts}_{train,eval}.jsonl`` into ``directory``.
 
     Train rows use ``seed`` and the train split; eval rows use ``seed + 1`` and the eval split

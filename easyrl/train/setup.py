@@ -38,7 +38,7 @@ def data_source(c, kind: str, split: str):
         return None
     if v == SYNTHETIC:
         from easyrl.data import synthetic
-        d = os.path.join(cache_dir(), "synthetic")
+        d = os.path.join(cache_dir(), f"synthetic-v{synthetic.VERSION}")
         path = os.path.join(d, f"{kind}_{split}.jsonl")
         if not os.path.exists(path):
             tmp = f"{d}.tmp{os.getpid()}"

@@ -1,0 +1,223 @@
+"""PPO wiring: models, sampler, the iteration loop, KL controller, checkpoints, metrics, samples."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from easyrl import checkpoint, losses, parallel
+from easyrl.algorithms.common import fmt, iter_kwargs
+from easyrl.algorithms.ppo import PPOState, advantages, make_update, score_rollout
+from easyrl.data.iterator import prompt_iterator
+from easyrl.generate import make_sampler, normalize_eos
+from easyrl.hf import _host
+from easyrl.train import setup
+from easyrl.train.config import SYNTHETIC, validate
+from easyrl.train.loop import _abstract, _print, _save_tokenizer
+from easyrl.train.metrics import MetricsWriter
+from easyrl.train.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def _at(c, path: str):
+    """A copy of config `c` whose model.path is `path` (to load the reward / value models)."""
+    sub = mlc.ConfigDict(c.to_dict())
+    sub.model.path = path
+    return sub
+
+
+def validate_ppo(c, mesh, max_positions: int) -> None:
+    p = c.ppo
+    b = c.train.batch_size
+    if p.num_minibatches <= 0 or b % p.num_minibatches:
+        raise ValueError(f"config ppo.num_minibatches: {p.num_minibatches} must divide train.batch_size={b}")
+    mb = b // p.num_minibatches
+    if mb % parallel.data_parallel_size(mesh):
+        raise ValueError(f"config ppo.num_minibatches: minibatch {mb} is not divisible by the "
+                         f"data-parallel size {parallel.data_parallel_size(mesh)} of mesh {c.mesh!r}")
+    if p.max_prompt_len + p.max_new_tokens > max_positions:
+        raise ValueError(f"config ppo.max_new_tokens: max_prompt_len + max_new_tokens = "
+                         f"{p.max_prompt_len + p.max_new_tokens} exceeds max_position_embeddings={max_positions}")
+    if not c.reward.path:
+        raise ValueError("config reward.path: PPO needs a reward model (an `easyrl rm` run dir or HF folder)")
+    if p.kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"config ppo.kl_estimator: {p.kl_estimator!r}, expected k1 or k3")
+
+
+def run(c) -> dict:
+    parallel.initialize_distributed(c.distributed.coordinator or None,
+                                    c.distributed.num_processes or None,
+                                    None if c.distributed.process_id < 0 else c.distributed.process_id)
+    mesh = parallel.create_mesh(c.mesh)
+    validate(c, dp_size=parallel.data_parallel_size(mesh))
+    p = c.ppo
+    tok = setup.load_tokenizer(c)
+    pcfg = setup.model_config(c, tok)
+    validate_ppo(c, mesh, pcfg.max_position_embeddings)
+    rc = _at(c, c.reward.path)
+    rcfg = setup.model_config(rc)
+    vc = _at(c, c.value.path or c.reward.path)
+    vcfg = setup.model_config(vc)
+    policy = setup.load_params(c, pcfg, "causal_lm", mesh)
+    ref = jax.tree.map(jnp.copy, policy)  # frozen: its own buffers (the policy is donated)
+    reward = setup.load_params(rc, rcfg, "reward", mesh)
+    value = setup.load_params(vc, vcfg, "value", mesh)
+
+    prompts = prompt_iterator(setup.data_source(c, "prompts", "train"), tok,
+                              max_prompt_len=p.max_prompt_len, global_batch_size=c.train.batch_size,
+                              template=c.data.template, format=fmt(c),
+                              skip_bad_rows=c.data.skip_bad_rows, **iter_kwargs(c, "train"))
+    steps = int(c.train.steps) if c.train.steps > 0 else int(c.train.epochs * prompts.steps_per_epoch)
+    n_updates = steps * p.ppo_epochs * p.num_minibatches
+    policy_tx, _ = make_optimizer(c.optim, n_updates)
+    value_tx, _ = make_optimizer(c.value_optim, n_updates)
+    repl = parallel.replicated(mesh)
+    sh = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+    pol_opt_sh = parallel.named_shardings(jax.eval_shape(policy_tx.init, policy), mesh)
+    val_opt_sh = parallel.named_shardings(jax.eval_shape(value_tx.init, value), mesh)
+    state = PPOState(step=jnp.zeros((), jnp.int32), policy=policy, value=value,
+                     policy_opt=jax.jit(policy_tx.init, out_shardings=pol_opt_sh)(policy),
+                     value_opt=jax.jit(value_tx.init, out_shardings=val_opt_sh)(value))
+    state_sh = PPOState(step=repl, policy=sh(policy), value=sh(value), policy_opt=pol_opt_sh,
+                        value_opt=val_opt_sh)
+    state = jax.device_put(state, state_sh)
+
+    eos = normalize_eos(tuple({*normalize_eos(tok.eos_token_id), *normalize_eos(None, pcfg)}))
+    sampler = make_sampler(pcfg, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                           top_k=p.top_k, top_p=p.top_p, eos_token_id=eos,
+                           pad_token_id=tok.pad_token_id, mesh=mesh)
+    cfgs = dict(policy=pcfg, value=vcfg, reward=rcfg)
+    plen = p.max_prompt_len
+    score_fn = jax.jit(lambda models, tokens, attn, m: score_rollout(
+        cfgs, models, tokens, attn, m, prompt_len=plen, temperature=p.temperature))
+    adv_fn = jax.jit(lambda scored, m, has_eos, kl_coef: advantages(
+        scored, m, has_eos, kl_coef=kl_coef, kl_estimator=p.kl_estimator, gamma=p.gamma,
+        lam=p.lam, missing_eos_penalty=p.missing_eos_penalty or None,
+        whiten=p.whiten_advantages))
+    update_fn = jax.jit(make_update(
+        pcfg, vcfg, policy_tx, value_tx, prompt_len=plen, temperature=p.temperature,
+        ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, cliprange=p.cliprange,
+        cliprange_value=p.cliprange_value, vf_coef=p.vf_coef, ratio_threshold=p.ratio_threshold,
+        target_kl=p.target_kl), donate_argnums=(0,), out_shardings=(state_sh, repl))
+
+    # ---- resume ---------------------------------------------------------------------------
+    out = c.output_dir
+    checkpoint.write_model_config(out, pcfg, "causal_lm", command="ppo", run_config=c.to_dict())
+    if jax.process_index() == 0:
+        _save_tokenizer(tok, out)
+    mgr = checkpoint.manager(out, keep=c.checkpoint.keep or None, async_save=c.checkpoint.async_save)
+    kl_coef = float(p.kl_coef)
+    start = mgr.latest_step()
+    if start is not None:
+        r = mgr.restore(start, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(state.policy)),
+            value=ocp.args.StandardRestore(_abstract(state.value)),
+            policy_opt=ocp.args.StandardRestore(_abstract(state.policy_opt)),
+            value_opt=ocp.args.StandardRestore(_abstract(state.value_opt)),
+            meta=ocp.args.JsonRestore()))
+        state = state.replace(policy=r["params"], value=r["value"], policy_opt=r["policy_opt"],
+                              value_opt=r["value_opt"],
+                              step=jax.device_put(jnp.int32(r["meta"]["step"]), repl))
+        kl_coef = float(r["meta"]["kl_coef"])
+        prompts.set_state(r["meta"]["data"])
+        _print(f"resuming from checkpoint at step {start} ({out}/checkpoints/{start})")
+    step = int(start or 0)
+    writer = MetricsWriter(out, c, c.log.tensorboard, c.log.wandb_project, c.log.wandb_name,
+                           resume_step=start)
+
+    def save(at, force=False):
+        meta = dict(step=at, kl_coef=kl_coef, data=prompts.get_state(), seed=c.seed)
+        mgr.save(at, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.policy), value=ocp.args.StandardSave(state.value),
+            policy_opt=ocp.args.StandardSave(state.policy_opt),
+            value_opt=ocp.args.StandardSave(state.value_opt), meta=ocp.args.JsonSave(meta)),
+            force=force)
+
+    true_reward = None
+    if p.true_reward == SYNTHETIC:
+        from easyrl.data.synthetic import true_reward
+    stop = {"signal": None}
+    prev = signal.signal(signal.SIGTERM, lambda s, f: stop.__setitem__("signal", s))
+    base = jax.random.PRNGKey(c.seed)
+    bar = tqdm(total=steps, initial=step, desc="ppo", disable=jax.process_index() != 0,
+               dynamic_ncols=True)
+    last = {}
+    try:
+        while step < steps:
+            local = next(prompts)
+            batch = parallel.to_global_batch({k: local[k] for k in ("input_ids", "attention_mask")}, mesh)
+            rng = jax.random.fold_in(base, step)
+            t0 = time.time()
+            roll = sampler(state.policy, batch["input_ids"], batch["attention_mask"],
+                           jax.random.fold_in(rng, 0))
+            resp_mask = roll["response_mask"]
+            jax.block_until_ready(resp_mask)
+            t1 = time.time()
+            attn = jnp.concatenate([batch["attention_mask"], resp_mask], axis=1)
+            models = dict(policy=state.policy, ref=ref, value=state.value, reward=reward)
+            scored = score_fn(models, roll["tokens"], attn, resp_mask)
+            adv, ret, stats = adv_fn(scored, resp_mask, roll["has_eos"], jnp.float32(kl_coef))
+            jax.block_until_ready(adv)
+            t2 = time.time()
+            rollout = dict(tokens=roll["tokens"], attn=attn, resp_mask=resp_mask,
+                           logprobs=scored["logprobs"], values=scored["values"], advantages=adv,
+                           returns=ret)
+            state, upd = update_fn(state, rollout, jax.random.fold_in(rng, 1))
+            metrics = {**jax.device_get(stats), **jax.device_get(upd)}
+            t3 = time.time()
+            step += 1
+            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2})
+            if p.adaptive_kl:
+                kl_coef = float(losses.adaptive_kl_update(kl_coef, metrics["objective/kl"],
+                                                          c.train.batch_size, target=p.kl_target,
+                                                          horizon=p.kl_horizon))
+            texts = None
+            if true_reward is not None or (p.samples_every and step % p.samples_every == 0):
+                texts = _decode(tok, _host(roll["response"]), _host(resp_mask))
+            if true_reward is not None:
+                metrics["objective/true_reward"] = float(np.mean(
+                    [true_reward(q, r) for q, r in zip(local["prompts"], texts)]))
+            if p.samples_every and step % p.samples_every == 0 and jax.process_index() == 0:
+                scores = _host(scored["scores"])
+                with open(os.path.join(out, "samples.jsonl"), "a") as f:
+                    for q, r, s in list(zip(local["prompts"], texts, scores))[:p.num_samples]:
+                        f.write(json.dumps({"step": step, "prompt": q, "response": r,
+                                            "score": float(s)}) + "\n")
+            if step % c.log.every == 0 or step == steps:
+                writer.write(step, metrics)
+            last = metrics
+            bar.update(1)
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}",
+                            kl=f"{metrics['objective/kl']:.3f}")
+            if (c.checkpoint.every and step % c.checkpoint.every == 0) or step == steps:
+                save(step, force=step == steps)
+            if stop["signal"] is not None:
+                _print(f"received signal {stop['signal']}: saving checkpoint at step {step}")
+                save(step, force=True)
+                mgr.wait_until_finished()
+                raise SystemExit(143)
+        mgr.wait_until_finished()
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+        bar.close()
+        writer.close()
+        mgr.close()
+    last["final_step"] = step
+    last["_state"] = state
+    return last
+
+
+def _decode(tok, response, mask):
+    return [tok.decode([int(t) for t, m in zip(row, mrow) if m], skip_special_tokens=True).strip()
+            for row, mrow in zip(response, mask)]
