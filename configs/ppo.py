@@ -35,9 +35,10 @@ def get_config(preset: str = "tiny"):
         c.reward.path = "runs/rm"
         c.data.train = "synthetic"
         c.ppo.update(true_reward="synthetic", max_prompt_len=16, max_new_tokens=14,
-                     kl_coef=0.05, ppo_epochs=2, num_minibatches=2, samples_every=10)
-        c.train.update(steps=40, batch_size=64)
-        c.optim.update(lr=3e-4, schedule="constant", warmup=0, clip=1.0)
+                     temperature=1.0, kl_coef=0.1, ppo_epochs=4, num_minibatches=4,
+                     samples_every=10)
+        c.train.update(steps=100, batch_size=128)
+        c.optim.update(lr=1e-4, schedule="constant", warmup=0, clip=1.0)
         c.value_optim.update(lr=1e-3, schedule="constant", warmup=0, clip=1.0)
         c.log.every = 1
     elif preset == "tulu25_13b":

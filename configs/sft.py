@@ -10,7 +10,7 @@ from easyrl.train.config import base_config
 def get_config(preset: str = "tiny"):
     c = base_config("sft")
     if preset == "tiny":
-        c.train.update(steps=300, batch_size=32, seq_len=48)
+        c.train.update(steps=500, batch_size=32, seq_len=48)
         c.optim.update(lr=3e-3, schedule="cosine", warmup=20, weight_decay=0.0)
         c.log.every = 20
         c.eval.max_batches = 4

@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "convert": "easyrl.convert",
     "generate": "easyrl.generate_cli",
+    "plan": "easyrl.plan",
 }
 
 
@@ -30,6 +31,7 @@ TRAINERS = {
     "rm": "reward model on preference pairs",
     "dpo": "direct preference optimization (sigmoid / robust / hinge / IPO)",
     "rrhf": "rank responses to align with human feedback (RRHF)",
+    "ppo": "PPO with a KL penalty, rollouts from the jitted sampler",
 }
 
 
