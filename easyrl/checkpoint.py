@@ -93,6 +93,11 @@ def abstract_params(config: LlamaConfig, kind: str, mesh=None, rules=PARTITION_R
                         shapes, shardings)
 
 
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays: a restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def load_model(path: str, kind: Optional[str] = None, *, mesh=None, dtype=None,
                rules=PARTITION_RULES, **runtime):
     """(config, kind, params) from an easyrl checkpoint or run dir, restored onto `mesh`.

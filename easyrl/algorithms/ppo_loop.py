@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 
 import jax
@@ -22,7 +21,8 @@ from easyrl.generate import make_sampler, normalize_eos
 from easyrl.hf import _host
 from easyrl.train import setup
 from easyrl.train.config import SYNTHETIC, validate
-from easyrl.train.loop import _abstract, _print, _save_tokenizer
+from easyrl.train.loop import save_run_tokenizer
+from easyrl.train.runtime import RunControl, init_mesh, say
 from easyrl.train.metrics import MetricsWriter
 from easyrl.train.optim import make_optimizer
 
@@ -55,10 +55,7 @@ def validate_ppo(c, mesh, max_positions: int) -> None:
 
 
 def run(c) -> dict:
-    parallel.initialize_distributed(c.distributed.coordinator or None,
-                                    c.distributed.num_processes or None,
-                                    None if c.distributed.process_id < 0 else c.distributed.process_id)
-    mesh = parallel.create_mesh(c.mesh)
+    mesh = init_mesh(c)
     validate(c, dp_size=parallel.data_parallel_size(mesh))
     p = c.ppo
     tok = setup.load_tokenizer(c)
@@ -114,23 +111,23 @@ def run(c) -> dict:
     out = c.output_dir
     checkpoint.write_model_config(out, pcfg, "causal_lm", command="ppo", run_config=c.to_dict())
     if jax.process_index() == 0:
-        _save_tokenizer(tok, out)
+        save_run_tokenizer(tok, out)
     mgr = checkpoint.manager(out, keep=c.checkpoint.keep or None, async_save=c.checkpoint.async_save)
     kl_coef = float(p.kl_coef)
     start = mgr.latest_step()
     if start is not None:
         r = mgr.restore(start, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(state.policy)),
-            value=ocp.args.StandardRestore(_abstract(state.value)),
-            policy_opt=ocp.args.StandardRestore(_abstract(state.policy_opt)),
-            value_opt=ocp.args.StandardRestore(_abstract(state.value_opt)),
+            params=ocp.args.StandardRestore(checkpoint.abstract_like(state.policy)),
+            value=ocp.args.StandardRestore(checkpoint.abstract_like(state.value)),
+            policy_opt=ocp.args.StandardRestore(checkpoint.abstract_like(state.policy_opt)),
+            value_opt=ocp.args.StandardRestore(checkpoint.abstract_like(state.value_opt)),
             meta=ocp.args.JsonRestore()))
         state = state.replace(policy=r["params"], value=r["value"], policy_opt=r["policy_opt"],
                               value_opt=r["value_opt"],
                               step=jax.device_put(jnp.int32(r["meta"]["step"]), repl))
         kl_coef = float(r["meta"]["kl_coef"])
         prompts.set_state(r["meta"]["data"])
-        _print(f"resuming from checkpoint at step {start} ({out}/checkpoints/{start})")
+        say(f"resuming from checkpoint at step {start} ({out}/checkpoints/{start})")
     step = int(start or 0)
     writer = MetricsWriter(out, c, c.log.tensorboard, c.log.wandb_project, c.log.wandb_name,
                            resume_step=start)
@@ -146,13 +143,11 @@ def run(c) -> dict:
     true_reward = None
     if p.true_reward == SYNTHETIC:
         from easyrl.data.synthetic import true_reward
-    stop = {"signal": None}
-    prev = signal.signal(signal.SIGTERM, lambda s, f: stop.__setitem__("signal", s))
     base = jax.random.PRNGKey(c.seed)
     bar = tqdm(total=steps, initial=step, desc="ppo", disable=jax.process_index() != 0,
                dynamic_ncols=True)
     last = {}
-    try:
+    with RunControl(c, mgr, steps, save, closers=(bar, writer)) as control:
         while step < steps:
             local = next(prompts)
             batch = parallel.to_global_batch({k: local[k] for k in ("input_ids", "attention_mask")}, mesh)
@@ -200,19 +195,7 @@ def run(c) -> dict:
             bar.update(1)
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}",
                             kl=f"{metrics['objective/kl']:.3f}")
-            if (c.checkpoint.every and step % c.checkpoint.every == 0) or step == steps:
-                save(step, force=step == steps)
-            if stop["signal"] is not None:
-                _print(f"received signal {stop['signal']}: saving checkpoint at step {step}")
-                save(step, force=True)
-                mgr.wait_until_finished()
-                raise SystemExit(143)
-        mgr.wait_until_finished()
-    finally:
-        signal.signal(signal.SIGTERM, prev)
-        bar.close()
-        writer.close()
-        mgr.close()
+            control.after_step(step)
     last["final_step"] = step
     last["_state"] = state
     return last

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -24,6 +23,7 @@ from easyrl import checkpoint, parallel
 from easyrl.train.config import validate
 from easyrl.train.metrics import MetricsWriter
 from easyrl.train.optim import make_optimizer
+from easyrl.train.runtime import RunControl, init_mesh, say
 from easyrl.train.step import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,7 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
         init_missing_head: bool = False) -> dict:
     """Train according to config `c`. Returns the last logged metrics (host floats)."""
     from easyrl.train import setup
-    parallel.initialize_distributed(c.distributed.coordinator or None,
-                                    c.distributed.num_processes or None,
-                                    None if c.distributed.process_id < 0 else c.distributed.process_id)
-    mesh = parallel.create_mesh(c.mesh)
+    mesh = init_mesh(c)
     validate(c, dp_size=parallel.data_parallel_size(mesh))
     tokenizer = setup.load_tokenizer(c)
     mcfg = setup.model_config(c, tokenizer)
@@ -101,14 +98,14 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
     out = c.output_dir
     checkpoint.write_model_config(out, mcfg, task.kind, command=c.command, run_config=c.to_dict())
     if jax.process_index() == 0:
-        _save_tokenizer(tokenizer, out)
+        save_run_tokenizer(tokenizer, out)
     mgr = checkpoint.manager(out, keep=c.checkpoint.keep or None,
                              async_save=c.checkpoint.async_save)
     start = mgr.latest_step()
     if start is not None:
         restored = mgr.restore(start, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(state.params)),
-            opt_state=ocp.args.StandardRestore(_abstract(state.opt_state)),
+            params=ocp.args.StandardRestore(checkpoint.abstract_like(state.params)),
+            opt_state=ocp.args.StandardRestore(checkpoint.abstract_like(state.opt_state)),
             meta=ocp.args.JsonRestore()))
         meta = restored["meta"]
         state = state.replace(params=restored["params"], opt_state=restored["opt_state"],
@@ -116,13 +113,13 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
                               nonfinite=jax.device_put(jnp.int32(meta["nonfinite"]), repl),
                               streak=jax.device_put(jnp.int32(meta["streak"]), repl))
         task.train_data.set_state(meta["data"])
-        _print(f"resuming from checkpoint at step {start} ({out}/checkpoints/{start})")
+        say(f"resuming from checkpoint at step {start} ({out}/checkpoints/{start})")
     step = int(start or 0)
     stats = getattr(task.train_data, "stats", {}) or {}
     data_metrics = {f"data/{k}": v for k, v in stats.items()
                     if k.startswith("num_") and isinstance(v, (int, float))}
     if stats.get("num_bad_rows"):
-        _print(f"skipped {stats['num_bad_rows']} bad rows in {stats.get('source')} "
+        say(f"skipped {stats['num_bad_rows']} bad rows in {stats.get('source')} "
                f"(data.skip_bad_rows=True)")
     writer = MetricsWriter(out, c, c.log.tensorboard, c.log.wandb_project, c.log.wandb_name,
                            resume_step=start)
@@ -134,15 +131,12 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
                                              opt_state=ocp.args.StandardSave(state.opt_state),
                                              meta=ocp.args.JsonSave(meta)), force=force)
 
-    stop = {"signal": None}
-    prev = signal.signal(signal.SIGTERM, lambda s, f: stop.__setitem__("signal", s))
-
     # ---- loop ---------------------------------------------------------------------------------
     base_rng = jax.random.PRNGKey(c.seed)
     pending, tokens, t0, last = [], 0, time.time(), {}
     bar = tqdm(total=steps, initial=step, desc=c.command, disable=jax.process_index() != 0,
                dynamic_ncols=True)
-    try:
+    with RunControl(c, mgr, steps, save, closers=(bar, writer)) as control:
         while step < steps:
             local = next(task.train_data)
             tokens += task.tokens_fn(local)
@@ -171,19 +165,7 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
                     raise NonFiniteError(
                         f"{streak} consecutive non-finite losses or gradients at step {step} "
                         f"(train.max_nonfinite={c.train.max_nonfinite}); lower optim.lr or check the data")
-            if (c.checkpoint.every and step % c.checkpoint.every == 0) or is_last:
-                save(step, force=is_last)
-            if stop["signal"] is not None:
-                _print(f"received signal {stop['signal']}: saving checkpoint at step {step}")
-                save(step, force=True)
-                mgr.wait_until_finished()
-                raise SystemExit(143)
-        mgr.wait_until_finished()
-    finally:
-        signal.signal(signal.SIGTERM, prev)
-        bar.close()
-        writer.close()
-        mgr.close()
+            control.after_step(step)
     last["final_step"] = step
     last["_state"] = state
     return last
@@ -205,11 +187,8 @@ def _evaluate(eval_fn, state, task, mesh, batch_sh, c, base_rng) -> dict:
     return {f"eval/{k}": v / max(total, 1e-9) for k, v in sums.items()}
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def _save_tokenizer(tokenizer, out: str) -> None:
+def save_run_tokenizer(tokenizer, out: str) -> None:
+    """The run's tokenizer in `<out>/tokenizer` (exports and `generate` pick it up)."""
     from easyrl.convert import TOKENIZER_SUBDIR
     from easyrl.data.tokenizer import save_tokenizer
     d = os.path.join(out, TOKENIZER_SUBDIR)
@@ -217,7 +196,3 @@ def _save_tokenizer(tokenizer, out: str) -> None:
         save_tokenizer(tokenizer, d)
 
 
-def _print(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)
-    log.info(msg)
