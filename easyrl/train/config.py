@@ -37,7 +37,7 @@ def base_config(command: str) -> mlc.ConfigDict:
         steps=0, epochs=0, batch_size=32, micro_batch_size=0, seq_len=64, max_nonfinite=10,
     ))
     c.optim = mlc.ConfigDict(dict(
-        lr=1e-3, schedule="cosine", warmup=0, min_lr_ratio=0.0, weight_decay=0.0,
+        lr=1e-3, schedule="cosine", warmup=0.0, min_lr_ratio=0.0, weight_decay=0.0,
         b1=0.9, b2=0.999, eps=1e-8, clip=1.0,
     ))
     c.checkpoint = mlc.ConfigDict(dict(every=0, keep=2, async_save=True))

@@ -1,0 +1,228 @@
+"""`easyrl plan`: exact parameter / optimizer bytes (checked against real arrays), big presets
+planned on the CPU without allocating, suggestions that really fit, clear errors."""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import pytest
+
+from easyrl import model as M, parallel, plan
+from easyrl.cli import main
+from easyrl.model.config import get_preset
+from easyrl.train import setup
+from easyrl.train.optim import make_optimizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def nbytes(tree) -> int:
+    return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def shard0_bytes(tree) -> int:
+    """Bytes of every array's shard on the first device."""
+    return int(sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree)))
+
+
+def run_cli(capsys, *args):
+    main(["plan", *args])
+    return capsys.readouterr().out
+
+
+# ---- exact bytes ------------------------------------------------------------------------------
+def test_param_and_optimizer_bytes_equal_the_real_tiny_arrays():
+    c = plan.load_config("configs/sft.py:tiny", [])
+    planner, p = plan.make_plan(c, 1, 16)
+    cfg = planner.models["policy"].config
+    # the same architecture the trainer builds (tokenizer vocabulary on a random-init preset)
+    assert cfg == setup.model_config(c, setup.load_tokenizer(c))
+    params = jax.jit(lambda r: M.init_params(cfg, r))(jax.random.PRNGKey(0))
+    tx, _ = make_optimizer(c.optim, c.train.steps)
+    opt = jax.jit(tx.init)(params)
+    assert p.line("model parameters").total == nbytes(params)
+    assert p.line("model parameters").per_device == nbytes(params)  # one device: everything
+    assert p.line("model optimizer state").total == nbytes(opt)
+    assert p.line("model optimizer state").per_device == nbytes(opt)
+    assert p.line("model gradients").per_device == nbytes(params)  # no accumulation in tiny
+
+
+def test_per_device_bytes_equal_the_real_sharded_arrays():
+    """On 8 simulated devices, per-device bytes equal the first device's shards of arrays placed
+    exactly as the trainer places them (partition rules, opt state born sharded)."""
+    assert jax.device_count() >= 8
+    for spec in ("dp:2,fsdp:2,tp:2", "dp:1,fsdp:2,tp:4"):
+        c = plan.load_config("configs/sft.py:tiny", [f"--config.mesh={spec}"])
+        planner, p = plan.make_plan(c, 8, 16)
+        cfg = planner.models["policy"].config
+        mesh = parallel.create_mesh(spec)
+        params = parallel.sharded_init(lambda r: M.init_params(cfg, r), mesh, jax.random.PRNGKey(0))
+        tx, _ = make_optimizer(c.optim, c.train.steps)
+        opt_sh = parallel.named_shardings(jax.eval_shape(tx.init, params), mesh)
+        opt = jax.jit(tx.init, out_shardings=opt_sh)(params)
+        assert p.line("model parameters").per_device == shard0_bytes(params), spec
+        assert p.line("model optimizer state").per_device == shard0_bytes(opt), spec
+        assert p.line("model parameters").total == nbytes(params)
+
+
+def test_ppo_and_dpo_hold_the_extra_models():
+    c = plan.load_config("configs/ppo.py:tiny", [])
+    planner, p = plan.make_plan(c, 1, 16)
+    assert set(planner.models) == {"policy", "reference", "reward", "value"}
+    names = [x.name for x in p.lines]
+    for n in ("policy optimizer state", "reference parameters", "reward parameters",
+              "value parameters", "value optimizer state", "KV cache (sampler)",
+              "policy gradients", "value gradients"):
+        assert n in names
+    pol = planner.models["policy"]
+    assert p.line("reference parameters").total == p.line("policy parameters").total
+    params = M.param_shapes(pol.config)  # byte-exactness vs real arrays: the tests above
+    assert p.line("policy parameters").total == plan.tree_bytes(params)
+    vcfg = planner.models["value"].config
+    val = jax.jit(lambda r: M.init_params(vcfg, r, kind="value"))(jax.random.PRNGKey(0))
+    assert p.line("value parameters").total == nbytes(val)
+    assert "score" in val and "lm_head" not in val
+    d = plan.load_config("configs/dpo.py:tiny", [])
+    assert "reference" in plan.make_plan(d, 1, 16)[0].models
+    d = plan.load_config("configs/dpo.py:tiny", ["--config.dpo.precompute_ref=true"])
+    assert "reference" not in plan.make_plan(d, 1, 16)[0].models
+
+
+def test_kv_cache_formula():
+    cfg = get_preset("llama2_13b", dtype="bfloat16")
+    total, per = plan.kv_cache_bytes(cfg, 64, 2048, {"dp": 1, "fsdp": 64, "tp": 4})
+    assert total == 2 * 40 * 64 * 2048 * 40 * 128 * 2
+    assert per == total / 64 / 4
+    # batch not divisible by dp*fsdp: the sampler leaves the batch unsharded
+    assert plan.kv_cache_bytes(cfg, 64, 2048, {"dp": 1, "fsdp": 256, "tp": 1})[1] == total
+
+
+def test_guess_preset_from_placeholder_paths():
+    assert plan.guess_preset("/path/to/tulu2-13b") == "llama2_13b"
+    assert plan.guess_preset("/path/to/tulu2.5-rm-13b") == "llama2_13b"
+    assert plan.guess_preset("/path/to/llama-7b-hf") == "llama2_7b"
+    assert plan.guess_preset("gs://b/Meta-Llama-3-70B") == "llama3_70b"
+    assert plan.guess_preset("/m/Llama-2-70b-hf") == "llama2_70b"
+    assert plan.guess_preset("runs/sft") is None
+
+
+def test_local_hf_folder_config_is_read(tmp_path):
+    import json
+    cfg = get_preset("small")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    c = plan.load_config("configs/sft.py:tiny", [f"--config.model.path={tmp_path}"])
+    planner, p = plan.make_plan(c, 1, 16)
+    got = planner.models["policy"].config
+    assert (got.hidden_size, got.num_hidden_layers, got.vocab_size) == (128, 4, 256)
+    assert "config.json" in planner.models["policy"].source
+
+
+# ---- big presets: no allocation ---------------------------------------------------------------
+def test_tulu25_13b_on_256_devices_plans_on_cpu_without_allocating(tmp_path):
+    spec = "configs/ppo.py:tulu25_13b"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "easyrl", "plan", "--config", spec,
+                                 "--devices", "256", "--device-memory", "16"],
+                                stdout=out, stderr=err, cwd=REPO, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        elapsed = time.time() - t0
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    print(stdout)
+    print(f"plan tulu25_13b @256: {elapsed:.1f}s, max RSS {usage.ru_maxrss / 2**10:.0f} MiB")
+    assert proc.returncode == 0, stderr
+    assert elapsed < 60
+    # 13B float32 params alone are 48 GiB (and there are 4 models): a real allocation is impossible
+    assert usage.ru_maxrss < 3 * 2**20, f"max RSS {usage.ru_maxrss} KiB"
+    assert re.search(r"KV cache \(sampler\)\s+[\d.]+\s+100\.000", stdout)  # 2*40*64*2048*40*128*2 B
+    for name in ("policy parameters", "policy optimizer state", "reference parameters",
+                 "reward parameters", "value parameters", "value optimizer state",
+                 "policy gradients", "policy activations"):
+        assert name in stdout
+    assert "llama2_13b" in stdout
+    assert re.search(r"verdict: (FITS|does NOT fit)", stdout)
+    # the default mesh fsdp=256 cannot split a minibatch of 64: the planner says so and finds a mesh
+    assert "not divisible by dp*fsdp=256" in stdout
+    assert re.search(r"--config\.mesh=dp:\d+,fsdp:\d+,tp:\d+", stdout)
+
+
+def _suggested(out: str):
+    m = re.search(r"--devices (\d+) ((?:--config\.\S+ ?)+)", out)
+    return int(m.group(1)), m.group(2).split()
+
+
+def test_70b_on_too_few_devices_does_not_fit_and_the_suggestion_does(capsys):
+    args = ["--config", "configs/sft.py:stackllama_7b", "--model-preset", "llama2_70b",
+            "--device-memory", "80"]
+    out = run_cli(capsys, *args, "--devices", "8")
+    assert "68.98B" in out
+    assert "verdict: does NOT fit" in out
+    n, flags = _suggested(out)
+    assert n > 8
+    out2 = run_cli(capsys, *args, "--devices", str(n), *flags)
+    assert "verdict: FITS" in out2, out2
+
+
+def test_suggested_setting_on_the_same_devices_fits(capsys):
+    args = ["--config", "configs/sft.py:stackllama_7b", "--model-preset", "llama2_7b",
+            "--devices", "8", "--device-memory", "24", "--config.train.micro_batch_size=64",
+            "--config.model.remat=none"]
+    out = run_cli(capsys, *args)
+    assert "verdict: does NOT fit" in out
+    lines = out.split("settings that fit on 8 devices")[1].strip().splitlines()
+    flags = lines[1].split("peak")[0].split()
+    assert flags and all(f.startswith("--config.") for f in flags)
+    assert "verdict: FITS" in run_cli(capsys, *args, *flags)
+
+
+def test_remat_orders_activation_memory():
+    c = plan.load_config("configs/sft.py:stackllama_7b", ["--config.model.path="])
+    planner, _ = plan.make_plan(c, 8, 80, model_preset="llama2_7b")
+    cur = planner.current()
+    act = {r: planner.estimate(plan.Setting(cur.mesh, cur.micro, r)).line("activations").per_device
+           for r in ("none", "dots", "dots_no_batch", "full")}
+    assert act["none"] > act["dots"] > act["dots_no_batch"] > act["full"]
+
+
+# ---- compiled memory analysis ----------------------------------------------------------------
+def test_compiled_memory_analysis_is_close_to_the_estimate(capsys):
+    remat = "none"
+    out = run_cli(capsys, "--config", "configs/sft.py:tiny", "--model-preset", "small",
+                  "--config.train.seq_len=256", "--config.train.batch_size=4",
+                  f"--config.model.remat={remat}", "--devices", "1", "--compile")
+    xla = float(re.search(r"XLA memory analysis:.*peak ([\d.]+) GiB", out).group(1))
+    est = float(re.search(r"estimate \(same inputs\):.*peak ([\d.]+) GiB", out).group(1))
+    print(f"remat {remat}: compiled peak {xla:.4f} GiB, estimate {est:.4f} GiB")
+    assert 0.5 * xla <= est <= 1.5 * xla
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "easyrl", "plan", *args], capture_output=True,
+                          text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_bad_config_key_is_one_clear_line():
+    r = _cli("--config", "configs/sft.py:tiny", "--config.train.bogus=3", "--devices", "4")
+    assert r.returncode == 2
+    assert "easyrl plan: error: unknown config key 'train.bogus'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_inputs_are_clear(capsys):
+    for args, msg in (
+            (["--config", "configs/nope.py:tiny"], "not found"),
+            (["--config", "configs/sft.py:tiny", "--config.mesh=dp:3,fsdp:-1"], "not divisible"),
+            (["--config", "configs/sft.py:tiny", "--config.model.remat=sometimes"], "model.remat"),
+            (["--config", "configs/sft.py:tiny", "--config.train.seq_len=abc"], "train.seq_len"),
+            (["--config", "configs/sft.py:stackllama_7b", "--model-preset", "llama9"], "llama9")):
+        with pytest.raises(SystemExit) as e:
+            main(["plan", *args, "--devices", "8"])
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err, args
