@@ -63,20 +63,21 @@ def accumulate(loss_fn, params, frozen, batch, rng, denom, micro_steps: int, wit
     micro = split_micro(batch, micro_steps)
     rngs = jax.random.split(rng, micro_steps)
 
-    def body(carry, xs):
-        mb, r = xs
+    def one(mb, r):
         if with_grad:
             (loss, metrics), grads = grad_fn(params, frozen, mb, r, denom)
-            acc = (loss, metrics, grads)
-        else:
-            acc = loss_fn(params, frozen, mb, r, denom) + (None,)
-        carry = acc if carry is None else jax.tree.map(jnp.add, carry, acc)
-        return carry, None
+            return loss, metrics, grads
+        return loss_fn(params, frozen, mb, r, denom) + (None,)
 
-    first = jax.tree.map(lambda x: x[0], (micro, rngs))
-    carry, _ = body(None, first)
-    rest = jax.tree.map(lambda x: x[1:], (micro, rngs))
-    carry, _ = jax.lax.scan(body, carry, rest)
+    # every micro-step inside the scan (a zero carry shaped like one step's output), so XLA keeps
+    # one micro-batch of activations alive at a time
+    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro), rngs[0])
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry, xs):
+        return jax.tree.map(jnp.add, carry, one(*xs)), None
+
+    carry, _ = jax.lax.scan(body, zero, (micro, rngs))
     return carry
 
 
