@@ -160,6 +160,18 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
 
 
+def constrain_batch(x):
+    """Keep activations [B, ...] sharded over (dp, fsdp) on axis 0 when traced under a mesh
+    (`jax.set_mesh`); a no-op without one (single device, tests, plain calls)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH) <= set(mesh.axis_names):
+        return x
+    size = int(np.prod([mesh.shape[a] for a in BATCH]))
+    if x.shape[0] % size:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH, *([None] * (x.ndim - 1))))
+
+
 def sharded_init(init_fn, mesh: Mesh, *args, rules=PARTITION_RULES):
     """Run `init_fn(*args)` under jit with out_shardings from the rule table: the pytree is born
     sharded and never materialized whole on one device or host."""

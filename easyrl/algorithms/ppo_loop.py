@@ -147,7 +147,7 @@ def run(c) -> dict:
     bar = tqdm(total=steps, initial=step, desc="ppo", disable=jax.process_index() != 0,
                dynamic_ncols=True)
     last = {}
-    with RunControl(c, mgr, steps, save, closers=(bar, writer)) as control:
+    with RunControl(c, mgr, steps, save, closers=(bar, writer)) as control, jax.set_mesh(mesh):
         while step < steps:
             local = next(prompts)
             batch = parallel.to_global_batch({k: local[k] for k in ("input_ids", "attention_mask")}, mesh)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easyrl.model.config import LlamaConfig, rope_inv_freq
+from easyrl.parallel import constrain_batch
 
 Array = jax.Array
 HEADS = ("lm", "score", "hidden")
@@ -139,7 +140,7 @@ class DecoderLayer(nn.Module):
             norm("input_layernorm")(x), cos, sin, mask, layer_cache, cache_index)
         x = x + h
         x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
-        return x, new_cache
+        return constrain_batch(x), new_cache
 
 
 class Llama(nn.Module):
@@ -158,7 +159,7 @@ class Llama(nn.Module):
                          param_dtype=_dt(cfg.param_dtype),
                          embedding_init=nn.initializers.normal(cfg.initializer_range),
                          name="embed_tokens")
-        x = embed(input_ids.astype(jnp.int32))
+        x = constrain_batch(embed(input_ids.astype(jnp.int32)))
         cos, sin = rope_cos_sin(cfg, positions)
         layer = DecoderLayer
         if cfg.remat != "none":

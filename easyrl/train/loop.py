@@ -136,7 +136,7 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
     pending, tokens, t0, last = [], 0, time.time(), {}
     bar = tqdm(total=steps, initial=step, desc=c.command, disable=jax.process_index() != 0,
                dynamic_ncols=True)
-    with RunControl(c, mgr, steps, save, closers=(bar, writer)) as control:
+    with RunControl(c, mgr, steps, save, closers=(bar, writer)) as control, jax.set_mesh(mesh):
         while step < steps:
             local = next(task.train_data)
             tokens += task.tokens_fn(local)

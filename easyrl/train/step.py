@@ -43,12 +43,21 @@ def split_micro(batch: dict, n: int) -> dict:
     def f(x):
         b = x.shape[0]
         y = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
-        spec = jax.sharding.PartitionSpec(None, BATCH)
-        try:
-            return jax.lax.with_sharding_constraint(y, spec)
-        except (ValueError, RuntimeError):  # no mesh in context
-            return y
+        return _constrain_micro(y)
     return jax.tree.map(f, batch)
+
+
+def _constrain_micro(y):
+    """[n, b, ...] micro-batches: keep rows (axis 1) sharded over (dp, fsdp) under a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH) <= set(mesh.axis_names):
+        return y
+    size = 1
+    for a in BATCH:
+        size *= mesh.shape[a]
+    if y.shape[1] % size:
+        return y
+    return jax.lax.with_sharding_constraint(y, jax.sharding.PartitionSpec(None, BATCH))
 
 
 def accumulate(loss_fn, params, frozen, batch, rng, denom, micro_steps: int, with_grad=True):
