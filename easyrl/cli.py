@@ -32,6 +32,7 @@ TRAINERS = {
     "dpo": "direct preference optimization (sigmoid / robust / hinge / IPO)",
     "rrhf": "rank responses to align with human feedback (RRHF)",
     "ppo": "PPO with a KL penalty, rollouts from the jitted sampler",
+    "pipeline": "the whole recipe: SFT -> RM -> PPO, DPO, RRHF -> HF exports, eval, report.md",
 }
 
 

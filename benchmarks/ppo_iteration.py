@@ -1,0 +1,129 @@
+"""One PPO iteration split into rollout, scoring and update, with easyrl's PPO pieces.
+
+    python benchmarks/ppo_iteration.py --preset tiny --batch 16 --prompt 32 --new 32 --iters 5
+    python benchmarks/ppo_iteration.py --preset bench_100m --batch 8 --prompt 64 --new 64 --iters 3
+
+Random-init policy, reference (a copy of the policy), value and reward models of the preset's
+shape; random prompts (no data). The iteration is wired as `easyrl.algorithms.ppo_loop` wires it:
+  rollout = `make_sampler` (temperature 0.7, EOS disabled so every response has --new tokens),
+  scoring = jitted `score_rollout` (ONE pass: old/ref log-probs, values, reward score, entropy)
+            + jitted `advantages` (KL-penalised rewards, GAE, whitening),
+  update  = jitted `make_update` (ppo_epochs x minibatches of clipped policy + value updates,
+            state donated).
+Iteration 0 (compilation) is reported separately; the split is the median over the others.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=1, help="ppo_epochs")
+    ap.add_argument("--minibatches", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=4, help="iterations (the first compiles)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+
+    import ml_collections as mlc
+
+    from easyrl import model as M
+    from easyrl.algorithms.ppo import PPOState, advantages, make_update, score_rollout
+    from easyrl.generate import make_sampler
+    from easyrl.train.optim import make_optimizer
+
+    info = C.machine_info()
+    print(f"# {info['host_cpu']} x{C.num_threads()} threads | jax {info['jax']} ({info['jax_backend']}) "
+          f"| load {info['loadavg_start']}")
+    cfg = M.get_preset(a.preset, dtype=a.dtype)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    policy = M.init_params(cfg, keys[0], "causal_lm")
+    ref = jax.tree.map(jnp.copy, policy)  # own buffers: the policy is donated
+    value = M.init_params(cfg, keys[1], "value")
+    reward = M.init_params(cfg, keys[2], "reward")
+    optim = mlc.ConfigDict(dict(lr=1e-6, schedule="linear", warmup=0.1, min_lr_ratio=0.0,
+                                weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip=1.0))
+    n_updates = a.iters * a.epochs * a.minibatches
+    policy_tx, _ = make_optimizer(optim, n_updates)
+    value_tx, _ = make_optimizer(optim, n_updates)
+    state = PPOState(step=jnp.zeros((), jnp.int32), policy=policy, value=value,
+                     policy_opt=policy_tx.init(policy), value_opt=value_tx.init(value))
+    state = jax.tree.map(jnp.copy, state)  # distinct buffers everywhere (donated)
+
+    temperature, plen = 0.7, a.prompt
+    sampler = make_sampler(cfg, max_new_tokens=a.new, temperature=temperature, eos_token_id=(),
+                           pad_token_id=0)
+    cfgs = dict(policy=cfg, value=cfg, reward=cfg)
+    score_fn = jax.jit(lambda models, tokens, attn, m: score_rollout(
+        cfgs, models, tokens, attn, m, prompt_len=plen, temperature=temperature))
+    adv_fn = jax.jit(lambda scored, m, has_eos, kl_coef: advantages(
+        scored, m, has_eos, kl_coef=kl_coef, kl_estimator="k1", gamma=1.0, lam=0.95,
+        missing_eos_penalty=None, whiten=True))
+    update_fn = jax.jit(make_update(
+        cfg, cfg, policy_tx, value_tx, prompt_len=plen, temperature=temperature,
+        ppo_epochs=a.epochs, num_minibatches=a.minibatches, cliprange=0.2, cliprange_value=0.2,
+        vf_coef=0.1), donate_argnums=(0,))
+
+    rs = np.random.RandomState(0)
+    times = []
+    for it in range(a.iters):
+        ids = jnp.asarray(rs.randint(3, cfg.vocab_size, size=(a.batch, a.prompt)), jnp.int32)
+        pmask = jnp.ones_like(ids)
+        rng = jax.random.PRNGKey(it)
+        t0 = time.perf_counter()
+        roll = sampler(state.policy, ids, pmask, jax.random.fold_in(rng, 0))
+        resp_mask = jax.block_until_ready(roll["response_mask"])
+        t1 = time.perf_counter()
+        attn = jnp.concatenate([pmask, resp_mask], axis=1)
+        models = dict(policy=state.policy, ref=ref, value=state.value, reward=reward)
+        scored = score_fn(models, roll["tokens"], attn, resp_mask)
+        adv, ret, stats = adv_fn(scored, resp_mask, roll["has_eos"], jnp.float32(0.05))
+        jax.block_until_ready(adv)
+        t2 = time.perf_counter()
+        rollout = dict(tokens=roll["tokens"], attn=attn, resp_mask=resp_mask,
+                       logprobs=scored["logprobs"], values=scored["values"], advantages=adv,
+                       returns=ret)
+        state, upd = update_fn(state, rollout, jax.random.fold_in(rng, 1))
+        metrics = jax.device_get(upd)
+        t3 = time.perf_counter()
+        times.append((t1 - t0, t2 - t1, t3 - t2))
+        print(f"  iter {it}: rollout {t1 - t0:.2f}s score {t2 - t1:.2f}s update {t3 - t2:.2f}s "
+              f"(approxkl_first {float(metrics['policy/approxkl_first']):.2e})", flush=True)
+    steady = times[1:] or times
+    med = [C.median([t[i] for t in steady]) for i in range(3)]
+    total = sum(med)
+    names = ("rollout", "scoring", "update")
+    rows = [[n, f"{m:.3f}", f"{100 * m / total:.0f}%", f"{t0:.2f}"]
+            for n, m, t0 in zip(names, med, times[0])]
+    rows.append(["total", f"{total:.3f}", "100%", f"{sum(times[0]):.2f}"])
+    tok = a.batch * a.new
+    print(f"\nPPO iteration: {a.preset} ({cfg.num_params / 1e6:.1f}M params x 4 models), batch "
+          f"{a.batch}, prompt {a.prompt}, {a.new} new tokens, {a.epochs} epoch(s) x "
+          f"{a.minibatches} minibatches, {a.dtype}, median of {len(steady)} iterations")
+    print(C.table(rows, ["phase", "s (median)", "share", "iter 0 s (compile)"]))
+    print(f"response tokens/s over the whole iteration: {tok / total:.0f}")
+    print(f"load average start {info['loadavg_start']} end {C.loadavg()}")
+    C.write_json(a.out, dict(benchmark="ppo_iteration", machine=info, args=vars(a),
+                             params_per_model=cfg.num_params,
+                             results={n: dict(s=m, s_all=[t[i] for t in times])
+                                      for i, (n, m) in enumerate(zip(names, med))},
+                             total_s=total, response_tokens_per_s=tok / total))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Direct preference optimization (DPO) and its variants: sigmoid (+ label smoothing), robust,
+hinge and IPO, with a live frozen reference or precomputed reference log-probs.
+
+Log-probs are sums of token log-probs over response tokens (`loss_mask`; prompt and pad
+excluded), chosen and rejected in one forward of 2B rows. The reference is either
+
+* live: a copy of the initial policy parameters, passed to the loss as `Task.frozen` (sharded
+  like the policy, never trained, no optimizer state), or
+* precomputed (`dpo.precompute_ref=True`): before training, one jitted pass of the initial
+  policy over the training and eval examples stores each example's reference log-probs in the
+  example (batch keys `ref_chosen_logps`, `ref_rejected_logps` [B]), so no reference model is held
+  during training. The iterator's position stays the plain `{epoch, index}`: on resume the pass
+  is recomputed from the same initial parameters and gives the same values.
+
+With `dpo.reference_free` the reference terms are 0. Metrics (TRL names): rewards/chosen,
+rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (each a sum
+over pairs / pairs in the global batch), and their `eval/` versions on data.eval.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from easyrl import losses, parallel
+from easyrl import model as M
+from easyrl.algorithms import rm
+from easyrl.train import loop
+
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def response_logps(config, params, input_ids, attention_mask, loss_mask):
+    """(summed response log-probs [B], response lengths [B]) of right-padded rows [B, T]."""
+    logits = M.forward(config, params, input_ids, attention_mask)
+    lp = losses.token_logprobs(logits, input_ids)
+    mask = loss_mask.at[:, 0].set(0)  # column 0 has no predictor
+    return losses.masked_sum(lp, mask, axis=-1), jnp.sum(mask, axis=-1).astype(lp.dtype)
+
+
+def pair_logps(config, params, batch):
+    """(logp_chosen, logp_rejected, len_chosen, len_rejected), all [B], from one 2B-row forward."""
+    ids, attn = rm.pair_inputs(batch)
+    mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=0)
+    lp, n = response_logps(config, params, ids, attn, mask)
+    b = batch["chosen_input_ids"].shape[0]
+    return lp[:b], lp[b:], n[:b], n[b:]
+
+
+def objective(d, pc, pr, rc, rr, lc, lr, denom):
+    """(loss, metrics) as sums over the pairs / `denom` from policy log-probs pc, pr, reference
+    log-probs rc, rr (None when reference_free) and response lengths lc, lr, all [B]."""
+    per_pair, r_c, r_r = losses.dpo_losses(
+        pc, pr, rc, rr, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+        reference_free=d.reference_free, chosen_lengths=lc, rejected_lengths=lr)
+    means = losses.dpo_metrics(r_c, r_r, pc, pr)  # batch means -> sums / global pairs
+    b = pc.shape[0]
+    return jnp.sum(per_pair) / denom, {k: v * b / denom for k, v in means.items()}
+
+
+def make_loss(config, d):
+    """Loss for config section `d` (= c.dpo). The reference comes from the batch
+    (precompute_ref), from `frozen` (live) or is 0 (reference_free)."""
+    def loss_fn(params, frozen, batch, rng, denom):
+        pc, pr, lc, lr = pair_logps(config, params, batch)
+        if d.reference_free:
+            rc = rr = None
+        elif d.precompute_ref:
+            rc, rr = (batch[k].astype(pc.dtype) for k in REF_KEYS)
+        else:
+            rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(config, frozen, batch))
+        return objective(d, pc, pr, rc, rr, lc, lr, denom)
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- reference
+def frozen_copy(params, mesh):
+    """A distinct, identically sharded copy of `params` (the train state is donated)."""
+    sh = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh)(params)
+
+
+def reference_logps(it, logps_fn, params, mesh, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference (chosen, rejected) log-probs [len(items)] of every example of iterator `it`,
+    in global batches of `chunk` pairs (the last one padded by repeating example 0). Every
+    process holds all items and feeds its slice of each chunk; results are gathered to all."""
+    from jax.experimental import multihost_utils
+    n = len(it.items)
+    pc_all, pr_all = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    nproc, pid = jax.process_count(), jax.process_index()
+    local = chunk // nproc
+    for start in range(0, n, chunk):
+        idx = list(range(start, min(start + chunk, n)))
+        idx += [0] * (chunk - len(idx))
+        batch = it.collate([it.items[i] for i in idx[pid * local:(pid + 1) * local]])
+        batch = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and k not in REF_KEYS}
+        pc, pr = logps_fn(params, parallel.to_global_batch(batch, mesh))
+        if nproc > 1:
+            pc, pr = multihost_utils.process_allgather((pc, pr), tiled=True)
+        pc, pr = np.asarray(pc), np.asarray(pr)
+        m = min(chunk, n - start)
+        pc_all[start:start + m], pr_all[start:start + m] = pc[:m], pr[:m]
+    return pc_all, pr_all
+
+
+def attach_reference(it, ref_c: np.ndarray, ref_r: np.ndarray) -> None:
+    """Store reference log-probs in the iterator's examples and add them to its batches."""
+    for ex, a, b in zip(it.items, ref_c, ref_r):
+        ex["ref_chosen_logps"], ex["ref_rejected_logps"] = float(a), float(b)
+    base = it.collate
+
+    def collate(items):
+        batch = base(items)
+        for k in REF_KEYS:
+            batch[k] = np.array([ex[k] for ex in items], np.float32)
+        return batch
+
+    it.collate = collate
+
+
+def precompute_reference(env: loop.Env, iterators) -> None:
+    """One jitted pass of the initial policy over each iterator's examples."""
+    c = env.config
+    chunk = c.train.micro_batch_size or c.train.batch_size
+    fn = jax.jit(lambda p, b: pair_logps(env.model_config, p, b)[:2])
+    for it in iterators:
+        if it is not None:
+            attach_reference(it, *reference_logps(it, fn, env.params, env.mesh, chunk))
+
+
+# ----------------------------------------------------------------------------- wiring
+def check_config(d) -> None:
+    if d.loss_type not in losses.DPO_LOSS_TYPES:
+        raise ValueError(f"config dpo.loss_type: {d.loss_type!r} is not one of "
+                         f"{', '.join(losses.DPO_LOSS_TYPES)}")
+    if d.beta <= 0:
+        raise ValueError(f"config dpo.beta: must be positive, got {d.beta}")
+    if not 0.0 <= d.label_smoothing < 0.5:
+        raise ValueError(f"config dpo.label_smoothing: must be in [0, 0.5), got {d.label_smoothing}")
+
+
+def build_task(env: loop.Env) -> loop.Task:
+    c = env.config
+    d = c.dpo
+    check_config(d)
+    train, ev = rm.iterators(c, env.tokenizer)
+    frozen = None
+    if not d.reference_free:
+        if d.precompute_ref:
+            precompute_reference(env, (train, ev))
+        else:
+            frozen = frozen_copy(env.params, env.mesh)
+    return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config, d), denom_fn=rm.denom,
+                     train_data=train, eval_data=ev, frozen=frozen, tokens_fn=rm.tokens)
+
+
+def train(c) -> dict:
+    check_config(c.dpo)
+    return loop.run(c, build_task, init_kind="causal_lm")

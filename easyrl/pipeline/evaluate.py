@@ -1,0 +1,171 @@
+"""Held-out evaluation of trained policies: rule-based true reward, reward-model score, KL to the
+SFT policy and response length.
+
+For each policy, `eval.num_samples` responses to each of the first `eval.num_prompts` held-out
+prompts, sampled at `eval.temperature` (default 1: the policy's own distribution, the one PPO
+optimizes; no top-k / top-p), give
+
+* `true_reward`: mean rule-based reward of the task (when `eval.true_reward` names one) and
+  `exact`: the fraction of responses with true reward 1;
+* `rm_score`: mean reward-model score of prompt + response (the token sequence PPO scores);
+* `kl_to_sft`: mean over responses of sum_t [log pi(y_t | x, y_<t) - log pi_sft(y_t | x, y_<t)]
+  (log-probs at temperature 1, response tokens incl. EOS). At eval.temperature = 1 this is the
+  Monte-Carlo estimate of the sequence-level KL(pi || pi_sft); 0 for the SFT policy itself;
+* `response_len`: generated tokens incl. EOS; `eos_fraction`: responses that ended with EOS.
+
+With `eval.greedy` the same metrics (suffix `_greedy`) are also computed on greedy responses:
+the policy's mode. Every policy sees the same prompts and the same sampling keys.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from easyrl import checkpoint, losses, parallel
+from easyrl import model as M
+from easyrl.generate import make_sampler, normalize_eos
+from easyrl.hf import _host
+
+
+def prompt_source(ec) -> Optional[str]:
+    """The prompts file of `eval.prompts` ("synthetic" -> the bundled task's eval split)."""
+    from easyrl.train import setup
+    if not ec.prompts:
+        return None
+    if ec.prompts == "synthetic":
+        import ml_collections as mlc
+        c = mlc.ConfigDict(dict(data=dict(train="", eval="synthetic", split="")))
+        return setup.data_source(c, "prompts", "eval")
+    if ec.split and not os.path.exists(ec.prompts):
+        return f"{ec.prompts}:{ec.split}"
+    return ec.prompts
+
+
+def load_prompts(ec, tokenizer, template: str, mesh):
+    """([(global batch of jax arrays, prompt texts of the global batch)], n): the first
+    `eval.num_prompts` held-out prompts, left-padded to eval.max_prompt_len, in global batches of
+    eval.batch_size (rounded to the data-parallel size; the last batch is filled with repeats)."""
+    from easyrl.data import formats, pipeline, templates
+    src = prompt_source(ec)
+    templates.check_template(template)
+    rows = formats.load_data(src, "prompts", ec.format or None, False, None).rows
+    examples, _ = pipeline.tokenize_prompts(rows[:ec.num_prompts], tokenizer, template,
+                                            ec.max_prompt_len)
+    n = len(examples)
+    if n == 0:
+        raise ValueError(f"config eval.prompts: no prompts in {src}")
+    dp = parallel.data_parallel_size(mesh)
+    bs = max(dp, ec.batch_size - ec.batch_size % dp)
+    bs = min(bs, dp * math.ceil(n / dp))
+    examples = examples + [examples[-1]] * (-n % bs)
+    nproc, pid = jax.process_count(), jax.process_index()
+    local = bs // nproc
+    pad = pipeline._pad_id(tokenizer)
+    batches = []
+    for start in range(0, len(examples), bs):
+        chunk = examples[start:start + bs]
+        host = pipeline.collate_prompts(chunk[pid * local:(pid + 1) * local], ec.max_prompt_len, pad)
+        batch = parallel.to_global_batch({k: host[k] for k in ("input_ids", "attention_mask")}, mesh)
+        batches.append((batch, [ex["text"] for ex in chunk]))
+    return batches, n
+
+
+def _decode(tok, response, mask):
+    return [tok.decode([int(t) for t, m in zip(row, mrow) if m], skip_special_tokens=True).strip()
+            for row, mrow in zip(response, mask)]
+
+
+def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, template: str, mesh_spec: str,
+             seed: int = 0, log=print) -> dict:
+    """{policy name: metrics} for `policies` = {name: run dir} (causal-LM run dirs of the SFT
+    architecture). `sft_dir`: the KL reference and the tokenizer; `rm_dir`: the reward model
+    (None: no RM score)."""
+    from easyrl.data.tokenizer import load_tokenizer
+    from easyrl.data.synthetic import true_reward as synthetic_reward
+    mesh = parallel.create_mesh(mesh_spec)
+    tok = load_tokenizer(os.path.join(sft_dir, "tokenizer"))
+    batches, n = load_prompts(ec, tok, template, mesh)
+    rule = synthetic_reward if ec.true_reward == "synthetic" else None
+    if ec.true_reward not in ("", "synthetic"):
+        raise ValueError(f"config eval.true_reward: {ec.true_reward!r}, expected 'synthetic' or ''")
+
+    scfg, _, sft_params = checkpoint.load_model(sft_dir, mesh=mesh)
+    rm = checkpoint.load_model(rm_dir, kind="reward", mesh=mesh) if rm_dir else None
+    eos = normalize_eos(tuple({*normalize_eos(tok.eos_token_id), *normalize_eos(None, scfg)}))
+    plen = ec.max_prompt_len
+
+    def seq_logp(cfg, params, tokens, attn, mask):
+        logits = M.forward(cfg, params, tokens, attn)
+        lp = losses.token_logprobs(logits, tokens, 1.0)[:, plen:]
+        return jnp.sum(lp * mask, -1)
+
+    @jax.jit
+    def score(pol, ref, reward, tokens, attn, mask):
+        m = mask.astype(jnp.float32)
+        out = {"kl": seq_logp(scfg, pol, tokens, attn, m) - seq_logp(scfg, ref, tokens, attn, m)}
+        if rm is not None:
+            out["rm"] = M.score(rm[0], reward, tokens, attn)
+        return out
+
+    modes = [("", ec.temperature, max(1, ec.num_samples))]
+    if ec.greedy and ec.temperature > 0:
+        modes.append(("_greedy", 0.0, 1))
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(policies) * len(batches) * sum(m[2] for m in modes), desc="eval",
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    results = {}
+    for name, run_dir in policies.items():
+        bar.set_postfix(policy=name)
+        cfg, _, params = checkpoint.load_model(run_dir, mesh=mesh)
+        out = {"step": checkpoint.latest_step(run_dir), "num_prompts": n}
+        samples = []
+        for suffix, temp, reps in modes:
+            sampler = make_sampler(cfg, max_new_tokens=ec.max_new_tokens, temperature=temp,
+                                   eos_token_id=eos, pad_token_id=tok.pad_token_id, mesh=mesh)
+            acc = {"true": [], "rm": [], "len": [], "kl": [], "eos": []}
+            for r in range(reps):
+                rep = {k: [] for k in acc}
+                for b, (batch, texts) in enumerate(batches):
+                    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 * r + b)
+                    roll = sampler(params, batch["input_ids"], batch["attention_mask"], rng)
+                    mask = roll["response_mask"]
+                    attn = jnp.concatenate([batch["attention_mask"], mask], axis=1)
+                    s = score(params, sft_params, None if rm is None else rm[2], roll["tokens"],
+                              attn, mask)
+                    hm = _host(mask)
+                    resp = _decode(tok, _host(roll["response"]), hm)
+                    rep["len"] += hm.sum(-1).tolist()
+                    rep["eos"] += _host(roll["has_eos"]).tolist()
+                    rep["kl"] += np.asarray(_host(s["kl"])).tolist()
+                    if rm is not None:
+                        rep["rm"] += np.asarray(_host(s["rm"])).tolist()
+                    if rule is not None:
+                        rep["true"] += [rule(q, a) for q, a in zip(texts, resp)]
+                    bar.update(1)
+                    if r == 0 and b == 0:  # a few examples for the report
+                        samples += [{"mode": suffix[1:] or "sampled", "prompt": q, "response": a}
+                                    for q, a in zip(texts, resp)][:4]
+                for k in acc:  # drop the repeats that filled the last batch
+                    acc[k] += rep[k][:n]
+            if rule is not None:
+                t = acc["true"]
+                out[f"true_reward{suffix}"] = float(np.mean(t))
+                out[f"exact{suffix}"] = float(np.mean([x == 1.0 for x in t]))
+            if rm is not None:
+                out[f"rm_score{suffix}"] = float(np.mean(acc["rm"]))
+            out[f"response_len{suffix}"] = float(np.mean(acc["len"]))
+            out[f"eos_fraction{suffix}"] = float(np.mean(acc["eos"]))
+            if not suffix:
+                out["kl_to_sft"] = float(np.mean(acc["kl"]))
+        out["samples"] = samples
+        results[name] = out
+    bar.close()
+    for name, out in results.items():
+        log(f"  {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in out.items()
+                                      if isinstance(v, float)))
+    return results
