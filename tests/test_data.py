@@ -206,6 +206,14 @@ def test_hh_implicit_prefix_split():
     # shared text running into the response still cuts at the last shared "Assistant:"
     p, c, r = split_implicit("\n\nHuman: q\n\nAssistant: yes sir", "\n\nHuman: q\n\nAssistant: yes no")
     assert p == "\n\nHuman: q\n\nAssistant:" and (c, r) == (" yes sir", " yes no")
+    # three shared turns, responses differ only in the last turn
+    p, c, r = split_implicit(chosen + "\n\nHuman: thanks\n\nAssistant: welcome",
+                             chosen + "\n\nHuman: thanks\n\nAssistant: bye")
+    assert p == chosen + "\n\nHuman: thanks\n\nAssistant:" and (c, r) == (" welcome", " bye")
+    # responses that differ at the first answer keep their later turns whole
+    p, c, r = split_implicit("\n\nHuman: q\n\nAssistant: x\n\nHuman: more\n\nAssistant: y",
+                             "\n\nHuman: q\n\nAssistant: z")
+    assert (p, c, r) == ("\n\nHuman: q\n\nAssistant:", " x\n\nHuman: more\n\nAssistant: y", " z")
     loaded = load_data([{"chosen": chosen, "rejected": rejected}], "preference")
     assert loaded.format == "implicit_preference"
     assert loaded.rows[0]["prompt"].endswith("Assistant:") and loaded.rows[0]["margin"] == 0.0

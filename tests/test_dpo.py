@@ -1,5 +1,3 @@
-# NOT COLLECTED YET (name does not match test_*.py): written with the dpo trainer but not seen
-# passing in full before the session ended; rename to test_dpo.py once green and timed (issue 4).
 """DPO: tiny preset learning (SFT -> DPO), precomputed vs live reference, every loss type, the
 CLI, bad data."""
 import json

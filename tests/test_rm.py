@@ -1,5 +1,3 @@
-# NOT COLLECTED YET (name does not match test_*.py): written with the rm trainer but not seen
-# passing in full before the session ended; rename to test_rm.py once green and timed (issue 4).
 """Reward model: tiny preset accuracy (SFT -> RM), HF export parity, loss wiring, bad data."""
 import json
 

@@ -1,5 +1,3 @@
-# NOT COLLECTED YET (name does not match test_*.py): written with the rrhf trainer but not seen
-# passing in full before the session ended; rename to test_rrhf.py once green and timed (issue 4).
 """RRHF: tiny preset (SFT -> RRHF) ranks better and raises the best response's likelihood;
 true lengths; micro-batch exactness; bad data."""
 import json
