@@ -99,9 +99,12 @@ def abstract_like(tree):
 
 
 def load_model(path: str, kind: Optional[str] = None, *, mesh=None, dtype=None,
-               rules=PARTITION_RULES, **runtime):
+               rules=PARTITION_RULES, merge_lora: bool = False, **runtime):
     """(config, kind, params) from an easyrl checkpoint or run dir, restored onto `mesh`.
-    `kind` may differ from the stored kind only between reward and value (same parameters)."""
+    `kind` may differ from the stored kind only between reward and value (same parameters).
+
+    A LoRA run's checkpoint holds the base and the adapters (`config.lora_rank > 0`); with
+    `merge_lora` the adapters are folded into the kernels and the config has rank 0."""
     run_dir, step = resolve(path)
     config, stored_kind, _ = read_model_config(run_dir)
     kind = kind or stored_kind
@@ -116,4 +119,8 @@ def load_model(path: str, kind: Optional[str] = None, *, mesh=None, dtype=None,
     target = abstract_params(config, kind, mesh, rules)
     with manager(run_dir) as mgr:
         out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    return config, kind, out["params"]
+    params = out["params"]
+    if merge_lora and config.lora_rank:
+        from easyrl.model import lora
+        params, config = lora.merge(config, params), lora.disabled(config)
+    return config, kind, params

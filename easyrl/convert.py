@@ -1,8 +1,13 @@
-"""`easyrl convert`: Hugging Face folders <-> easyrl checkpoints, streamed tensor by tensor."""
+"""`easyrl convert`: Hugging Face folders <-> easyrl checkpoints, streamed tensor by tensor;
+LoRA checkpoints -> merged HF weights (`easyrl-to-hf --merge-lora`) or a PEFT adapter folder
+(`easyrl-to-peft`)."""
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Optional
+
+import jax
 
 from easyrl import checkpoint, hf
 
@@ -19,13 +24,50 @@ def hf_to_easyrl(hf_dir: str, out: str, kind: str = "causal_lm", dtype=None) -> 
 
 
 def easyrl_to_hf(ckpt: str, out: str, kind=None, dtype=None, tokenizer=None,
-                 max_shard_size: int = 5 * 2**30) -> None:
-    config, kind, params = checkpoint.load_model(ckpt, kind=kind)
+                 max_shard_size: int = 5 * 2**30, merge_lora: bool = False) -> None:
+    """HF folder from an easyrl checkpoint. A LoRA checkpoint needs `merge_lora`: the adapters
+    are folded into the kernels (W + alpha/r A B) and full weights are written."""
     run_dir, _ = checkpoint.resolve(ckpt)
+    stored, _, _ = checkpoint.read_model_config(run_dir)
+    if stored.lora_rank and not merge_lora:
+        raise ValueError(f"{run_dir}: a LoRA checkpoint (rank {stored.lora_rank}); pass "
+                         f"--merge-lora to write merged full weights, or use `easyrl convert "
+                         f"easyrl-to-peft` to write the adapter alone")
+    config, kind, params = checkpoint.load_model(ckpt, kind=kind, merge_lora=merge_lora)
     if tokenizer is None and os.path.isdir(os.path.join(run_dir, TOKENIZER_SUBDIR)):
         tokenizer = os.path.join(run_dir, TOKENIZER_SUBDIR)
     hf.save(out, config, params, kind="reward" if kind == "value" else kind, tokenizer=tokenizer,
             dtype=dtype, max_shard_size=max_shard_size)
+
+
+def base_model_of(run_dir: str) -> Optional[str]:
+    """The `model.path` a run started from (absolute when it is a local path), or None."""
+    _, _, stored = checkpoint.read_model_config(run_dir)
+    path = (stored.get("run_config") or {}).get("model", {}).get("path") or stored.get("source")
+    if not path:
+        return None
+    return os.path.abspath(os.path.expanduser(path)) if os.path.exists(os.path.expanduser(path)) else path
+
+
+def easyrl_to_peft(ckpt: str, out: str, base_model: Optional[str] = None, dtype=None,
+                   tokenizer=None) -> None:
+    """PEFT adapter folder (adapter_config.json + adapter_model.safetensors) from a LoRA
+    checkpoint: `PeftModel.from_pretrained(<base HF model>, out)`. A reward / value model is a
+    SEQ_CLS adapter with the `score` head in modules_to_save. `base_model` (written as
+    base_model_name_or_path) defaults to the run's model.path."""
+    from easyrl.model import lora
+    run_dir, _ = checkpoint.resolve(ckpt)
+    stored, _, _ = checkpoint.read_model_config(run_dir)
+    if not stored.lora_rank:
+        raise ValueError(f"{run_dir}: not a LoRA checkpoint (model.lora.rank = 0); export full "
+                         f"weights with `easyrl convert easyrl-to-hf`")
+    config, kind, params = checkpoint.load_model(ckpt)
+    lora.save_peft(out, config, params, kind=kind, base_model=base_model or base_model_of(run_dir),
+                   dtype=dtype)
+    if tokenizer is None and os.path.isdir(os.path.join(run_dir, TOKENIZER_SUBDIR)):
+        tokenizer = os.path.join(run_dir, TOKENIZER_SUBDIR)
+    if tokenizer is not None and jax.process_index() == 0:
+        hf.save_tokenizer_files(tokenizer, out)
 
 
 def parse_size(s: str) -> int:
@@ -38,7 +80,12 @@ def parse_size(s: str) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert weights between Hugging Face and easyrl")
+    p = sub.add_parser(
+        "convert", help="convert weights between Hugging Face and easyrl",
+        description="Convert weights between Hugging Face and easyrl. LoRA runs: "
+                    "`easyrl-to-hf --merge-lora` writes merged full weights, `easyrl-to-peft` "
+                    "the adapter as a PEFT folder; a PEFT adapter folder is imported to continue "
+                    "training with --config.model.lora.init_from=DIR (model.path = its base).")
     conv = p.add_subparsers(dest="direction", required=True)
     a = conv.add_parser("hf-to-easyrl", help="HF folder -> easyrl checkpoint")
     a.add_argument("--hf", required=True, help="local Hugging Face model folder")
@@ -53,13 +100,33 @@ def add_parser(sub) -> None:
     b.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as stored)")
     b.add_argument("--tokenizer", default=None, help="tokenizer folder or .model to include")
     b.add_argument("--max-shard-size", default="5GB")
+    b.add_argument("--merge-lora", action="store_true",
+                   help="LoRA checkpoint: fold the adapters into the weights (W + alpha/r A B) "
+                        "and write merged full weights")
+    c = conv.add_parser(
+        "easyrl-to-peft", help="LoRA checkpoint or run dir -> PEFT adapter folder",
+        description="Write adapter_config.json + adapter_model.safetensors that "
+                    "peft.PeftModel.from_pretrained loads on top of the base HF model (reward / "
+                    "value models: task SEQ_CLS, score head in modules_to_save). To continue "
+                    "training from such a folder, set --config.model.lora.init_from=DIR (with "
+                    "model.path the base model).")
+    c.add_argument("--ckpt", required=True, help="LoRA easyrl checkpoint, run output_dir, or <run>/checkpoints/<step>")
+    c.add_argument("--out", required=True, help="adapter folder to write")
+    c.add_argument("--base-model", default=None,
+                   help="base_model_name_or_path to record (default: the run's model.path)")
+    c.add_argument("--dtype", default=None, help="adapter dtype (default: as stored)")
+    c.add_argument("--tokenizer", default=None, help="tokenizer folder or .model to include")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     if args.direction == "hf-to-easyrl":
         hf_to_easyrl(args.hf, args.out, kind=args.kind, dtype=args.dtype)
+    elif args.direction == "easyrl-to-peft":
+        easyrl_to_peft(args.ckpt, args.out, base_model=args.base_model, dtype=args.dtype,
+                       tokenizer=args.tokenizer)
     else:
         easyrl_to_hf(args.ckpt, args.out, kind=args.kind, dtype=args.dtype,
-                     tokenizer=args.tokenizer, max_shard_size=parse_size(args.max_shard_size))
+                     tokenizer=args.tokenizer, max_shard_size=parse_size(args.max_shard_size),
+                     merge_lora=args.merge_lora)
     print(f"wrote {args.out}")

@@ -229,6 +229,10 @@ def save(path: str, config: LlamaConfig, params, kind: str = "causal_lm", tokeni
     if kind not in ARCHITECTURES:
         raise ValueError(f"unknown kind {kind!r}; expected one of {tuple(ARCHITECTURES)}")
     flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if any(p.endswith(("/lora_a", "/lora_b")) for p in flat):
+        raise ValueError("params carry LoRA adapters: merge them first (`easyrl convert "
+                         "easyrl-to-hf --merge-lora`, easyrl.model.lora.merge) or export the "
+                         "adapter alone (`easyrl convert easyrl-to-peft`)")
     dtype = np.dtype(jnp.dtype(dtype or next(iter(flat.values())).dtype))
     want = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(M.param_shapes(config, kind))[0]}
     if set(flat) != want:

@@ -17,8 +17,9 @@ def fmt(c):
     return c.data.format or None
 
 
-def lm_logits(config, params, batch, prefix: str = ""):
-    """Logits [B, T, V] for a right-padded / packed batch (uses positions & segments if present)."""
+def lm_logits(config, params, batch, prefix: str = "", rng=None):
+    """Logits [B, T, V] for a right-padded / packed batch (uses positions & segments if present).
+    `rng`: LoRA adapter dropout key (training)."""
     g = lambda k: batch.get(prefix + k)  # noqa: E731
     return M.forward(config, params, g("input_ids"), g("attention_mask"),
-                     positions=g("positions"), segment_ids=g("segment_ids"))
+                     positions=g("positions"), segment_ids=g("segment_ids"), rng=rng)

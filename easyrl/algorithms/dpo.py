@@ -5,7 +5,9 @@ Log-probs are sums of token log-probs over response tokens (`loss_mask`; prompt 
 excluded), chosen and rejected in one forward of 2B rows. The reference is either
 
 * live: a copy of the initial policy parameters, passed to the loss as `Task.frozen` (sharded
-  like the policy, never trained, no optimizer state), or
+  like the policy, never trained, no optimizer state); with LoRA (`model.lora.rank > 0`) no copy
+  at all: the reference is the policy's own parameters applied with the adapters off (the
+  frozen base), or
 * precomputed (`dpo.precompute_ref=True`): before training, one jitted pass of the initial
   policy over the training and eval examples stores each example's reference log-probs in the
   example (batch keys `ref_chosen_logps`, `ref_rejected_logps` [B]), so no reference model is held
@@ -24,25 +26,26 @@ import numpy as np
 
 from easyrl import losses, parallel
 from easyrl import model as M
+from easyrl.model import lora
 from easyrl.algorithms import rm
 from easyrl.train import loop
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def response_logps(config, params, input_ids, attention_mask, loss_mask):
+def response_logps(config, params, input_ids, attention_mask, loss_mask, rng=None):
     """(summed response log-probs [B], response lengths [B]) of right-padded rows [B, T]."""
-    logits = M.forward(config, params, input_ids, attention_mask)
+    logits = M.forward(config, params, input_ids, attention_mask, rng=rng)
     lp = losses.token_logprobs(logits, input_ids)
     mask = loss_mask.at[:, 0].set(0)  # column 0 has no predictor
     return losses.masked_sum(lp, mask, axis=-1), jnp.sum(mask, axis=-1).astype(lp.dtype)
 
 
-def pair_logps(config, params, batch):
+def pair_logps(config, params, batch, rng=None):
     """(logp_chosen, logp_rejected, len_chosen, len_rejected), all [B], from one 2B-row forward."""
     ids, attn = rm.pair_inputs(batch)
     mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=0)
-    lp, n = response_logps(config, params, ids, attn, mask)
+    lp, n = response_logps(config, params, ids, attn, mask, rng)
     b = batch["chosen_input_ids"].shape[0]
     return lp[:b], lp[b:], n[:b], n[b:]
 
@@ -58,15 +61,22 @@ def objective(d, pc, pr, rc, rr, lc, lr, denom):
     return jnp.sum(per_pair) / denom, {k: v * b / denom for k, v in means.items()}
 
 
-def make_loss(config, d):
+def make_loss(config, d, adapters_off_reference: bool = False):
     """Loss for config section `d` (= c.dpo). The reference comes from the batch
-    (precompute_ref), from `frozen` (live) or is 0 (reference_free)."""
+    (precompute_ref), from `frozen` (live), from the policy's own parameters with the LoRA
+    adapters off (`adapters_off_reference`: no copy of the weights) or is 0 (reference_free)."""
+    if adapters_off_reference and config.lora_rank <= 0:
+        raise ValueError("adapters_off_reference needs a LoRA model (model.lora.rank > 0)")
+    ref_config = lora.disabled(config)
+
     def loss_fn(params, frozen, batch, rng, denom):
-        pc, pr, lc, lr = pair_logps(config, params, batch)
+        pc, pr, lc, lr = pair_logps(config, params, batch, rng)
         if d.reference_free:
             rc = rr = None
         elif d.precompute_ref:
             rc, rr = (batch[k].astype(pc.dtype) for k in REF_KEYS)
+        elif adapters_off_reference:
+            rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(ref_config, params, batch))
         else:
             rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(config, frozen, batch))
         return objective(d, pc, pr, rc, rr, lc, lr, denom)
@@ -145,13 +155,17 @@ def build_task(env: loop.Env) -> loop.Task:
     check_config(d)
     train, ev = rm.iterators(c, env.tokenizer)
     frozen = None
+    adapters_off = False
     if not d.reference_free:
         if d.precompute_ref:
             precompute_reference(env, (train, ev))
+        elif env.model_config.lora_rank > 0:
+            adapters_off = True  # the frozen base is the reference: no copy of the weights
         else:
             frozen = frozen_copy(env.params, env.mesh)
-    return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config, d), denom_fn=rm.denom,
-                     train_data=train, eval_data=ev, frozen=frozen, tokens_fn=rm.tokens)
+    return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config, d, adapters_off),
+                     denom_fn=rm.denom, train_data=train, eval_data=ev, frozen=frozen,
+                     tokens_fn=rm.tokens)
 
 
 def train(c) -> dict:

@@ -9,6 +9,11 @@ Per iteration (`ppo_loop.py` wires it):
   4. `make_update`: ppo_epochs x minibatches of clipped policy + value losses, one jit, with the
      ratio-threshold skip and the target-KL early stop done on device.
 Log-probs use logits / temperature, as the sampler does.
+
+LoRA (`model.lora.rank > 0`): the policy and the value model train only their adapters (and the
+value head); the reference is the policy's own parameters applied with the adapters off
+(`cfgs["ref"] = lora.disabled(policy config)`, `models["ref"] = models["policy"]`), so no second
+copy of the weights is held.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import optax
 
 from easyrl import losses
 from easyrl import model as M
+from easyrl.model.lora import combine, partition
 from easyrl.train.optim import global_norm
 
 
@@ -46,9 +52,11 @@ def response_values(config, params, tokens, attn, prompt_len: int):
 
 
 def score_rollout(cfgs, models, tokens, attn, resp_mask, *, prompt_len: int, temperature: float):
-    """The single scoring pass. cfgs/models: dicts with keys policy, ref, value, reward."""
+    """The single scoring pass. cfgs/models: dicts with keys policy, ref, value, reward (cfgs
+    may give the reference its own config, e.g. LoRA adapters off; default: the policy's)."""
     lp, ent = response_logprobs(cfgs["policy"], models["policy"], tokens, attn, prompt_len, temperature)
-    ref_lp, _ = response_logprobs(cfgs["policy"], models["ref"], tokens, attn, prompt_len, temperature)
+    ref_cfg = cfgs.get("ref", cfgs["policy"])
+    ref_lp, _ = response_logprobs(ref_cfg, models["ref"], tokens, attn, prompt_len, temperature)
     values = response_values(cfgs["value"], models["value"], tokens, attn, prompt_len)
     scores = M.score(cfgs["reward"], models["reward"], tokens, attn)
     m = resp_mask.astype(jnp.float32)
@@ -81,12 +89,16 @@ def advantages(scored, resp_mask, has_eos, *, kl_coef, kl_estimator, gamma, lam,
 
 def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, temperature: float,
                 ppo_epochs: int, num_minibatches: int, cliprange: float, cliprange_value: float,
-                vf_coef: float, ratio_threshold: float = 0.0, target_kl: float = 0.0):
+                vf_coef: float, ratio_threshold: float = 0.0, target_kl: float = 0.0,
+                policy_mask=None, value_mask=None):
     """update(state, rollout, rng) -> (state, metrics). rollout: tokens, attn, resp_mask,
-    logprobs, values, advantages, returns ([B, ...]); minibatches are random row subsets."""
+    logprobs, values, advantages, returns ([B, ...]); minibatches are random row subsets.
 
-    def loss_fn(params, mb):
-        policy, value = params
+    policy_mask / value_mask (bool pytrees, LoRA): only their True leaves get gradients and
+    updates; the optimizer states cover `lora.partition(params, mask)[0]`."""
+
+    def loss_fn(params, fixed, mb):
+        policy, value = (combine(t, f) for t, f in zip(params, fixed))
         mask = mb["resp_mask"].astype(jnp.float32)
         lp, _ = response_logprobs(policy_cfg, policy, mb["tokens"], mb["attn"], prompt_len, temperature)
         v = response_values(value_cfg, value, mb["tokens"], mb["attn"], prompt_len)
@@ -100,16 +112,18 @@ def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, 
     def minibatch(carry, idx):
         state, rollout, stopped = carry
         mb = jax.tree.map(lambda x: x[idx], rollout)
-        (loss, stats), (g_pol, g_val) = grad_fn((state.policy, state.value), mb)
+        pol, pol_fixed = partition(state.policy, policy_mask)
+        val, val_fixed = partition(state.value, value_mask)
+        (loss, stats), (g_pol, g_val) = grad_fn((pol, val), (pol_fixed, val_fixed), mb)
         skip = stopped
         if ratio_threshold > 0:
             skip = skip | (stats["policy/ratio"] > ratio_threshold)
-        up_p, pol_opt = policy_tx.update(g_pol, state.policy_opt, state.policy)
-        up_v, val_opt = value_tx.update(g_val, state.value_opt, state.value)
+        up_p, pol_opt = policy_tx.update(g_pol, state.policy_opt, pol)
+        up_v, val_opt = value_tx.update(g_val, state.value_opt, val)
         pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skip, b, a), new, old)  # noqa: E731
         state = state.replace(
-            policy=pick(optax.apply_updates(state.policy, up_p), state.policy),
-            value=pick(optax.apply_updates(state.value, up_v), state.value),
+            policy=combine(pick(optax.apply_updates(pol, up_p), pol), pol_fixed),
+            value=combine(pick(optax.apply_updates(val, up_v), val), val_fixed),
             policy_opt=pick(pol_opt, state.policy_opt), value_opt=pick(val_opt, state.value_opt))
         if target_kl > 0:  # stop the remaining updates of this iteration once KL runs away
             stopped = stopped | (stats["policy/approxkl"] > target_kl)

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from easyrl import checkpoint, losses, parallel
+from easyrl.model import lora
 from easyrl.algorithms.common import fmt, iter_kwargs
 from easyrl.algorithms.ppo import PPOState, advantages, make_update, score_rollout
 from easyrl.data.iterator import prompt_iterator
@@ -29,10 +30,21 @@ from easyrl.train.optim import make_optimizer
 log = logging.getLogger(__name__)
 
 
-def _at(c, path: str):
-    """A copy of config `c` whose model.path is `path` (to load the reward / value models)."""
+def _at(c, path: str, lora_on: bool = True):
+    """A copy of config `c` whose model.path is `path` (to load the reward / value models).
+    The value model gets fresh LoRA adapters like the policy (never the policy's init_from);
+    the reward model (lora_on=False) none: it is not trained."""
     sub = mlc.ConfigDict(c.to_dict())
     sub.model.path = path
+    if sub.model.get("lora") is not None:
+        if lora_on and sub.model.lora.init_from:  # the policy's adapter shape, fresh weights
+            rt = setup.lora_runtime(c)
+            sub.model.lora.update(rank=rt["lora_rank"], alpha=rt["lora_alpha"],
+                                  targets=rt["lora_targets"])
+        sub.model.lora.init_from = ""
+        sub.model.lora.rank = sub.model.lora.rank if lora_on else 0
+        if not lora_on or not sub.model.lora.rank:
+            sub.model.lora.base_dtype = ""
     return sub
 
 
@@ -52,6 +64,10 @@ def validate_ppo(c, mesh, max_positions: int) -> None:
         raise ValueError("config reward.path: PPO needs a reward model (an `easyrl rm` run dir or HF folder)")
     if p.kl_estimator not in ("k1", "k3"):
         raise ValueError(f"config ppo.kl_estimator: {p.kl_estimator!r}, expected k1 or k3")
+    lo = c.model.get("lora")
+    if lo is not None and lo.dropout > 0:
+        raise ValueError(f"config model.lora.dropout: {lo.dropout}; PPO runs without dropout "
+                         f"(the first minibatch's ratio must be 1), set it to 0")
 
 
 def run(c) -> dict:
@@ -61,14 +77,18 @@ def run(c) -> dict:
     tok = setup.load_tokenizer(c)
     pcfg = setup.model_config(c, tok)
     validate_ppo(c, mesh, pcfg.max_position_embeddings)
-    rc = _at(c, c.reward.path)
+    rc = _at(c, c.reward.path, lora_on=False)
     rcfg = setup.model_config(rc)
     vc = _at(c, c.value.path or c.reward.path)
     vcfg = setup.model_config(vc)
     policy = setup.load_params(c, pcfg, "causal_lm", mesh)
-    ref = jax.tree.map(jnp.copy, policy)  # frozen: its own buffers (the policy is donated)
+    use_lora = pcfg.lora_rank > 0
+    # LoRA: the reference is the policy with its adapters off (no copy); else a frozen copy
+    ref = None if use_lora else jax.tree.map(jnp.copy, policy)  # own buffers: policy is donated
     reward = setup.load_params(rc, rcfg, "reward", mesh)
     value = setup.load_params(vc, vcfg, "value", mesh)
+    pol_mask = lora.trainable_mask(policy) if use_lora else None
+    val_mask = lora.trainable_mask(value) if vcfg.lora_rank > 0 else None
 
     prompts = prompt_iterator(setup.data_source(c, "prompts", "train"), tok,
                               max_prompt_len=p.max_prompt_len, global_batch_size=c.train.batch_size,
@@ -80,11 +100,13 @@ def run(c) -> dict:
     value_tx, _ = make_optimizer(c.value_optim, n_updates)
     repl = parallel.replicated(mesh)
     sh = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-    pol_opt_sh = parallel.named_shardings(jax.eval_shape(policy_tx.init, policy), mesh)
-    val_opt_sh = parallel.named_shardings(jax.eval_shape(value_tx.init, value), mesh)
+    pol_train = lora.partition(policy, pol_mask)[0]  # optimizer state: trainable leaves only
+    val_train = lora.partition(value, val_mask)[0]
+    pol_opt_sh = parallel.named_shardings(jax.eval_shape(policy_tx.init, pol_train), mesh)
+    val_opt_sh = parallel.named_shardings(jax.eval_shape(value_tx.init, val_train), mesh)
     state = PPOState(step=jnp.zeros((), jnp.int32), policy=policy, value=value,
-                     policy_opt=jax.jit(policy_tx.init, out_shardings=pol_opt_sh)(policy),
-                     value_opt=jax.jit(value_tx.init, out_shardings=val_opt_sh)(value))
+                     policy_opt=jax.jit(policy_tx.init, out_shardings=pol_opt_sh)(pol_train),
+                     value_opt=jax.jit(value_tx.init, out_shardings=val_opt_sh)(val_train))
     state_sh = PPOState(step=repl, policy=sh(policy), value=sh(value), policy_opt=pol_opt_sh,
                         value_opt=val_opt_sh)
     state = jax.device_put(state, state_sh)
@@ -93,7 +115,7 @@ def run(c) -> dict:
     sampler = make_sampler(pcfg, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                            top_k=p.top_k, top_p=p.top_p, eos_token_id=eos,
                            pad_token_id=tok.pad_token_id, mesh=mesh)
-    cfgs = dict(policy=pcfg, value=vcfg, reward=rcfg)
+    cfgs = dict(policy=pcfg, ref=lora.disabled(pcfg), value=vcfg, reward=rcfg)
     plen = p.max_prompt_len
     score_fn = jax.jit(lambda models, tokens, attn, m: score_rollout(
         cfgs, models, tokens, attn, m, prompt_len=plen, temperature=p.temperature))
@@ -105,7 +127,8 @@ def run(c) -> dict:
         pcfg, vcfg, policy_tx, value_tx, prompt_len=plen, temperature=p.temperature,
         ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches, cliprange=p.cliprange,
         cliprange_value=p.cliprange_value, vf_coef=p.vf_coef, ratio_threshold=p.ratio_threshold,
-        target_kl=p.target_kl), donate_argnums=(0,), out_shardings=(state_sh, repl))
+        target_kl=p.target_kl, policy_mask=pol_mask, value_mask=val_mask), donate_argnums=(0,),
+        out_shardings=(state_sh, repl))
 
     # ---- resume ---------------------------------------------------------------------------
     out = c.output_dir
@@ -159,7 +182,8 @@ def run(c) -> dict:
             jax.block_until_ready(resp_mask)
             t1 = time.time()
             attn = jnp.concatenate([batch["attention_mask"], resp_mask], axis=1)
-            models = dict(policy=state.policy, ref=ref, value=state.value, reward=reward)
+            models = dict(policy=state.policy, ref=state.policy if ref is None else ref,
+                          value=state.value, reward=reward)
             scored = score_fn(models, roll["tokens"], attn, resp_mask)
             adv, ret, stats = adv_fn(scored, resp_mask, roll["has_eos"], jnp.float32(kl_coef))
             jax.block_until_ready(adv)

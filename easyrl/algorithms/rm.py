@@ -27,17 +27,17 @@ def pair_inputs(batch: dict):
     return ids, attn
 
 
-def pair_scores(config, params, batch: dict):
+def pair_scores(config, params, batch: dict, rng=None):
     """(r_chosen [B], r_rejected [B]) from one forward over the 2B rows."""
     ids, attn = pair_inputs(batch)
-    r = M.score(config, params, ids, attn).astype(jnp.float32)
+    r = M.score(config, params, ids, attn, rng=rng).astype(jnp.float32)
     b = batch["chosen_input_ids"].shape[0]
     return r[:b], r[b:]
 
 
 def make_loss(config, use_margin: bool = True):
     def loss_fn(params, frozen, batch, rng, denom):
-        rc, rr = pair_scores(config, params, batch)
+        rc, rr = pair_scores(config, params, batch, rng)
         margin = batch.get("margin") if use_margin else None
         per_pair = losses.reward_losses(rc, rr, margin)
         _, means = losses.reward_loss(rc, rr, margin)  # batch means -> sums / global pairs

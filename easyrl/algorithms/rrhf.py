@@ -24,12 +24,12 @@ from easyrl.data.iterator import rrhf_iterator
 from easyrl.train import loop, setup
 
 
-def response_stats(config, params, batch):
+def response_stats(config, params, batch, rng=None):
     """(logp sums [B, N], true lengths [B, N]) of every response, one forward of B*N rows."""
     b, n, t = batch["input_ids"].shape
     flat = lambda k: batch[k].reshape(b * n, t)  # noqa: E731
     lp, length = response_logps(config, params, flat("input_ids"), flat("attention_mask"),
-                                flat("loss_mask"))
+                                flat("loss_mask"), rng=rng)
     return lp.reshape(b, n), length.reshape(b, n)
 
 
@@ -42,7 +42,7 @@ def _pick(x, scores, valid, best: bool):
 def make_loss(config, r):
     """Loss for config section `r` (= c.rrhf)."""
     def loss_fn(params, frozen, batch, rng, denom):
-        lp, length = response_stats(config, params, batch)
+        lp, length = response_stats(config, params, batch, rng)
         valid = batch["valid"] > 0
         scores = batch["scores"]
         loss, m = losses.rrhf_loss(lp, length, scores, valid, -lp,

@@ -11,7 +11,7 @@ from easyrl.train import loop, setup
 
 def make_loss(config):
     def loss_fn(params, frozen, batch, rng, denom):
-        logits = lm_logits(config, params, batch)
+        logits = lm_logits(config, params, batch, rng=rng)
         targets = batch.get("labels", batch["input_ids"])  # labels: optional explicit targets
         s = losses.sft_loss_sums(logits, targets, batch["loss_mask"])
         return s["nll_sum"] / denom, {"accuracy": s["correct_sum"] / denom}

@@ -58,18 +58,21 @@ def _inputs(input_ids, attention_mask, positions, segment_ids):
 
 
 def apply(config: LlamaConfig, params, input_ids, attention_mask=None, *, kind="causal_lm",
-          head=None, positions=None, segment_ids=None):
+          head=None, positions=None, segment_ids=None, rng=None):
+    """`rng`: dropout key (LoRA adapter dropout while training); None = deterministic."""
     positions, mask = _inputs(input_ids, attention_mask, positions, segment_ids)
     m = Llama(config, head=head or head_for(kind))
-    out, _ = m.apply({"params": params}, input_ids, positions, mask)
+    rngs = {"dropout": rng} if rng is not None and config.lora_rank and config.lora_dropout else None
+    out, _ = m.apply({"params": params}, input_ids, positions, mask, rngs=rngs)
     return out
 
 
 def forward(config: LlamaConfig, params, input_ids, attention_mask=None, *, positions=None,
-            segment_ids=None) -> jax.Array:
-    """Logits [B, T, V] float32. Positions default to cumsum(mask) - 1 (left padding safe)."""
+            segment_ids=None, rng=None) -> jax.Array:
+    """Logits [B, T, V] float32. Positions default to cumsum(mask) - 1 (left padding safe).
+    With LoRA, `params` may carry adapters that a rank-0 config simply ignores."""
     return apply(config, params, input_ids, attention_mask, kind="causal_lm",
-                 positions=positions, segment_ids=segment_ids)
+                 positions=positions, segment_ids=segment_ids, rng=rng)
 
 
 def hidden_states(config, params, input_ids, attention_mask=None, *, positions=None,
@@ -80,17 +83,17 @@ def hidden_states(config, params, input_ids, attention_mask=None, *, positions=N
 
 
 def values(config, params, input_ids, attention_mask=None, *, positions=None,
-           segment_ids=None) -> jax.Array:
+           segment_ids=None, rng=None) -> jax.Array:
     """Per-token scalar head [B, T] float32 (PPO critic; reward-model head at every token)."""
     return apply(config, params, input_ids, attention_mask, kind="value", positions=positions,
-                 segment_ids=segment_ids)
+                 segment_ids=segment_ids, rng=rng)
 
 
-def score(config, params, input_ids, attention_mask=None) -> jax.Array:
+def score(config, params, input_ids, attention_mask=None, *, rng=None) -> jax.Array:
     """Sequence score [B]: the score head at the last real token (LlamaForSequenceClassification)."""
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    v = values(config, params, input_ids, attention_mask)
+    v = values(config, params, input_ids, attention_mask, rng=rng)
     return jnp.take_along_axis(v, last_token_index(attention_mask)[:, None], axis=-1)[:, 0]
 
 

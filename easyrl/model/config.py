@@ -14,7 +14,9 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "lora_rank", "lora_alpha",
+                   "lora_dropout", "lora_targets")
+LORA_TARGETS_ALL = "q|k|v|o|gate|up|down"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,11 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch | minimal
     attention: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention)
+    # LoRA adapters (easyrl.model.lora): rank 0 = none; targets: regex over q k v o gate up down
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = LORA_TARGETS_ALL
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -62,6 +69,13 @@ class LlamaConfig:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank}: must be >= 0 (0 = no adapters)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if self.lora_rank:
+            from easyrl.model.lora import check_targets
+            check_targets(self.lora_targets, "lora_targets")
         rs = self.rope_scaling_dict
         if rs is not None:
             kind = rs.get("rope_type", rs.get("type", "default"))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easyrl.model import lora
 from easyrl.model.config import LlamaConfig, rope_inv_freq
 from easyrl.parallel import constrain_batch
 
@@ -75,8 +76,12 @@ class RMSNorm(nn.Module):
 
 
 def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str, std: Optional[float] = None):
-    return nn.Dense(features, use_bias=bias, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype),
-                    kernel_init=nn.initializers.normal(std or cfg.initializer_range), name=name)
+    kw = dict(use_bias=bias, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype),
+              kernel_init=nn.initializers.normal(std or cfg.initializer_range), name=name)
+    if lora.is_target(cfg, name):  # same kernel/bias params plus lora_a, lora_b
+        return lora.LoRADense(features, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                              dropout=cfg.lora_dropout, **kw)
+    return nn.Dense(features, **kw)
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array, impl: str = "xla") -> Array:
@@ -164,7 +169,8 @@ class Llama(nn.Module):
         layer = DecoderLayer
         if cfg.remat != "none":
             layer = nn.remat(layer, policy=remat_policy(cfg.remat), prevent_cse=False)
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        stack = nn.scan(layer, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=cfg.num_hidden_layers)
         x, new_cache = stack(cfg, name="layers")(x, cache, cos, sin, mask, cache_index)

@@ -27,6 +27,16 @@ def base_config(command: str) -> mlc.ConfigDict:
         param_dtype="float32",
         remat="none",       # none | full | dots | dots_no_batch | minimal
         attention="xla",    # xla | cudnn
+        # LoRA (easyrl.model.lora): rank 0 = train all weights. With rank > 0 the base is frozen
+        # and only the adapters (and a reward / value model's score head) train.
+        lora=mlc.ConfigDict(dict(
+            rank=0,
+            alpha=16.0,          # scale = alpha / rank
+            dropout=0.0,         # on the adapter's input, while training
+            targets="q|k|v|o|gate|up|down",  # regex over the dense kernels' short names
+            base_dtype="",       # e.g. bfloat16: hold the frozen base in it ("" = param_dtype)
+            init_from="",        # a PEFT adapter folder to continue (sets rank/alpha/targets)
+        )),
     ))
     c.tokenizer = mlc.ConfigDict(dict(path=""))  # HF folder or sentencepiece .model; empty = synthetic
     c.data = mlc.ConfigDict(dict(
@@ -88,6 +98,7 @@ def validate(c: mlc.ConfigDict, *, dp_size: Optional[int] = None,
         need(t.seq_len <= max_positions, "train.seq_len",
              f"{t.seq_len} exceeds the model's max_position_embeddings={max_positions}")
     need(c.optim.lr >= 0, "optim.lr", "must be >= 0")
+    validate_lora(c)
     for key in ("data.train", "data.eval"):
         v = c.data.get(key.split(".")[1], "")
         if v and v != SYNTHETIC and _is_local(v) and not v.startswith("gs://"):
@@ -96,3 +107,31 @@ def validate(c: mlc.ConfigDict, *, dp_size: Optional[int] = None,
     for key, v in (("model.path", c.model.path), ("tokenizer.path", c.tokenizer.path)):
         if v and not v.startswith("gs://") and not os.path.exists(os.path.expanduser(v)):
             raise FileNotFoundError(f"config {key}: {v!r} not found")
+
+
+def validate_lora(c: mlc.ConfigDict) -> None:
+    """model.lora.*: errors name the key."""
+    lo = c.model.get("lora")
+    if lo is None:
+        return
+
+    def need(cond, key, msg):
+        if not cond:
+            raise ValueError(f"config model.lora.{key}: {msg}")
+    need(isinstance(lo.rank, int) and lo.rank >= 0, "rank", f"must be an int >= 0, got {lo.rank!r}")
+    need(lo.alpha > 0, "alpha", f"must be positive, got {lo.alpha!r}")
+    need(0.0 <= lo.dropout < 1.0, "dropout", f"must be in [0, 1), got {lo.dropout!r}")
+    if lo.rank or lo.init_from:
+        from easyrl.model.lora import check_targets
+        check_targets(lo.targets, "model.lora.targets")
+    if lo.base_dtype:
+        import jax.numpy as jnp
+        try:
+            ok = jnp.issubdtype(jnp.dtype(lo.base_dtype), jnp.floating)
+        except TypeError:
+            ok = False
+        need(ok, "base_dtype", f"{lo.base_dtype!r} is not a float dtype (e.g. bfloat16)")
+        need(lo.rank > 0 or lo.init_from, "base_dtype", "only applies with LoRA (model.lora.rank > 0)")
+    if lo.init_from:
+        need(os.path.isdir(os.path.expanduser(lo.init_from)), "init_from",
+             f"{lo.init_from!r} is not a directory (expected a PEFT adapter folder)")

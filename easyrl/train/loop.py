@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from easyrl import checkpoint, parallel
+from easyrl.model import lora
 from easyrl.train.config import validate
 from easyrl.train.metrics import MetricsWriter
 from easyrl.train.optim import make_optimizer
@@ -72,13 +73,18 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
     params = setup.load_params(c, mcfg, init_kind, mesh, init_missing_head=init_missing_head)
     task = build_task(Env(c, mesh, tokenizer, mcfg, params))
     steps = total_steps(c, task.train_data.steps_per_epoch)
-    tx, schedule = make_optimizer(c.optim, steps, task.trainable_mask)
+    # LoRA: only the adapters (and a score head) train; the optimizer state covers only them
+    mask = task.trainable_mask
+    if mask is None and mcfg.lora_rank > 0:
+        mask = lora.trainable_mask(params)
+    tx, schedule = make_optimizer(c.optim, steps)
+    trainable = lora.partition(params, mask)[0]
     micro = c.train.batch_size // (c.train.micro_batch_size or c.train.batch_size)
 
     # ---- state, shardings, jitted steps --------------------------------------------------
     repl = parallel.replicated(mesh)
-    opt_sh = parallel.named_shardings(jax.eval_shape(tx.init, params), mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    opt_sh = parallel.named_shardings(jax.eval_shape(tx.init, trainable), mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     frozen_sh = None if task.frozen is None else jax.tree.map(lambda x: x.sharding, task.frozen)
     z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 (distinct buffers: the state is donated)
     state = TrainState(step=z(), params=params, opt_state=opt_state, nonfinite=z(), streak=z(),
@@ -89,7 +95,7 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
     sample = task.train_data.collate(task.train_data.items[:1])
     batch_sh = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in sample.items()
                 if isinstance(v, np.ndarray)}
-    step_fn = jax.jit(make_train_step(task.loss_fn, tx, schedule, task.denom_fn, micro),
+    step_fn = jax.jit(make_train_step(task.loss_fn, tx, schedule, task.denom_fn, micro, mask),
                       in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                       donate_argnums=(0,))
     eval_fn = jax.jit(make_eval_step(task.loss_fn, task.denom_fn))

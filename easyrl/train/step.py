@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from easyrl.model.lora import combine, partition
 from easyrl.parallel import BATCH
 from easyrl.train.optim import global_norm
 
@@ -91,20 +92,27 @@ def accumulate(loss_fn, params, frozen, batch, rng, denom, micro_steps: int, wit
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule,
-                    denom_fn: Callable, micro_steps: int = 1):
+                    denom_fn: Callable, micro_steps: int = 1, trainable_mask=None):
     """step(state, batch, rng) -> (state, metrics). Skips the update on a non-finite loss or
-    gradient and counts it."""
+    gradient and counts it.
+
+    `trainable_mask` (bool pytree like the params, e.g. LoRA's): gradients, the update and the
+    optimizer state (`tx` initialized on `lora.partition(params, mask)[0]`) cover only the True
+    leaves; the rest is passed through untouched."""
     def step(state: TrainState, batch: dict, rng):
         denom = jnp.maximum(denom_fn(batch).astype(jnp.float32), 1.0)
-        loss, metrics, grads = accumulate(loss_fn, state.params, state.frozen, batch, rng, denom,
-                                          micro_steps)
+        train, fixed = partition(state.params, trainable_mask)
+        fn = loss_fn if trainable_mask is None else (
+            lambda tp, frozen, mb, r, d: loss_fn(combine(tp, fixed), frozen, mb, r, d))
+        loss, metrics, grads = accumulate(fn, train, state.frozen, batch, rng, denom, micro_steps)
         gnorm = global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        updates, new_opt = tx.update(grads, state.opt_state, train)
+        new_train = optax.apply_updates(train, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         bad = (~ok).astype(jnp.int32)
-        new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
+        new_state = state.replace(step=state.step + 1,
+                                  params=combine(keep(new_train, train), fixed),
                                   opt_state=keep(new_opt, state.opt_state),
                                   nonfinite=state.nonfinite + bad, streak=(state.streak + bad) * bad)
         metrics = dict(metrics, loss=loss, grad_norm=gnorm, lr=schedule(state.step),

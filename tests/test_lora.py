@@ -1,0 +1,358 @@
+"""LoRA: exact identity at init, trainer runs with a frozen base and adapter-only optimizer
+state, merged / PEFT / easyrl parity after training, PEFT import, the adapters-off DPO and PPO
+reference, sharding, config errors."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+import torch
+
+from easyrl import checkpoint, convert, hf, parallel
+from easyrl import model as M
+from easyrl.algorithms import dpo, ppo, rm, sft
+from easyrl.data import synthetic
+from easyrl.model import lora
+from easyrl.train import setup
+from easyrl.train.config import load_config_file, validate_lora
+from easyrl.train.launch import apply_overrides
+from easyrl.train.optim import make_optimizer
+
+from hf_models import batch, make_causal_lm, make_reward_model
+
+ONE_DEVICE = "dp:1,fsdp:1,tp:1"
+VOCAB = 160  # the bundled synthetic tokenizer
+LORA = {"model.lora.rank": 4, "model.lora.alpha": 8.0}
+
+
+def make_config(command, out, **over):
+    c = load_config_file(f"configs/{command}.py:tiny")
+    base = {"output_dir": str(out), "mesh": ONE_DEVICE, "log.tensorboard": "false",
+            "checkpoint.async_save": "false", "data.eval": ""}
+    apply_overrides(c, [f"{k}={v}" for k, v in {**base, **over}.items()])
+    return c
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EASYRL_CACHE", str(tmp_path_factory.getbasetemp() / "easyrl_cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def base_lm(tmp_path_factory):
+    """A tiny HF causal LM (GQA) with the synthetic tokenizer's vocabulary."""
+    d = tmp_path_factory.mktemp("lora_base_lm")
+    make_causal_lm(str(d), vocab_size=VOCAB, num_key_value_heads=2, pad_token_id=3,
+                   bos_token_id=1, eos_token_id=2)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def data(cache, tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora_data")
+    sft_path, pairs = str(d / "sft.jsonl"), str(d / "pairs.jsonl")
+    synthetic.write_jsonl(sft_path, synthetic.sft_examples(64, seed=0))
+    synthetic.write_jsonl(pairs, synthetic.preference_pairs(64, seed=3, split="train"))
+    return {"sft": sft_path, "pairs": pairs}
+
+
+def _random_adapters(params, seed=0, std=0.2):
+    """Non-zero B (and A) so adapters visibly change the model."""
+    flat = lora._flat(params)
+    key = jax.random.PRNGKey(seed)
+    for i, k in enumerate(sorted(flat)):
+        if lora.is_adapter(k):
+            flat[k] = jax.random.normal(jax.random.fold_in(key, i), flat[k].shape) * std
+    return lora._unflat(flat)
+
+
+_init = jax.jit(M.init_params, static_argnums=(0, 2))  # eager init is slow on 2 cores
+_forward = jax.jit(M.forward, static_argnums=0)
+
+
+def _hf_logits(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    return out.logits.float().numpy()
+
+
+def _masked_max_diff(a, b, mask):
+    return float(np.max(np.abs(a - b) * mask[..., None]))
+
+
+# ---- the module ----------------------------------------------------------------------------------
+def test_initial_adapters_give_the_base_logits_exactly(tmp_path):
+    make_causal_lm(str(tmp_path / "lm"), num_key_value_heads=2, attention_bias=True,
+                   mlp_bias=True)
+    base_cfg, base = hf.load(str(tmp_path / "lm"))
+    ids, mask = batch(base_cfg.vocab_size, b=3, t=10)
+    want = np.asarray(_forward(base_cfg, base, ids, mask))
+    for targets in ("q|k|v|o|gate|up|down", "down_proj"):
+        cfg = base_cfg.replace(lora_rank=4, lora_alpha=8.0, lora_targets=targets)
+        params = lora.add_adapters(cfg, base, jax.random.PRNGKey(1))
+        got = np.asarray(_forward(cfg, params, ids, mask))
+        np.testing.assert_array_equal(got, want)  # bit-exact: B = 0
+        flat = lora._flat(lora.adapters(params))
+        assert {p.split("/")[2] for p in flat} == {f"{t}_proj" for t in lora.target_names(targets)}
+        for p, x in flat.items():  # PEFT's init: A ~ U(+-1/sqrt(in)), B = 0
+            bound = 1 / np.sqrt(x.shape[1]) if p.endswith("lora_a") else 0.0
+            assert float(jnp.abs(x).max()) <= bound, p
+    # adapters off: the same parameters under a rank-0 config ignore the adapter leaves
+    moved = _random_adapters(params)
+    np.testing.assert_array_equal(np.asarray(_forward(base_cfg, moved, ids, mask)), want)
+    assert np.abs(np.asarray(_forward(cfg, moved, ids, mask)) - want).max() > 1e-2
+    # a reward model: the score head stays trainable, the base does not
+    rcfg = base_cfg.replace(lora_rank=2)
+    rparams = lora.add_adapters(rcfg, jax.eval_shape(_init, base_cfg, jax.random.PRNGKey(0),
+                                                     "reward"), jax.random.PRNGKey(0), "reward")
+    mask_tree = lora.trainable_mask(rparams)
+    on = sorted(p for p, v in lora._flat(mask_tree).items() if v)
+    assert "score/kernel" in on and all(p == "score/kernel" or lora.is_adapter(p) for p in on)
+
+
+def test_adapter_params_get_the_partition_rule_shardings():
+    mesh = parallel.create_mesh("dp:1,fsdp:4,tp:2")
+    cfg = M.get_preset("tiny").replace(lora_rank=4)
+    base = parallel.sharded_init(lambda r: M.init_params(lora.disabled(cfg), r), mesh,
+                                 jax.random.PRNGKey(0))
+    params = lora.add_adapters(cfg, base, jax.random.PRNGKey(1), mesh=mesh)
+    flat = lora._flat(lora.adapters(params))
+    assert len(flat) == 14  # 7 kernels x (A, B)
+    for path, x in flat.items():
+        want = parallel.spec_for(path, x.shape, mesh)
+        assert x.sharding.spec == want, path
+        assert any(ax is not None for ax in want), path  # every adapter is actually split
+    q = flat["layers/self_attn/q_proj/lora_a"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert flat["layers/mlp/down_proj/lora_b"].sharding.spec == \
+        jax.sharding.PartitionSpec(None, None, "fsdp")
+    assert flat["layers/self_attn/o_proj/lora_a"].sharding.spec == \
+        jax.sharding.PartitionSpec(None, "tp", None)
+    # and the optimizer state over the trainable subset follows the same table
+    tx, _ = make_optimizer(mlc.ConfigDict(dict(lr=1e-3, schedule="constant", warmup=0, b1=0.9,
+                                               b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0)), 10)
+    train = lora.partition(params, lora.trainable_mask(params))[0]
+    specs = parallel.partition_specs(jax.eval_shape(tx.init, train), mesh)
+    mu = specs[1][0].mu
+    assert mu["layers"]["self_attn"]["q_proj"]["lora_a"] == q.sharding.spec
+
+
+# ---- SFT with LoRA: frozen base, adapter-only optimizer state, three-way export parity -----------
+@pytest.fixture(scope="module")
+def sft_lora_run(base_lm, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_lora")
+    c = make_config("sft", out, **LORA, **{
+        "model.path": base_lm, "data.train": data["sft"], "train.steps": 4, "train.batch_size": 8,
+        "train.seq_len": 32, "optim.lr": 2e-2, "optim.warmup": 0, "optim.schedule": "constant",
+        "log.every": 1, "model.lora.targets": "q|k|v|o|gate|up|down"})
+    res = sft.train(c)
+    return str(out), res
+
+
+def test_sft_lora_freezes_the_base_and_optimizes_only_adapters(sft_lora_run, base_lm):
+    out, res = sft_lora_run
+    state = res["_state"]
+    params = state.params
+    _, base = hf.load(base_lm)
+    # the base is bit-for-bit the HF model; the adapters moved
+    np.testing.assert_array_equal(np.asarray(lora.strip(params)["layers"]["mlp"]["up_proj"]["kernel"]),
+                                  np.asarray(base["layers"]["mlp"]["up_proj"]["kernel"]))
+    for k, v in lora._flat(lora.strip(params)).items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(lora._flat(base)[k]), err_msg=k)
+    assert float(jnp.abs(params["layers"]["self_attn"]["q_proj"]["lora_b"]).max()) > 1e-3
+    # optimizer state = Adam's two moments of the adapters only (plus scalar counts)
+    n_adapter = lora.num_params(lora.adapters(params))
+    n_model = lora.num_params(params)
+    opt_arrays = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
+    n_opt = sum(int(np.prod(x.shape)) for x in opt_arrays)
+    print(f"SFT LoRA: model {n_model} params, adapters {n_adapter}, optimizer state {n_opt} "
+          f"floats (2 x adapters = {2 * n_adapter})")
+    assert n_opt == 2 * n_adapter and n_adapter < n_model / 10
+
+
+def test_merged_export_peft_and_easyrl_agree(sft_lora_run, base_lm, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    out, _ = sft_lora_run
+    cfg, _, params = checkpoint.load_model(out)
+    assert cfg.lora_rank == 4 and lora.has_adapters(params)
+    ids, mask = batch(VOCAB, b=3, t=12)
+    ours = np.asarray(M.forward(cfg, params, ids, mask))
+    base_logits = np.asarray(M.forward(*hf.load(base_lm), ids, mask))
+    assert _masked_max_diff(ours, base_logits, mask) > 1e-2  # training changed the model
+    # without --merge-lora a LoRA checkpoint refuses a plain export
+    with pytest.raises(ValueError, match="merge-lora"):
+        convert.easyrl_to_hf(out, str(tmp_path / "nope"))
+    from easyrl import cli
+    cli.main(["convert", "easyrl-to-hf", "--ckpt", out, "--out", str(tmp_path / "merged"),
+              "--merge-lora"])
+    cli.main(["convert", "easyrl-to-peft", "--ckpt", out, "--out", str(tmp_path / "adapter")])
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    d_merged = _masked_max_diff(_hf_logits(merged, ids, mask), ours, mask)
+    acfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert acfg["peft_type"] == "LORA" and acfg["task_type"] == "CAUSAL_LM" and acfg["r"] == 4
+    assert acfg["base_model_name_or_path"] == os.path.abspath(base_lm)
+    assert sorted(acfg["target_modules"]) == sorted(f"{t}_proj" for t in lora.TARGETS)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_lm), str(tmp_path / "adapter")).eval()
+    d_peft = _masked_max_diff(_hf_logits(peft_model, ids, mask), ours, mask)
+    print(f"LoRA logits max |diff| vs easyrl: merged HF export {d_merged:.2e}, "
+          f"PEFT adapter on the base {d_peft:.2e}")
+    assert d_merged < 1e-4 and d_peft < 1e-4
+    # import back (to continue training): model.lora.init_from = the PEFT folder
+    c = make_config("sft", tmp_path / "cont", **{"model.path": base_lm,
+                                                  "model.lora.init_from": str(tmp_path / "adapter")})
+    validate_lora(c)
+    icfg = setup.model_config(c)
+    assert (icfg.lora_rank, icfg.lora_alpha) == (4, 8.0)
+    iparams = setup.load_params(c, icfg, "causal_lm", parallel.create_mesh(ONE_DEVICE))
+    for k, v in lora._flat(params).items():
+        np.testing.assert_allclose(np.asarray(lora._flat(iparams)[k]), np.asarray(v), atol=1e-7,
+                                   err_msg=k)
+    np.testing.assert_allclose(np.asarray(M.forward(icfg, iparams, ids, mask)), ours, atol=1e-6)
+
+
+# ---- reward model: SEQ_CLS adapter with the score head -----------------------------------------
+def test_reward_lora_trains_head_and_adapters_and_exports_seq_cls(data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    base_dir = str(tmp_path / "rm_base")
+    make_reward_model(base_dir, vocab_size=VOCAB, num_key_value_heads=2, pad_token_id=3,
+                      bos_token_id=1, eos_token_id=2)
+    c = make_config("rm", tmp_path / "rm", **LORA, **{
+        "model.path": base_dir, "data.train": data["pairs"], "train.steps": 2,
+        "train.batch_size": 8, "train.seq_len": 32, "optim.lr": 2e-2, "optim.warmup": 0,
+        "log.every": 1, "model.lora.targets": "q|v"})
+    res = rm.train(c)
+    state = res["_state"]
+    n_train = lora.num_params(lora.adapters(state.params)) + lora.num_params(state.params["score"])
+    n_opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+    print(f"RM LoRA: optimizer state {n_opt} floats = 2 x (adapters + score head) = {2 * n_train}")
+    assert n_opt == 2 * n_train
+    _, base = hf.load(base_dir, kind="reward")
+    assert not np.allclose(np.asarray(state.params["score"]["kernel"]),
+                           np.asarray(base["score"]["kernel"]))  # the head trained
+    convert.easyrl_to_peft(str(tmp_path / "rm"), str(tmp_path / "rm_adapter"))
+    acfg = json.loads((tmp_path / "rm_adapter" / "adapter_config.json").read_text())
+    assert acfg["task_type"] == "SEQ_CLS" and acfg["modules_to_save"] == ["score"]
+    cfg, _, params = checkpoint.load_model(str(tmp_path / "rm"))
+    ids, mask = batch(VOCAB, b=3, t=12)
+    ids = np.where(mask > 0, np.where(ids == 3, 4, ids), 3)  # HF finds the last token by pad id 3
+    ours = np.asarray(M.score(cfg, params, ids, mask))
+    pm = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_dir),
+                                   str(tmp_path / "rm_adapter")).eval()
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
+# ---- DPO / PPO reference = the base with adapters off ------------------------------------------
+def test_dpo_adapters_off_reference_equals_a_separate_reference_copy(base_lm, data, tmp_path):
+    c = make_config("dpo", tmp_path / "dpo", **LORA, **{
+        "model.path": base_lm, "data.train": data["pairs"], "train.steps": 1,
+        "train.batch_size": 8, "train.seq_len": 32, "log.every": 1})
+    res = dpo.train(c)
+    assert res["_state"].frozen is None  # no reference copy in the train state
+    assert res["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference at step 1
+    # the same first-step loss with moved adapters: adapters-off vs a separate base copy
+    tok = setup.load_tokenizer(c)
+    cfg = setup.model_config(c, tok)
+    base_cfg, base = hf.load(base_lm)
+    params = _random_adapters(lora.add_adapters(cfg, base, jax.random.PRNGKey(0)), std=0.3)
+    train, _ = rm.iterators(c, tok)
+    b = {k: jnp.asarray(v) for k, v in next(train).items() if isinstance(v, np.ndarray)}
+    denom = rm.denom(b)
+    live = dpo.make_loss(cfg, c.dpo, adapters_off_reference=True)
+    copy = dpo.make_loss(cfg, c.dpo)
+    ref_copy = jax.tree.map(jnp.copy, base)  # a second model: the base weights, no adapters
+
+    def ref_loss(p, frozen, bb, r, d):  # separate reference copy under the rank-0 config
+        pc, pr, lc, lr = dpo.pair_logps(cfg, p, bb)
+        rc, rr, _, _ = dpo.pair_logps(base_cfg, frozen, bb)
+        return dpo.objective(c.dpo, pc, pr, rc, rr, lc, lr, d)
+    l1, m1 = jax.jit(live)(params, None, b, None, denom)
+    l2, m2 = jax.jit(ref_loss)(params, ref_copy, b, None, denom)
+    print(f"DPO LoRA first-step loss: adapters-off reference {float(l1):.6f}, separate copy "
+          f"{float(l2):.6f}")
+    assert abs(float(l1) - np.log(2)) > 1e-4  # the adapters moved the policy away from the base
+    assert float(l1) == pytest.approx(float(l2), abs=1e-6)
+    for k in m1:
+        assert float(m1[k]) == pytest.approx(float(m2[k]), abs=1e-6), k
+    with pytest.raises(ValueError, match="adapters_off_reference"):
+        dpo.make_loss(base_cfg, c.dpo, adapters_off_reference=True)
+    del copy
+
+
+def test_ppo_lora_reference_and_update_touch_only_adapters_and_value_head():
+    cfg = M.get_preset("tiny").replace(lora_rank=4, lora_alpha=8.0)
+    base_cfg = lora.disabled(cfg)
+    key = jax.random.PRNGKey(0)
+    policy = _random_adapters(lora.add_adapters(cfg, _init(base_cfg, key), key), std=0.05)
+    value = lora.add_adapters(cfg, _init(base_cfg, key, "value"), key, "value")
+    reward = _init(base_cfg, jax.random.PRNGKey(3), "reward")
+    b, plen, n = 4, 6, 5
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, plen + n), 3, cfg.vocab_size)
+    attn = jnp.ones((b, plen + n), jnp.int32)
+    resp = jnp.ones((b, n), jnp.int32)
+    cfgs = dict(policy=cfg, ref=lora.disabled(cfg), value=cfg, reward=base_cfg)
+    scored = jax.jit(lambda m: ppo.score_rollout(cfgs, m, tokens, attn, resp, prompt_len=plen,
+                                                 temperature=1.0))(
+        dict(policy=policy, ref=policy, value=value, reward=reward))
+    want_ref = jax.jit(lambda p: ppo.response_logprobs(base_cfg, p, tokens, attn, plen, 1.0)[0])(
+        lora.strip(policy))
+    np.testing.assert_allclose(np.asarray(scored["ref_logprobs"]), np.asarray(want_ref), atol=1e-6)
+    assert float(jnp.abs(scored["logprobs"] - scored["ref_logprobs"]).max()) > 1e-3
+    optim = mlc.ConfigDict(dict(lr=1e-2, schedule="constant", warmup=0, b1=0.9, b2=0.999,
+                                eps=1e-8, weight_decay=0.1, clip=1.0))
+    tx, _ = make_optimizer(optim, 4)
+    pm, vm = lora.trainable_mask(policy), lora.trainable_mask(value)
+    pt, vt = lora.partition(policy, pm)[0], lora.partition(value, vm)[0]
+    state = ppo.PPOState(step=jnp.zeros((), jnp.int32), policy=policy, value=value,
+                         policy_opt=tx.init(pt), value_opt=tx.init(vt))
+    adv, ret, _ = ppo.advantages(scored, resp, jnp.ones((b,), bool), kl_coef=0.1,
+                                 kl_estimator="k1", gamma=1.0, lam=0.95)
+    rollout = dict(tokens=tokens, attn=attn, resp_mask=resp, logprobs=scored["logprobs"],
+                   values=scored["values"], advantages=adv, returns=ret)
+    update = jax.jit(ppo.make_update(cfg, cfg, tx, tx, prompt_len=plen, temperature=1.0,
+                                     ppo_epochs=1, num_minibatches=2, cliprange=0.2,
+                                     cliprange_value=0.2, vf_coef=0.1, policy_mask=pm,
+                                     value_mask=vm))
+    new, metrics = update(state, rollout, jax.random.PRNGKey(2))
+    assert float(metrics["policy/approxkl_first"]) == pytest.approx(0.0, abs=1e-6)
+    for old_t, new_t in ((policy, new.policy), (value, new.value)):
+        fo, fn = lora._flat(old_t), lora._flat(new_t)
+        for k in fo:
+            changed = not np.array_equal(np.asarray(fo[k]), np.asarray(fn[k]))
+            trainable = lora.is_adapter(k) or k.startswith("score/")
+            assert changed == trainable, k
+    n_opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(new.value_opt) if np.ndim(x) > 0)
+    assert n_opt == 2 * (lora.num_params(lora.adapters(value)) + lora.num_params(value["score"]))
+
+
+# ---- config ------------------------------------------------------------------------------------
+def test_lora_config_errors_name_the_key(tmp_path):
+    c = make_config("sft", tmp_path)
+    for key, val, match in (("model.lora.rank", "-1", "model.lora.rank"),
+                            ("model.lora.targets", "qq|zz", "model.lora.targets"),
+                            ("model.lora.dropout", "1.5", "model.lora.dropout"),
+                            ("model.lora.base_dtype", "int8", "model.lora.base_dtype"),
+                            ("model.lora.init_from", str(tmp_path / "missing"), "model.lora.init_from")):
+        bad = make_config("sft", tmp_path, **{"model.lora.rank": 4, key: val})
+        with pytest.raises(ValueError, match=match):
+            validate_lora(bad)
+    validate_lora(make_config("sft", tmp_path, **LORA))
+    validate_lora(c)
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "lm_head"]}))
+    with pytest.raises(ValueError, match="target_modules"):
+        setup.model_config(make_config("sft", tmp_path, **{"model.lora.init_from": str(tmp_path / "ad")}))
+    with pytest.raises(ValueError, match="model.lora.rank"):
+        setup.model_config(make_config("sft", tmp_path, **{"model.lora.rank": 4,
+                                                           "model.lora.init_from": str(tmp_path / "ad")}))
+    assert lora.target_names("q_proj|v") == ("q", "v") and lora.target_names(".*") == lora.TARGETS
