@@ -16,7 +16,7 @@ from easyrl import model as M
 from easyrl.algorithms import dpo, ppo, rm, sft
 from easyrl.data import synthetic
 from easyrl.model import lora
-from easyrl.train import setup
+from easyrl.train import loop, setup
 from easyrl.train.config import load_config_file, validate_lora
 from easyrl.train.launch import apply_overrides
 from easyrl.train.optim import make_optimizer
@@ -64,10 +64,11 @@ def data(cache, tmp_path_factory):
 def _random_adapters(params, seed=0, std=0.2):
     """Non-zero B (and A) so adapters visibly change the model."""
     flat = lora._flat(params)
-    key = jax.random.PRNGKey(seed)
-    for i, k in enumerate(sorted(flat)):
+    rs = np.random.RandomState(seed)  # numpy: no per-shape compiles
+    for k in sorted(flat):
         if lora.is_adapter(k):
-            flat[k] = jax.random.normal(jax.random.fold_in(key, i), flat[k].shape) * std
+            x = (rs.standard_normal(flat[k].shape) * std).astype(np.float32)
+            flat[k] = jax.device_put(x, flat[k].sharding)
     return lora._unflat(flat)
 
 
@@ -92,25 +93,32 @@ def test_initial_adapters_give_the_base_logits_exactly(tmp_path):
     base_cfg, base = hf.load(str(tmp_path / "lm"))
     ids, mask = batch(base_cfg.vocab_size, b=3, t=10)
     want = np.asarray(_forward(base_cfg, base, ids, mask))
-    for targets in ("q|k|v|o|gate|up|down", "down_proj"):
-        cfg = base_cfg.replace(lora_rank=4, lora_alpha=8.0, lora_targets=targets)
-        params = lora.add_adapters(cfg, base, jax.random.PRNGKey(1))
-        got = np.asarray(_forward(cfg, params, ids, mask))
-        np.testing.assert_array_equal(got, want)  # bit-exact: B = 0
-        flat = lora._flat(lora.adapters(params))
-        assert {p.split("/")[2] for p in flat} == {f"{t}_proj" for t in lora.target_names(targets)}
-        for p, x in flat.items():  # PEFT's init: A ~ U(+-1/sqrt(in)), B = 0
-            bound = 1 / np.sqrt(x.shape[1]) if p.endswith("lora_a") else 0.0
-            assert float(jnp.abs(x).max()) <= bound, p
+    cfg = base_cfg.replace(lora_rank=4, lora_alpha=8.0)
+    params = lora.add_adapters(cfg, base, jax.random.PRNGKey(1))
+    got = np.asarray(_forward(cfg, params, ids, mask))
+    np.testing.assert_array_equal(got, want)  # bit-exact: B = 0
+    flat = lora._flat(lora.adapters(params))
+    assert {p.split("/")[2] for p in flat} == {f"{t}_proj" for t in lora.TARGETS}
+    for p, x in flat.items():  # PEFT's init: A ~ U(+-1/sqrt(in)), B = 0
+        bound = 1 / np.sqrt(x.shape[1]) if p.endswith("lora_a") else 0.0
+        assert float(jnp.abs(x).max()) <= bound, p
+    for targets, names in (("q|v", {"q_proj", "v_proj"}), ("down_proj", {"down_proj"}),
+                           ("(gate|up)_proj|o", {"gate_proj", "up_proj", "o_proj"})):
+        shapes = M.param_shapes(base_cfg.replace(lora_rank=2, lora_targets=targets))
+        assert {p.split("/")[2] for p in lora._flat(lora.adapters(shapes))} == names, targets
     # adapters off: the same parameters under a rank-0 config ignore the adapter leaves
     moved = _random_adapters(params)
     np.testing.assert_array_equal(np.asarray(_forward(base_cfg, moved, ids, mask)), want)
     assert np.abs(np.asarray(_forward(cfg, moved, ids, mask)) - want).max() > 1e-2
+    # adapter dropout acts only when a dropout key is given (training)
+    dcfg = cfg.replace(lora_dropout=0.5)
+    drop = jax.jit(lambda p, r: M.forward(dcfg, p, ids, mask, rng=r))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda p: M.forward(dcfg, p, ids, mask))(moved)),
+                               np.asarray(_forward(cfg, moved, ids, mask)), atol=1e-6)
+    assert np.abs(np.asarray(drop(moved, jax.random.PRNGKey(0))) -
+                  np.asarray(drop(moved, jax.random.PRNGKey(1)))).max() > 1e-3
     # a reward model: the score head stays trainable, the base does not
-    rcfg = base_cfg.replace(lora_rank=2)
-    rparams = lora.add_adapters(rcfg, jax.eval_shape(_init, base_cfg, jax.random.PRNGKey(0),
-                                                     "reward"), jax.random.PRNGKey(0), "reward")
-    mask_tree = lora.trainable_mask(rparams)
+    mask_tree = lora.trainable_mask(M.param_shapes(base_cfg.replace(lora_rank=2), "reward"))
     on = sorted(p for p, v in lora._flat(mask_tree).items() if v)
     assert "score/kernel" in on and all(p == "score/kernel" or lora.is_adapter(p) for p in on)
 
@@ -253,48 +261,44 @@ def test_reward_lora_trains_head_and_adapters_and_exports_seq_cls(data, tmp_path
 
 # ---- DPO / PPO reference = the base with adapters off ------------------------------------------
 def test_dpo_adapters_off_reference_equals_a_separate_reference_copy(base_lm, data, tmp_path):
+    """The DPO trainer's wiring under LoRA holds no reference copy; its first-step loss equals
+    the one computed against a separate frozen copy of the initial policy, at the initial
+    adapters (log 2) and with moved adapters."""
     c = make_config("dpo", tmp_path / "dpo", **LORA, **{
         "model.path": base_lm, "data.train": data["pairs"], "train.steps": 1,
-        "train.batch_size": 8, "train.seq_len": 32, "log.every": 1})
-    res = dpo.train(c)
-    assert res["_state"].frozen is None  # no reference copy in the train state
-    assert res["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference at step 1
-    # the same first-step loss with moved adapters: adapters-off vs a separate base copy
+        "train.batch_size": 8, "train.seq_len": 32})
+    mesh = parallel.create_mesh(ONE_DEVICE)
     tok = setup.load_tokenizer(c)
     cfg = setup.model_config(c, tok)
-    base_cfg, base = hf.load(base_lm)
-    params = _random_adapters(lora.add_adapters(cfg, base, jax.random.PRNGKey(0)), std=0.3)
-    train, _ = rm.iterators(c, tok)
-    b = {k: jnp.asarray(v) for k, v in next(train).items() if isinstance(v, np.ndarray)}
+    params = setup.load_params(c, cfg, "causal_lm", mesh)  # the base + fresh adapters
+    task = dpo.build_task(loop.Env(c, mesh, tok, cfg, params))
+    assert task.frozen is None  # no second copy of the weights
+    b = {k: jnp.asarray(v) for k, v in next(task.train_data).items() if isinstance(v, np.ndarray)}
     denom = rm.denom(b)
-    live = dpo.make_loss(cfg, c.dpo, adapters_off_reference=True)
-    copy = dpo.make_loss(cfg, c.dpo)
-    ref_copy = jax.tree.map(jnp.copy, base)  # a second model: the base weights, no adapters
-
-    def ref_loss(p, frozen, bb, r, d):  # separate reference copy under the rank-0 config
-        pc, pr, lc, lr = dpo.pair_logps(cfg, p, bb)
-        rc, rr, _, _ = dpo.pair_logps(base_cfg, frozen, bb)
-        return dpo.objective(c.dpo, pc, pr, rc, rr, lc, lr, d)
-    l1, m1 = jax.jit(live)(params, None, b, None, denom)
-    l2, m2 = jax.jit(ref_loss)(params, ref_copy, b, None, denom)
-    print(f"DPO LoRA first-step loss: adapters-off reference {float(l1):.6f}, separate copy "
-          f"{float(l2):.6f}")
-    assert abs(float(l1) - np.log(2)) > 1e-4  # the adapters moved the policy away from the base
+    adapters_off = jax.jit(lambda p: task.loss_fn(p, None, b, None, denom))
+    with_copy = jax.jit(lambda p, f: dpo.make_loss(cfg, c.dpo)(p, f, b, None, denom))
+    ref_copy = dpo.frozen_copy(params, mesh)  # the non-LoRA wiring: a copy of the initial policy
+    l0, _ = adapters_off(params)
+    assert float(l0) == pytest.approx(np.log(2), abs=1e-6)  # policy == reference at step 1
+    moved = _random_adapters(params, std=0.3)
+    (l1, m1), (l2, m2) = adapters_off(moved), with_copy(moved, ref_copy)
+    print(f"DPO LoRA loss with moved adapters: adapters-off reference {float(l1):.7f}, separate "
+          f"reference copy {float(l2):.7f}")
+    assert abs(float(l1) - np.log(2)) > 1e-4  # the adapters moved the policy off the reference
     assert float(l1) == pytest.approx(float(l2), abs=1e-6)
     for k in m1:
         assert float(m1[k]) == pytest.approx(float(m2[k]), abs=1e-6), k
     with pytest.raises(ValueError, match="adapters_off_reference"):
-        dpo.make_loss(base_cfg, c.dpo, adapters_off_reference=True)
-    del copy
+        dpo.make_loss(lora.disabled(cfg), c.dpo, adapters_off_reference=True)
 
 
 def test_ppo_lora_reference_and_update_touch_only_adapters_and_value_head():
     cfg = M.get_preset("tiny").replace(lora_rank=4, lora_alpha=8.0)
     base_cfg = lora.disabled(cfg)
     key = jax.random.PRNGKey(0)
-    policy = _random_adapters(lora.add_adapters(cfg, _init(base_cfg, key), key), std=0.05)
-    value = lora.add_adapters(cfg, _init(base_cfg, key, "value"), key, "value")
-    reward = _init(base_cfg, jax.random.PRNGKey(3), "reward")
+    policy = _random_adapters(_init(cfg, key), std=0.05)
+    value = _init(cfg, jax.random.PRNGKey(3), "value")  # fresh adapters (B = 0)
+    reward = lora.strip(value)
     b, plen, n = 4, 6, 5
     tokens = jax.random.randint(jax.random.PRNGKey(1), (b, plen + n), 3, cfg.vocab_size)
     attn = jnp.ones((b, plen + n), jnp.int32)
@@ -314,8 +318,8 @@ def test_ppo_lora_reference_and_update_touch_only_adapters_and_value_head():
     pt, vt = lora.partition(policy, pm)[0], lora.partition(value, vm)[0]
     state = ppo.PPOState(step=jnp.zeros((), jnp.int32), policy=policy, value=value,
                          policy_opt=tx.init(pt), value_opt=tx.init(vt))
-    adv, ret, _ = ppo.advantages(scored, resp, jnp.ones((b,), bool), kl_coef=0.1,
-                                 kl_estimator="k1", gamma=1.0, lam=0.95)
+    adv = jax.random.normal(jax.random.PRNGKey(4), (b, n))
+    ret = scored["values"] + adv
     rollout = dict(tokens=tokens, attn=attn, resp_mask=resp, logprobs=scored["logprobs"],
                    values=scored["values"], advantages=adv, returns=ret)
     update = jax.jit(ppo.make_update(cfg, cfg, tx, tx, prompt_len=plen, temperature=1.0,
