@@ -9,7 +9,8 @@ dpo.label_smoothing eps for sigmoid (conservative DPO) and robust DPO; must be <
 dpo.reference_free  reference log-probs are 0 (no reference model at all)
 dpo.precompute_ref  one pass of the initial policy over train and eval data before training
                     stores reference log-probs in the batches: no reference model is held
-                    while training (otherwise a frozen copy of the initial params is)
+                    while training (otherwise a frozen copy of the initial params is, or,
+                    with LoRA (model.lora.rank > 0), the base with the adapters off: no copy)
 
 tiny            tiny LLaMA on the bundled synthetic sort task; set model.path to a tiny SFT run
                 (`easyrl sft --config configs/sft.py:tiny`) for the SFT -> DPO recipe, or leave it

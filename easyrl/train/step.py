@@ -124,10 +124,12 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
 
 def make_eval_step(loss_fn: Callable, denom_fn: Callable):
     """eval_step(params, frozen, batch, rng) -> (loss_sum_weighted, metrics, denom): callers
-    aggregate over batches as sum(value * denom) / sum(denom)."""
+    aggregate over batches as sum(value * denom) / sum(denom). Evaluation is deterministic: the
+    loss gets rng=None (no LoRA adapter dropout)."""
     def eval_step(params, frozen, batch, rng):
+        del rng
         denom = jnp.maximum(denom_fn(batch).astype(jnp.float32), 1.0)
-        loss, metrics, _ = accumulate(loss_fn, params, frozen, batch, rng, denom, 1, with_grad=False)
+        loss, metrics, _ = accumulate(loss_fn, params, frozen, batch, None, denom, 1, with_grad=False)
         return dict(metrics, loss=loss), denom
 
     return eval_step
