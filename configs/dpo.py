@@ -23,8 +23,8 @@ stackllama2_7b  Stack-Llama-2 (TRL examples/research_projects/stack_llama_2/scri
                 cosine schedule with 100 warmup steps, weight decay 0.05. TRL trained a LoRA
                 adapter (r=8, alpha 16) at lr 5e-4 on a 4-bit base; easyrl trains all weights, so
                 the preset uses lr 5e-7 (the full-fine-tuning DPO rate of Zephyr / Tulu 2 DPO) --
-                our substitution, not a published Stack-Llama-2 value. Write the dataset's
-                `question`/`response_j`/`response_k` as `prompt`/`chosen`/`rejected` .jsonl first
+                our substitution, not a published Stack-Llama-2 value. data.columns maps the
+                dataset's question/response_j/response_k to prompt/chosen/rejected
                 (response_j is preferred).
 """
 import ml_collections as mlc
@@ -44,9 +44,9 @@ def get_config(preset: str = "tiny"):
         c.checkpoint.async_save = False
     elif preset == "stackllama2_7b":
         c.model.update(path="/path/to/llama-2-7b-se-sft", dtype="bfloat16", remat="dots")
-        c.data.update(train="/path/to/stack-exchange-paired/rl.jsonl",
-                      eval="/path/to/stack-exchange-paired/evaluation.jsonl",
-                      format="preference", template="stackllama")
+        c.data.update(train="/path/to/stack-exchange-paired/data/rl",
+                      eval="/path/to/stack-exchange-paired/data/evaluation",
+                      format="preference", template="stackllama", columns="question:prompt,response_j:chosen,response_k:rejected")
         c.dpo.update(beta=0.1, loss_type="sigmoid")
         c.train.update(steps=1000, batch_size=128, micro_batch_size=16, seq_len=1024)
         c.optim.update(lr=5e-7, schedule="cosine", warmup=100, weight_decay=0.05)

@@ -50,7 +50,7 @@ Top-level keys
 
 Presets
   tiny            the bundled synthetic sort task with a random-init 2-layer LLaMA (D=64):
-                  every stage's `tiny` preset, ~10 minutes on 2 CPU cores in all.
+                  every stage's `tiny` preset (RM 300 steps), ~5 minutes on 2 CPU cores in all.
   stackllama_7b   StackLLaMA (TRL stack_llama): LLaMA-7B -> SFT on stack-exchange-paired answers
                   (`Question: ...\\n\\nAnswer: ...`) -> reward model on its preference pairs
                   -> PPO with adaptive KL (init 0.2, target 6, horizon 10000). Stages
@@ -63,12 +63,14 @@ Running a real-model preset on a pod (README):
 
     # 1. the base model as a local HF folder (download it once, on every host or shared storage)
     huggingface-cli download huggyllama/llama-7b --local-dir /data/llama-7b
-    # 2. the data: write stack-exchange-paired (question/response_j/response_k) as
-    #    prompt/chosen/rejected .jsonl files (see configs/rm.py), plus held-out prompts
+    # 2. the data: stack-exchange-paired's parquet folders (the presets map its
+    #    question/response_j/response_k columns with data.columns), plus held-out prompts
+    huggingface-cli download lvwerra/stack-exchange-paired --repo-type dataset --local-dir /data/se
     # 3. the recipe, on every host of the pod (tpu_scripts/launch.sh runs a command on all hosts)
     python -m easyrl pipeline --config configs/pipeline.py:stackllama_7b \\
         --config.output_dir=/mnt/shared/runs/stackllama --config.sft.model.path=/data/llama-7b \\
-        --config.rm.data.train=/data/se/reward.jsonl --config.rm.data.eval=/data/se/evaluation.jsonl \\
+        --config.sft.data.train=/data/se/data/finetune --config.ppo.data.train=/data/se/data/rl \\
+        --config.rm.data.train=/data/se/data/reward --config.rm.data.eval=/data/se/data/evaluation \\
         --config.eval.prompts=/data/se/heldout_prompts.jsonl
     # Tulu 2.5-style (13B), same shape:
     python -m easyrl pipeline --config configs/pipeline.py:tulu25_13b \\
@@ -113,6 +115,7 @@ def get_config(preset: str = "tiny"):
         c.sft = stage("sft.py:tiny")
         c.sft.eval.every = 100  # eval points along the way, for the SFT loss plot
         c.rm = stage("rm.py:tiny")
+        c.rm.train.steps = 300  # held-out accuracy 0.98 (0.97 at 500 steps), and PPO gains more
         c.ppo = stage("ppo.py:tiny")
         c.ppo.ppo.samples_every = 0
         c.dpo = stage("dpo.py:tiny")

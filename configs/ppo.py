@@ -57,7 +57,7 @@ def get_config(preset: str = "tiny"):
         c.model.update(path="/path/to/stackllama-sft-7b", dtype="bfloat16", remat="dots")
         c.reward.path = "/path/to/stackllama-rm-7b"
         c.data.update(train="lvwerra/stack-exchange-paired", split="train", format="prompt",
-                      template="stackllama")
+                      template="stackllama", columns="question:prompt")
         c.ppo.update(max_prompt_len=512, max_new_tokens=128, temperature=1.0, kl_coef=0.2,
                      adaptive_kl=True, kl_target=6.0, kl_horizon=10000, ppo_epochs=4,
                      num_minibatches=4)

@@ -17,9 +17,11 @@ stackllama_7b   StackLLaMA reward model (TRL examples/research_projects/stack_ll
                 (100k pairs), 1 epoch, lr 2e-5 linear, weight decay 0.001, max length 512,
                 text `Question: {q}\\n\\nAnswer: {a}`. TRL trained LoRA r=8 (alpha 32) with 4 pairs
                 per device; easyrl trains all weights, global batch 32. Reported ~67% held-out
-                accuracy. The dataset's `question`/`response_j`/`response_k` columns must be
-                written as `prompt`/`chosen`/`rejected` (response_j is the preferred answer)
-                to a local .jsonl / .parquet first; set data.train / data.eval to those files.
+                accuracy. data.train / data.eval are the dataset's `data/reward` and
+                `data/evaluation` parquet folders (`huggingface-cli download
+                lvwerra/stack-exchange-paired --repo-type dataset --local-dir DIR`);
+                data.columns maps question/response_j/response_k to prompt/chosen/rejected
+                (response_j is the preferred answer).
 tulu25_13b      Tulu 2.5 13B RM (allenai/tulu-v2.5-13b-preference-mix-rm model card): from
                 allenai/tulu-2-13b, allenai/tulu-2.5-preference-data split
                 `preference_big_mixture` (use `ultrafeedback_mean_aspects` for the UF RM), lr 1e-6,
@@ -48,9 +50,9 @@ def get_config(preset: str = "tiny"):
         c.checkpoint.async_save = False
     elif preset == "stackllama_7b":
         c.model.update(path="/path/to/llama-7b-sft", dtype="bfloat16", remat="dots")
-        c.data.update(train="/path/to/stack-exchange-paired/reward.jsonl",
-                      eval="/path/to/stack-exchange-paired/evaluation.jsonl",
-                      format="preference", template="stackllama")
+        c.data.update(train="/path/to/stack-exchange-paired/data/reward",
+                      eval="/path/to/stack-exchange-paired/data/evaluation",
+                      format="preference", template="stackllama", columns="question:prompt,response_j:chosen,response_k:rejected")
         c.train.update(epochs=1, batch_size=32, micro_batch_size=8, seq_len=512)
         c.optim.update(lr=2e-5, schedule="linear", warmup=0, weight_decay=0.001)
         c.eval.update(every=500, max_batches=200)

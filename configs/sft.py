@@ -18,7 +18,8 @@ def get_config(preset: str = "tiny"):
         # StackLLaMA SFT (TRL example): 4000+ steps, lr 1e-5, seq 1024, packed
         c.model.update(path="/path/to/llama-7b-hf", dtype="bfloat16", remat="dots")
         c.data.update(train="lvwerra/stack-exchange-paired", eval="", split="train",
-                      format="prompt_completion", template="stackllama", packing=True)
+                      format="prompt_completion", template="stackllama", packing=True,
+                      columns="question:prompt,response_j:completion")
         c.train.update(steps=4000, batch_size=64, micro_batch_size=16, seq_len=1024)
         c.optim.update(lr=1e-5, schedule="cosine", warmup=100, weight_decay=0.05)
         c.checkpoint.update(every=500, keep=3)

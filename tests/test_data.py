@@ -339,3 +339,30 @@ def test_iterator_host_slices_and_epochs():
         BatchIterator(items, _ident, 6, process_count=4)
     finite = BatchIterator(items, _ident, 6, num_epochs=2)
     assert len(list(finite)) == 6  # 3 full batches per epoch, remainder dropped
+
+
+def test_columns_mapping(tmp_path):
+    """data.columns renames source columns (stack-exchange-paired's question/response_j/response_k)."""
+    from easyrl.data.formats import parse_columns
+    rows = [{"qid": 1, "question": "sort: b a", "response_j": "a b", "response_k": "b a",
+             "date": "2023"}] * 3
+    path = write_jsonl(tmp_path / "se.jsonl", rows)
+    cols = parse_columns("question:prompt, response_j:chosen,response_k:rejected")
+    loaded = load_data({"path": str(path), "columns": cols}, "preference")
+    assert loaded.format == "preference"
+    assert loaded.rows[0] == {"prompt": "sort: b a", "chosen": "a b", "rejected": "b a", "margin": 0.0}
+    sft = load_data({"path": str(path), "columns": parse_columns("question:prompt,response_j:completion")}, "sft")
+    assert sft.format == "prompt_completion" and sft.rows[0]["completion"] == "a b"
+    with pytest.raises(DataError, match=r"se\.jsonl: data.columns maps 'answer'"):
+        load_data({"path": str(path), "columns": {"answer": "chosen"}}, "preference")
+    for bad in ("question", "question:prompt,question:chosen", "a:prompt,b:prompt"):
+        with pytest.raises(ValueError):
+            parse_columns(bad)
+    from easyrl.train import setup
+    from easyrl.train.config import base_config, validate
+    c = base_config("sft")
+    c.data.train, c.data.columns = str(path), "question:prompt,response_j:completion"
+    assert setup.data_source(c, "sft", "train")["columns"] == {"question": "prompt", "response_j": "completion"}
+    c.data.columns, c.train.steps = "question=prompt", 10
+    with pytest.raises(ValueError, match="config data.columns"):
+        validate(c)

@@ -110,6 +110,45 @@ def _read_datasets(spec: dict, label: str):
     return [(f"row {i}", r) for i, r in enumerate(ds, start=1)], []
 
 
+def parse_columns(spec: str) -> dict:
+    """"question:prompt,response_j:chosen" -> {"question": "prompt", "response_j": "chosen"}."""
+    out = {}
+    for part in str(spec).split(","):
+        if not part.strip():
+            continue
+        src, sep, dst = (x.strip() for x in part.partition(":"))
+        if not (sep and src and dst):
+            raise ValueError(f"{spec!r}: expected comma-separated SOURCE:TARGET column pairs, "
+                             f"got {part.strip()!r}")
+        if src in out:
+            raise ValueError(f"{spec!r}: column {src!r} mapped twice")
+        out[src] = dst
+    if len(set(out.values())) != len(out):
+        raise ValueError(f"{spec!r}: two columns mapped to the same target")
+    return out
+
+
+def rename_columns(raw: list, columns: dict, label: str) -> list:
+    """Apply a SOURCE -> TARGET column mapping to raw rows (rows that are not objects pass through
+    and fail validation later, named by their location)."""
+    if not columns:
+        return raw
+    present = set()
+    for _, r in raw[:1000]:
+        if isinstance(r, dict):
+            present |= set(r)
+    missing = [c for c in columns if c not in present]
+    if raw and missing:
+        raise DataError(f"{label}: data.columns maps {missing[0]!r}, which is not a column "
+                        f"(columns: {sorted(present)})")
+    out = []
+    for loc, r in raw:
+        if isinstance(r, dict):
+            r = {columns.get(k, k): v for k, v in r.items() if k not in columns.values() or k in columns}
+        out.append((loc, r))
+    return out
+
+
 def load_rows(source, split: str | None = None) -> tuple[str, list[tuple[str, Any]], list[tuple[str, str]]]:
     """Read raw rows -> ``(label, [(location, row)], [(location, json_error)])``."""
     try:
@@ -314,7 +353,14 @@ def load_data(source, kind: str, format: str | None = None, skip_bad_rows: bool 
     """Load, detect (unless ``format`` is given) and validate rows for ``kind`` in ``KINDS``."""
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; known: {', '.join(KINDS)}")
+    columns = {}
+    if isinstance(source, dict) and "columns" in source:
+        source = dict(source)
+        columns = source.pop("columns") or {}
+        if not source.get("split"):
+            source.pop("split", None)
     label, raw, bad_json = load_rows(source, split)
+    raw = rename_columns(raw, columns, label)
     if format is None:
         cols: set[str] = set()
         for _, r in raw[:1000]:

@@ -42,6 +42,7 @@ def base_config(command: str) -> mlc.ConfigDict:
     c.data = mlc.ConfigDict(dict(
         train=SYNTHETIC, eval=SYNTHETIC, split="", format="", template="plain",
         packing=False, shuffle=True, skip_bad_rows=False,
+        columns="",  # rename source columns: "question:prompt,response_j:chosen,response_k:rejected"
     ))
     c.train = mlc.ConfigDict(dict(
         steps=0, epochs=0, batch_size=32, micro_batch_size=0, seq_len=64, max_nonfinite=10,
@@ -99,6 +100,12 @@ def validate(c: mlc.ConfigDict, *, dp_size: Optional[int] = None,
              f"{t.seq_len} exceeds the model's max_position_embeddings={max_positions}")
     need(c.optim.lr >= 0, "optim.lr", "must be >= 0")
     validate_lora(c)
+    if c.data.get("columns"):
+        from easyrl.data.formats import parse_columns
+        try:
+            parse_columns(c.data.columns)
+        except ValueError as e:
+            raise ValueError(f"config data.columns: {e}") from None
     for key in ("data.train", "data.eval"):
         v = c.data.get(key.split(".")[1], "")
         if v and v != SYNTHETIC and _is_local(v) and not v.startswith("gs://"):

