@@ -79,6 +79,12 @@ def test_stale_stage_config_is_an_error(tmp_path):
         json.dump({"kind": "causal_lm", "run_config": stored}, f)
     wired = P.wired_keys("dpo", P.parse_stages(c))
     assert P.stage_status("dpo", s, wired) == ("done", 200)  # a moved output_dir is fine
+    # a run made before a config key existed: the missing key counts as its default
+    older = dict(stored, data={k: v for k, v in stored["data"].items() if k != "columns"},
+                 model={k: v for k, v in stored["model"].items() if k != "lora"})
+    with open(d / checkpoint.CONFIG_FILE, "w") as f:
+        json.dump({"kind": "causal_lm", "run_config": older}, f)
+    assert P.stage_status("dpo", s, wired) == ("done", 200)
     stored["dpo"]["beta"] = 0.25
     with open(d / checkpoint.CONFIG_FILE, "w") as f:
         json.dump({"kind": "causal_lm", "run_config": stored}, f)

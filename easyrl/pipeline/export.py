@@ -34,9 +34,14 @@ def export(name: str, run_dir: str, out: str, *, mesh=None, generation: Optional
     from easyrl import hf
     from easyrl.convert import TOKENIZER_SUBDIR
     kind = "reward" if name == "rm" else "causal_lm"
-    config, _, params = checkpoint.load_model(run_dir, kind=kind, mesh=mesh)
+    # a LoRA stage is exported merged (full weights); `easyrl convert easyrl-to-peft` writes the
+    # adapters alone
+    config, _, params = checkpoint.load_model(run_dir, kind=kind, mesh=mesh, merge_lora=True)
     tok = os.path.join(run_dir, TOKENIZER_SUBDIR)
     hf.save(out, config, params, kind=kind, tokenizer=tok if os.path.isdir(tok) else None)
+    if checkpoint.read_model_config(checkpoint.resolve(run_dir)[0])[0].lora_rank:
+        from easyrl.convert import easyrl_to_peft
+        easyrl_to_peft(run_dir, out + "_peft")
     if generation and kind == "causal_lm" and jax.process_index() == 0:
         path = os.path.join(out, "generation_config.json")
         with open(path) as f:

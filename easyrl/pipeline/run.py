@@ -84,15 +84,19 @@ def _normalize(d):
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
-def config_diff(stored: dict, wanted: dict, prefix: str = "", ignore=()) -> list:
-    """['key: old -> new'] over keys that matter for the trained weights."""
+def config_diff(stored: dict, wanted: dict, prefix: str = "", ignore=(), defaults=None) -> list:
+    """['key: old -> new'] over keys that matter for the trained weights. A key the stored config
+    lacks (a run made before easyrl added it) counts as its default from `defaults`."""
     out = []
+    defaults = defaults if isinstance(defaults, dict) else {}
     for k in sorted(set(stored) | set(wanted)):
         if (not prefix and k in VOLATILE) or f"{prefix}{k}" in ignore:
             continue
         a, b = stored.get(k, "<missing>"), wanted.get(k, "<missing>")
+        if a == "<missing>" and k in defaults:
+            a = defaults[k]
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_diff(a, b, f"{prefix}{k}.", ignore)
+            out += config_diff(a, b, f"{prefix}{k}.", ignore, defaults.get(k))
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
@@ -108,7 +112,10 @@ def stage_status(name: str, s, wired=()) -> tuple:
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
             stored = json.load(f).get("run_config", {})
-        diff = config_diff(_normalize(stored), _normalize(s.to_dict()), ignore=wired)
+        from easyrl.train.config import base_config
+        defaults = _normalize(base_config(s.command).to_dict())
+        diff = config_diff(_normalize(stored), _normalize(s.to_dict()), ignore=wired,
+                           defaults=defaults)
         if diff:
             raise ValueError(
                 f"stage {name}: {d} was trained with a different config ({'; '.join(diff[:4])}"
