@@ -94,7 +94,8 @@ def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, templat
     if ec.true_reward not in ("", "synthetic"):
         raise ValueError(f"config eval.true_reward: {ec.true_reward!r}, expected 'synthetic' or ''")
 
-    scfg, _, sft_params = checkpoint.load_model(sft_dir, mesh=mesh)
+    # LoRA runs are evaluated merged: every policy then has the SFT model's config (`scfg`)
+    scfg, _, sft_params = checkpoint.load_model(sft_dir, mesh=mesh, merge_lora=True)
     rm = checkpoint.load_model(rm_dir, kind="reward", mesh=mesh) if rm_dir else None
     eos = normalize_eos(tuple({*normalize_eos(tok.eos_token_id), *normalize_eos(None, scfg)}))
     plen = ec.max_prompt_len
@@ -121,7 +122,7 @@ def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, templat
     results = {}
     for name, run_dir in policies.items():
         bar.set_postfix(policy=name)
-        cfg, _, params = checkpoint.load_model(run_dir, mesh=mesh)
+        cfg, _, params = checkpoint.load_model(run_dir, mesh=mesh, merge_lora=True)
         out = {"step": checkpoint.latest_step(run_dir), "num_prompts": n}
         samples = []
         for suffix, temp, reps in modes:
