@@ -26,6 +26,9 @@ stackllama2_7b  Stack-Llama-2 (TRL examples/research_projects/stack_llama_2/scri
                 our substitution, not a published Stack-Llama-2 value. data.columns maps the
                 dataset's question/response_j/response_k to prompt/chosen/rejected
                 (response_j is preferred).
+stackllama2_7b_lora  the same with TRL's LoRA adapter: r 8, alpha 16, dropout 0.05 on q/k/v,
+                lr 5e-4, bf16 frozen base, reference = base with adapters off. Ship the result
+                with `easyrl convert easyrl-to-peft`.
 """
 import ml_collections as mlc
 
@@ -53,6 +56,16 @@ def get_config(preset: str = "tiny"):
         c.eval.update(every=100, max_batches=50)
         c.log.every = 10
         c.checkpoint.update(every=100, keep=3)
+    elif preset == "stackllama2_7b_lora":
+        # what TRL ran: a LoRA adapter (r 8, alpha 16, dropout 0.05) at lr 5e-4 on a frozen base.
+        # TRL's target_modules list names q/k/v plus GPT-J modules absent from LLaMA, so on LLaMA
+        # it adapts q_proj, k_proj, v_proj. The base is held in bf16 (TRL: 4-bit); the reference
+        # is the base with the adapters off (no second copy).
+        c = get_config("stackllama2_7b")
+        c.model.lora.update(rank=8, alpha=16.0, dropout=0.05, targets="q|k|v",
+                            base_dtype="bfloat16")
+        c.optim.update(lr=5e-4)
     else:
-        raise ValueError(f"unknown dpo preset {preset!r}: tiny, stackllama2_7b")
+        raise ValueError(f"unknown dpo preset {preset!r}: tiny, stackllama2_7b, "
+                         f"stackllama2_7b_lora")
     return c

@@ -22,6 +22,8 @@ stackllama_7b   StackLLaMA reward model (TRL examples/research_projects/stack_ll
                 lvwerra/stack-exchange-paired --repo-type dataset --local-dir DIR`);
                 data.columns maps question/response_j/response_k to prompt/chosen/rejected
                 (response_j is the preferred answer).
+stackllama_7b_lora  the same as TRL ran it: LoRA r 8, alpha 32, dropout 0.1 on q/v (peft's
+                LLaMA default), bf16 frozen base, score head trained in full.
 tulu25_13b      Tulu 2.5 13B RM (allenai/tulu-v2.5-13b-preference-mix-rm model card): from
                 allenai/tulu-2-13b, allenai/tulu-2.5-preference-data split
                 `preference_big_mixture` (use `ultrafeedback_mean_aspects` for the UF RM), lr 1e-6,
@@ -57,6 +59,11 @@ def get_config(preset: str = "tiny"):
         c.optim.update(lr=2e-5, schedule="linear", warmup=0, weight_decay=0.001)
         c.eval.update(every=500, max_batches=200)
         c.checkpoint.update(every=500, keep=3)
+    elif preset == "stackllama_7b_lora":
+        # TRL's reward_modeling.py: LoRA r 8, alpha 32, dropout 0.1 (peft's default LLaMA
+        # targets q_proj, v_proj), the score head trained in full, lr 2e-5
+        c = get_config("stackllama_7b")
+        c.model.lora.update(rank=8, alpha=32.0, dropout=0.1, targets="q|v", base_dtype="bfloat16")
     elif preset == "tulu25_13b":
         c.model.update(path="/path/to/tulu-2-13b", dtype="bfloat16", remat="dots")
         c.data.update(train="allenai/tulu-2.5-preference-data", split="preference_big_mixture",
@@ -66,5 +73,6 @@ def get_config(preset: str = "tiny"):
         warmup_ratio(c, 0.03)
         c.checkpoint.update(every=200, keep=2)
     else:
-        raise ValueError(f"unknown rm preset {preset!r}: tiny, stackllama_7b, tulu25_13b")
+        raise ValueError(f"unknown rm preset {preset!r}: tiny, stackllama_7b, "
+                         f"stackllama_7b_lora, tulu25_13b")
     return c

@@ -213,7 +213,7 @@ def test_cli_dpo_precomputed_on_8_devices(cache, tmp_path):
 
 
 def test_dpo_presets_load():
-    for preset in ("tiny", "stackllama2_7b"):
+    for preset in ("tiny", "stackllama2_7b", "stackllama2_7b_lora"):
         c = load_config_file(f"configs/dpo.py:{preset}")
         assert c.command == "dpo" and c.dpo.beta == 0.1 and c.dpo.loss_type == "sigmoid"
         dpo.check_config(c.dpo)

@@ -156,7 +156,7 @@ def test_rm_bad_row_names_file_and_line(cache, tmp_path, capsys):
 
 
 def test_rm_presets_load():
-    for preset in ("tiny", "stackllama_7b", "tulu25_13b"):
+    for preset in ("tiny", "stackllama_7b", "stackllama_7b_lora", "tulu25_13b"):
         c = load_config_file(f"configs/rm.py:{preset}")
         assert c.command == "rm" and "use_margin" in c.rm
     with pytest.raises(ValueError, match="unknown rm preset"):
