@@ -1,0 +1,44 @@
+"""`easyrl plan`: per-device memory of a training config on a mesh, without allocating the model.
+
+    python -m easyrl plan --config configs/ppo.py:tulu25_13b --devices 256 --device-memory 16
+    python -m easyrl plan --config configs/sft.py:tiny --config.mesh=dp:2,fsdp:4 --devices 8 --compile
+
+Shapes come from `jax.eval_shape` (parameters: `easyrl.model.param_shapes`; optimizer state:
+`eval_shape(tx.init, ...)` with the trainer's own `easyrl.train.optim.make_optimizer`), and the
+per-device bytes of every parameter-like array from the real partition-rule table
+(`easyrl.parallel.partition_specs` on a mesh-shaped stand-in): a dimension counts 1/size of the
+mesh axes it is sharded over, a replicated dimension counts fully. Nothing is allocated, so a
+13B / 70B config plans on a laptop CPU in seconds.
+
+Model config: `model.path` when it exists locally (an easyrl run dir / checkpoint or a Hugging
+Face folder's config.json); otherwise (placeholder paths such as /path/to/tulu2-13b, gs://) the
+preset from `--model-preset`, else an explicit `model.preset` (anything but the default 'tiny'),
+else one guessed from the path's name (`13b` -> llama2_13b, `llama-3...8b` -> llama3_8b, ...),
+else `model.preset`. PPO's reward / value models likewise (`--reward-preset`). With no
+model.path the trainer's random-init preset is used with the tokenizer's vocabulary, as training
+would.
+
+Files: `models.py` (which models, their abstract parameters / optimizer states, LoRA subsets),
+`memory.py` (bytes per device, the activation / KV-cache formulas and the memory model),
+`planner.py` (one setting's plan: resident state + phases, peak, problems), `suggest.py` (the
+search for a setting that fits), `compiled.py` (`--compile`: XLA's memory analysis),
+`report.py` (the printed table, the verdict, the command line).
+"""
+from easyrl.plan.compiled import compiled_memory
+from easyrl.plan.memory import (GiB, activation_bytes, count, fake_mesh, head_bytes_per_token,
+                                kv_cache_bytes, layer_bytes_per_token, per_device_bytes, tree_bytes)
+from easyrl.plan.models import ModelInfo, build_models, guess_preset, resolve_model_config
+from easyrl.plan.planner import DEFAULT_HEADROOM, Line, Plan, Planner, Setting, make_plan
+from easyrl.plan.report import (COMPILE_MAX_PARAMS, DEFAULT_DEVICE_MEMORY_GIB, add_parser,
+                                format_plan, human, load_config, run, verdict)
+from easyrl.plan.suggest import candidate_meshes, min_devices, setting_flags, suggest
+
+__all__ = [
+    "GiB", "DEFAULT_HEADROOM", "DEFAULT_DEVICE_MEMORY_GIB", "COMPILE_MAX_PARAMS",
+    "ModelInfo", "build_models", "guess_preset", "resolve_model_config",
+    "activation_bytes", "count", "fake_mesh", "head_bytes_per_token", "kv_cache_bytes",
+    "layer_bytes_per_token", "per_device_bytes", "tree_bytes",
+    "Line", "Plan", "Planner", "Setting", "make_plan",
+    "candidate_meshes", "min_devices", "setting_flags", "suggest", "compiled_memory",
+    "add_parser", "format_plan", "human", "load_config", "run", "verdict",
+]

@@ -1,0 +1,151 @@
+"""The models a trainer holds, as abstract pytrees: architecture from model.path / presets,
+parameters and optimizer state from `jax.eval_shape` (nothing allocated)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Dict, Optional
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    role: str  # policy | reference | reward | value
+    config: object  # LlamaConfig (runtime options from the trainer config)
+    kind: str  # causal_lm | reward | value
+    source: str  # where the architecture came from (printed)
+    params: object = None  # ShapeDtypeStruct pytree
+    opt_state: object = None  # ShapeDtypeStruct pytree (trained models only)
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))
+
+
+def guess_preset(path: str) -> Optional[str]:
+    """A preset for a model path that is not available locally, from its name: the size
+    ('7b', '13b', '70b', '8b', '1b', ...) and the family ('llama-3' / 'llama3' / 'llama-3.1')."""
+    from easyrl.model.config import PRESETS
+    name = os.path.basename(os.path.normpath(path)).lower() if path else ""
+    if not name:
+        return None
+    if name in PRESETS:
+        return name
+    m = re.search(r"(?<![0-9.])(\d+(?:\.\d+)?)\s*b(?![a-z])", name.replace("_", "-"))
+    if not m:
+        return None
+    size = m.group(1)
+    family3 = re.search(r"llama-?3", name) is not None
+    v31 = re.search(r"llama-?3[.-]?1", name) is not None
+    table = {"7": "llama2_7b", "13": "llama2_13b", "70": "llama2_70b", "1": "bench_1b",
+             "1.1": "bench_1b", "8": "llama31_8b" if v31 else "llama3_8b"}
+    if family3 and size == "70":
+        return "llama3_70b"
+    return table.get(size)
+
+
+def _runtime(c) -> dict:
+    return dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
+                attention=c.model.attention)
+
+
+def resolve_model_config(c, path: str, key: str, hint: Optional[str] = None, tokenizer=None,
+                         hint_why: Optional[str] = None):
+    """(LlamaConfig, source) for the model at `path` (config key `key`), never loading weights."""
+    from easyrl import checkpoint, hf
+    from easyrl.model.config import LlamaConfig, get_preset
+    rt = _runtime(c)
+    if path and not path.startswith("gs://") and os.path.exists(os.path.expanduser(path)):
+        path = os.path.expanduser(path)
+        run_dir, _ = checkpoint.resolve(path)
+        if os.path.exists(os.path.join(run_dir, checkpoint.CONFIG_FILE)):
+            cfg, _, _ = checkpoint.read_model_config(run_dir)
+            return cfg.replace(**rt), f"easyrl checkpoint {path}"
+        return LlamaConfig.from_hf(hf.read_config(path), **rt), f"{path}/config.json"
+    explicit = c.model.preset if c.model.preset != "tiny" else None
+    if path:
+        where = f"{key} {path!r} not found locally"
+        hint_why = hint_why or ("--model-preset" if key == "model.path" else "--reward-preset")
+        for name, why in ((hint, hint_why), (explicit, "model.preset"),
+                          (guess_preset(path), "guessed from the name")):
+            if name:
+                return get_preset(name, **rt), f"preset {name} ({why}; {where})"
+        return (get_preset(c.model.preset, **rt),
+                f"preset {c.model.preset} (model.preset; {where}: pass --model-preset NAME)")
+    name = hint or c.model.preset
+    cfg = get_preset(name, **rt)
+    if tokenizer is not None and not hint:  # the trainer's random init takes the tokenizer's vocab
+        cfg = cfg.replace(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return cfg, f"preset {name} (random init; vocab {len(tokenizer)} from the tokenizer)"
+    return cfg, f"preset {name} (random init)"
+
+
+def _tokenizer(c):
+    """The trainer's tokenizer when a random-init preset needs its vocabulary (else None)."""
+    if c.model.path:
+        return None
+    try:
+        from easyrl.train import setup
+        return setup.load_tokenizer(c)
+    except Exception:  # noqa: BLE001 - planning must not depend on tokenizer files being present
+        return None
+
+
+def total_steps(c) -> int:
+    return max(int(c.train.steps), 1)
+
+
+def build_models(c, model_preset: Optional[str] = None,
+                 reward_preset: Optional[str] = None) -> Dict[str, ModelInfo]:
+    """Abstract (eval_shape) params and optimizer states of every model the trainer holds."""
+    from easyrl import model as M
+    from easyrl.train.optim import make_optimizer
+    tok = _tokenizer(c)
+    pcfg, psrc = resolve_model_config(c, c.model.path, "model.path", model_preset, tok)
+    command = c.get("command", "sft")
+    models: Dict[str, ModelInfo] = {}
+    if command == "ppo":
+        rpath = c.reward.path
+        vpath = c.value.path or rpath
+        vkey = "value.path" if c.value.path else "reward.path"
+
+        def other(path, key):  # reward / value: its own name, else the policy's preset
+            if reward_preset:
+                return resolve_model_config(c, path, key, reward_preset)
+            if path and (guess_preset(path) or os.path.exists(os.path.expanduser(path))):
+                return resolve_model_config(c, path, key, guess_preset(path), hint_why="guessed from the name")
+            return resolve_model_config(c, path, key, _preset_name(psrc), hint_why="the policy's preset")
+        rcfg, rsrc = other(rpath, "reward.path")
+        vcfg, vsrc = other(vpath, vkey)
+        specs = [("policy", pcfg, "causal_lm", psrc, c.optim),
+                 ("reference", pcfg, "causal_lm", "a frozen copy of the policy", None),
+                 ("reward", rcfg, "reward", rsrc, None),
+                 ("value", vcfg, "value", vsrc, c.value_optim)]
+    else:
+        kind = "reward" if command == "rm" else "causal_lm"
+        specs = [("policy", pcfg, kind, psrc, c.optim)]
+        d = c.get("dpo")
+        if command == "dpo" and not d.reference_free and not d.precompute_ref:
+            specs.append(("reference", pcfg, kind, "a frozen copy of the initial policy", None))
+    shapes = {}
+    for role, cfg, kind, src, optim in specs:
+        key = (cfg.replace(remat="none"), kind)
+        if key not in shapes:
+            shapes[key] = M.param_shapes(cfg, kind)
+        params = shapes[key]
+        opt = None
+        if optim is not None:
+            tx, _ = make_optimizer(optim, total_steps(c))
+            opt = jax.eval_shape(tx.init, params)
+        models[role] = ModelInfo(role, cfg, kind, src, params, opt)
+    return models
+
+
+def _preset_name(source: str) -> Optional[str]:
+    m = re.match(r"preset (\S+)", source)
+    return m.group(1) if m else None
+

@@ -1,0 +1,232 @@
+"""The plan of one setting (mesh, micro-batch, remat): resident state + the peak phase."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from easyrl.plan.memory import (GiB, activation_bytes, count, head_bytes_per_token,
+                               kv_cache_bytes, layer_bytes_per_token, per_device_bytes, tree_bytes)
+from easyrl.plan.models import ModelInfo, build_models
+
+DEFAULT_HEADROOM = 0.10
+ROWS_PER_EXAMPLE = {"sft": 1, "rm": 2, "dpo": 2}  # rrhf: rrhf.num_responses; ppo: 1
+RRHF_DEFAULT_RESPONSES = 4
+# easyrl.train.step.accumulate peels micro-batch 0 off the scan; with 2 micro-steps the scan has
+# length 1 and XLA schedules both micro-batches together (compiled temporaries ~ no accumulation).
+TWO_MICRO_STEPS_OVERLAP = 2
+
+
+@dataclasses.dataclass
+class Line:
+    name: str
+    per_device: float
+    total: Optional[float] = None  # unsharded total (None: not meaningful)
+    note: str = ""
+    phase: str = "resident"  # resident | rollout | scoring | step | update
+
+
+@dataclasses.dataclass
+class Setting:
+    mesh: dict  # {'dp': .., 'fsdp': .., 'tp': ..}
+    micro: int  # examples per micro-batch (PPO: rows per update minibatch)
+    remat: str
+
+    def mesh_spec(self) -> str:
+        return ",".join(f"{a}:{self.mesh[a]}" for a in ("dp", "fsdp", "tp"))
+
+
+@dataclasses.dataclass
+class Plan:
+    command: str
+    devices: int
+    device_memory: float  # bytes
+    headroom: float
+    setting: Setting
+    lines: List[Line]
+    resident: float
+    phases: Dict[str, float]
+    peak: float
+    problems: List[str]  # reasons the trainer would refuse this setting
+    info: List[str]  # batch / shape notes
+
+    @property
+    def limit(self) -> float:
+        return (1.0 - self.headroom) * self.device_memory
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems and self.peak <= self.limit
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get) if self.phases else ""
+
+    def line(self, name: str) -> Line:
+        return next(x for x in self.lines if x.name.startswith(name))
+
+
+class Planner:
+    """Estimates for one config and its models; `estimate(setting)` is cheap (the search calls it
+    for many meshes / micro-batches / remat policies)."""
+
+    def __init__(self, c, models: Dict[str, ModelInfo], devices: int, device_memory: float,
+                 headroom: float = DEFAULT_HEADROOM):
+        self.c, self.models, self.devices = c, models, devices
+        self.device_memory, self.headroom = device_memory, headroom
+        self.command = c.get("command", "sft")
+        self._pd = {}
+
+    # the knobs as configured
+    def current(self) -> Setting:
+        from easyrl import parallel
+        mesh = parallel.parse_mesh_spec(self.c.mesh, self.devices)
+        if self.command == "ppo":
+            micro = self.c.train.batch_size // max(self.c.ppo.num_minibatches, 1)
+        else:
+            micro = self.c.train.micro_batch_size or self.c.train.batch_size
+        return Setting(mesh, micro, self.c.model.remat)
+
+    def _per_device(self, tree, mesh: dict) -> int:
+        key = (id(tree), tuple(sorted(mesh.items())))
+        if key not in self._pd:
+            self._pd[key] = per_device_bytes(tree, mesh)
+        return self._pd[key]
+
+    def rows_per_example(self) -> int:
+        if self.command == "rrhf":
+            return int(self.c.rrhf.num_responses) or RRHF_DEFAULT_RESPONSES
+        return ROWS_PER_EXAMPLE.get(self.command, 1)
+
+    def estimate(self, s: Setting) -> Plan:
+        c, m = self.c, s.mesh
+        dpf, tp = m["dp"] * m["fsdp"], m["tp"]
+        lines: List[Line] = []
+        problems: List[str] = []
+        info: List[str] = []
+        B = int(c.train.batch_size)
+        used = int(np.prod(list(m.values())))
+        if used < self.devices:
+            info.append(f"note: mesh {s.mesh_spec()} uses {used} of the {self.devices} devices")
+        if used > self.devices:
+            problems.append(f"mesh {s.mesh_spec()} needs {int(np.prod(list(m.values())))} devices, "
+                            f"only {self.devices}")
+
+        def rows_per_device(rows: int, what: str, key: str, report: bool = True) -> float:
+            if rows % dpf:
+                if not report:
+                    return float(math.ceil(rows / dpf))
+                problems.append(f"{what} of {rows} is not divisible by dp*fsdp={dpf} of mesh "
+                                f"{s.mesh_spec()} (config {key}; the trainer refuses it)")
+                return float(math.ceil(rows / dpf))
+            return rows / dpf
+
+        def add_state(info_: ModelInfo, label: str, opt: bool = True):
+            p = info_.params
+            dt = np.dtype(info_.config.param_dtype).name
+            lines.append(Line(f"{label} parameters", self._per_device(p, m), tree_bytes(p),
+                              f"{count(info_.num_params)} x {dt}"))
+            if opt and info_.opt_state is not None:
+                o = info_.opt_state
+                lines.append(Line(f"{label} optimizer state", self._per_device(o, m), tree_bytes(o),
+                                  "AdamW mu + nu (param dtype)"))
+
+        def grads(info_: ModelInfo, label: str, accumulate: bool, phase: str):
+            g = self._per_device(info_.params, m) * (2 if accumulate else 1)
+            lines.append(Line(f"{label} gradients", g, tree_bytes(info_.params) * (2 if accumulate else 1),
+                              "x2: accumulator + micro-batch" if accumulate else "param dtype",
+                              phase))
+
+        pol = self.models["policy"]
+        pcfg = pol.config.replace(remat=s.remat)
+        if self.command == "ppo":
+            p = c.ppo
+            P, N = int(p.max_prompt_len), int(p.max_new_tokens)
+            S = P + N
+            if s.micro <= 0 or B % s.micro:
+                problems.append(f"PPO minibatch {s.micro} must divide train.batch_size={B}")
+            info.append(f"rollout batch {B} prompts x {P}+{N} tokens; update minibatch {s.micro} rows "
+                        f"(ppo.num_minibatches={B // max(s.micro, 1)})")
+            add_state(pol, "policy")
+            add_state(self.models["reference"], "reference", opt=False)
+            add_state(self.models["reward"], "reward", opt=False)
+            add_state(self.models["value"], "value")
+            b_roll = rows_per_device(B, "rollout batch", "train.batch_size", report=False)
+            kv_total, kv_dev = kv_cache_bytes(pcfg, B, S, m)
+            a = np.dtype(pcfg.dtype).itemsize
+            lines.append(Line("KV cache (sampler)", kv_dev, kv_total,
+                              f"2*L*B*(P+N)*K*Dh*{a}B = 2*{pcfg.num_hidden_layers}*{B}*{S}*"
+                              f"{pcfg.num_key_value_heads}*{pcfg.head_dim}*{a}", "rollout"))
+            lb = layer_bytes_per_token(pcfg, tp, S)
+            prefill = b_roll * P * (lb["working"] + head_bytes_per_token(pcfg, "hidden", tp, False))
+            lines.append(Line("prefill activations", prefill, None, f"{P} prompt tokens x {S} keys",
+                              "rollout"))
+            scoring = max(activation_bytes(x.config, x.kind, b_roll, S, "none", tp, train=False)
+                          for x in self.models.values())
+            lines.append(Line("scoring activations", scoring, None,
+                              "largest of the 4 forward passes over the rollout batch", "scoring"))
+            b_up = rows_per_device(s.micro, "PPO minibatch (train.batch_size / ppo.num_minibatches)",
+                                   "ppo.num_minibatches")
+            val = self.models["value"]
+            grads(pol, "policy", False, "update")
+            grads(val, "value", False, "update")
+            lines.append(Line("policy activations", activation_bytes(pcfg, "causal_lm", b_up, S,
+                                                                     s.remat, tp),
+                              None, f"remat {s.remat}, {b_up:g} rows x {S} tokens", "update"))
+            vcfg = val.config.replace(remat=s.remat)
+            lines.append(Line("value activations", activation_bytes(vcfg, "value", b_up, S, s.remat, tp),
+                              None, f"remat {s.remat}, score head", "update"))
+        else:
+            T = int(c.train.seq_len)
+            rpe = self.rows_per_example()
+            if s.micro <= 0 or B % s.micro:
+                problems.append(f"micro-batch {s.micro} must divide train.batch_size={B}")
+            micro_steps = max(B // max(s.micro, 1), 1)
+            extra = ""
+            if self.command == "rrhf" and not self.c.rrhf.num_responses:
+                extra = f" (rrhf.num_responses=0: assuming {RRHF_DEFAULT_RESPONSES} responses)"
+            info.append(f"batch {B} examples, micro-batch {s.micro} ({micro_steps} accumulation "
+                        f"steps) x {rpe} row(s) each x {T} tokens{extra}")
+            add_state(pol, "model")
+            if "reference" in self.models:
+                add_state(self.models["reference"], "reference", opt=False)
+            b = rows_per_device(s.micro, "micro-batch (train.micro_batch_size or train.batch_size)",
+                                "train.micro_batch_size") * rpe
+            grads(pol, "model", micro_steps > 1, "step")
+            act = activation_bytes(pcfg, pol.kind, b, T, s.remat, tp)
+            note = f"remat {s.remat}, {b:g} rows x {T} tokens"
+            if micro_steps == 2:  # measured: XLA runs both micro-batches side by side
+                act *= TWO_MICRO_STEPS_OVERLAP
+                note += (" x2: with 2 micro-steps XLA overlaps the peeled first micro-batch and "
+                         "the length-1 scan")
+            lines.append(Line("activations", act, None, note, "step"))
+            if "reference" in self.models:
+                ref = activation_bytes(pcfg, "causal_lm", b, T, "none", tp, train=False)
+                lines.append(Line("reference forward", ref, None, "forward only", "step"))
+        resident = sum(x.per_device for x in lines if x.phase == "resident")
+        phases: Dict[str, float] = {}
+        for x in lines:
+            if x.phase != "resident":
+                phases[x.phase] = phases.get(x.phase, 0.0) + x.per_device
+        peak = resident + (max(phases.values()) if phases else 0.0)
+        return Plan(self.command, self.devices, self.device_memory, self.headroom, s, lines,
+                    resident, phases, peak, problems, info)
+
+
+
+def make_plan(c, devices: int, device_memory_gib: float, *, headroom: float = DEFAULT_HEADROOM,
+              model_preset: Optional[str] = None, reward_preset: Optional[str] = None):
+    """(Planner, Plan of the setting as configured). The library entry point."""
+    from easyrl.model.config import REMAT_POLICIES
+    if c.model.remat not in REMAT_POLICIES:
+        raise ValueError(f"config model.remat: {c.model.remat!r}, expected one of {REMAT_POLICIES}")
+    if devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {devices}")
+    if device_memory_gib <= 0:
+        raise ValueError(f"--device-memory must be positive (GiB), got {device_memory_gib}")
+    models = build_models(c, model_preset, reward_preset)
+    planner = Planner(c, models, devices, device_memory_gib * GiB, headroom)
+    return planner, planner.estimate(planner.current())
+

@@ -1,0 +1,210 @@
+"""The printed plan, the verdict, and the `easyrl plan` command line."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Dict, List, Optional
+
+import jax
+
+from easyrl.plan.compiled import compiled_memory
+from easyrl.plan.memory import GiB, count
+from easyrl.plan.models import ModelInfo
+from easyrl.plan.planner import DEFAULT_HEADROOM, Plan, make_plan
+from easyrl.plan.suggest import min_devices, setting_flags, suggest
+
+DEFAULT_DEVICE_MEMORY_GIB = 16.0
+COMPILE_MAX_PARAMS = 2e9
+
+
+def _g(x: Optional[float], unit: float = GiB) -> str:
+    return "" if x is None else f"{x / unit:10.3f}"
+
+
+PHASE_TITLES = {"rollout": "rollout (sampler)", "scoring": "scoring pass",
+                "update": "PPO update (one minibatch)", "step": "train step (one micro-batch)"}
+
+
+def format_plan(plan: Plan, models: Dict[str, ModelInfo], config_spec: str) -> str:
+    s = plan.setting
+    out = [f"easyrl plan: {plan.command} {config_spec}",
+           f"devices: {plan.devices} x {plan.device_memory / GiB:.1f} GiB, mesh {s.mesh_spec()} "
+           f"(dp*fsdp={s.mesh['dp'] * s.mesh['fsdp']} batch shards, fsdp*tp="
+           f"{s.mesh['fsdp'] * s.mesh['tp']} weight shards)"]
+    out.append("models:")
+    for role, mi in models.items():
+        cfg = mi.config
+        out.append(f"  {role:9s} {count(mi.num_params):>7s} params  L={cfg.num_hidden_layers} "
+                   f"D={cfg.hidden_size} F={cfg.intermediate_size} H={cfg.num_attention_heads} "
+                   f"K={cfg.num_key_value_heads} V={cfg.vocab_size}  {mi.kind}  <- {mi.source}")
+    pol = models["policy"].config
+    out.append(f"dtypes: params {pol.param_dtype}, compute {pol.dtype}; remat {s.remat}")
+    out.extend(plan.info)
+    out.append("")
+    unit, u = (GiB, "GiB") if plan.peak >= GiB else (2 ** 20, "MiB")
+    out.append(f"{'per-device memory':44s} {u + '/device':>10s} {u + ' total':>10s}  notes")
+    phase = None
+    for x in plan.lines:
+        if x.phase != phase:
+            phase = x.phase
+            title = "resident" if phase == "resident" else PHASE_TITLES.get(phase, phase)
+            out.append(f"[{title}]")
+        out.append(f"  {x.name:42s} {_g(x.per_device, unit)} {_g(x.total, unit):>10s}  {x.note}")
+    out.append("")
+    out.append(f"  {'resident (params + optimizer states)':42s} {_g(plan.resident, unit)}")
+    for ph, v in plan.phases.items():
+        out.append(f"  {'+ ' + PHASE_TITLES.get(ph, ph):42s} {_g(v, unit)}")
+    out.append(f"  {'peak = resident + largest phase':42s} {_g(plan.peak, unit)}  ({plan.peak_phase})")
+    return "\n".join(out)
+
+
+def human(x: float) -> str:
+    return f"{x / GiB:.2f} GiB" if x >= GiB / 10 else f"{x / 2 ** 20:.2f} MiB"
+
+
+def verdict(plan: Plan) -> str:
+    mem = (f"peak {human(plan.peak)} per device vs {plan.limit / GiB:.2f} GiB usable "
+           f"({plan.device_memory / GiB:.1f} GiB less {plan.headroom:.0%} headroom)")
+    if plan.problems:
+        return ("verdict: does NOT fit: this setting cannot run: " + "; ".join(plan.problems)
+                + f" [memory estimate: {mem}]")
+    if plan.fits:
+        return f"verdict: FITS: {mem}"
+    return f"verdict: does NOT fit: {mem}"
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+class _PassThroughParser(argparse.ArgumentParser):
+    """Collects `--config.KEY=VALUE` / `--config.KEY VALUE` (ml_collections overrides) into
+    `args.config_overrides` instead of rejecting them as unknown options."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        over, rest, i = [], [], 0
+        while i < len(args):
+            a = args[i]
+            if a.startswith("--config."):
+                if "=" not in a and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                    over.extend([a, args[i + 1]])
+                    i += 2
+                    continue
+                over.append(a)
+            else:
+                rest.append(a)
+            i += 1
+        ns, extras = super().parse_known_args(rest, namespace)
+        ns.config_overrides = over
+        return ns, extras
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="per-device memory plan of a training config (no model allocated)",
+        description="Per-device memory for parameters, optimizer state, gradients, activations "
+                    "(and for PPO the reference / reward / value models and the KV cache) of a "
+                    "trainer config on a mesh, and whether it fits. Extra --config.KEY=VALUE "
+                    "arguments override the config as for the trainers.")
+    p.__class__ = _PassThroughParser
+    p.add_argument("--config", required=True, help="configs/X.py:PRESET (any trainer config)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="number of devices (default: this machine's jax.device_count())")
+    p.add_argument("--device-memory", type=float, default=None,
+                   help="GiB per device (default: the local device's memory if known, else 16)")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                   help="fraction of device memory kept free (default 0.1)")
+    p.add_argument("--model-preset", default=None,
+                   help="architecture preset when model.path is not available locally")
+    p.add_argument("--reward-preset", default=None,
+                   help="PPO: preset of the reward / value models when their paths are not local")
+    p.add_argument("--compile", action="store_true",
+                   help=f"also compile the train step and print XLA's memory analysis (models "
+                        f"under {COMPILE_MAX_PARAMS / 1e9:g}B parameters)")
+    p.add_argument("--no-suggest", action="store_true", help="skip the search for a setting that fits")
+    p.set_defaults(func=run)
+
+
+def local_device_memory() -> Optional[float]:
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    if stats and stats.get("bytes_limit"):
+        return float(stats["bytes_limit"])
+    return None
+
+
+def load_config(spec: str, overrides: List[str]):
+    """The trainer config from `--config FILE:PRESET` + overrides (errors name the key)."""
+    from easyrl.train.config import load_config_file
+    from easyrl.train.launch import REPO, parse_config
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path) and not os.path.isfile(os.path.join(REPO, path)):
+        raise FileNotFoundError(f"--config: config file {path!r} not found")
+    try:
+        command = load_config_file(spec).get("command", "sft")
+    except (TypeError, AttributeError) as e:  # a broken preset: name it, no deep traceback
+        raise ValueError(f"config file {spec}: get_config failed: {type(e).__name__}: {e}") from e
+    return parse_config(command, ["--config", spec, *overrides])
+
+
+
+def run(args: argparse.Namespace) -> None:
+    c = load_config(args.config, args.config_overrides)
+    devices = args.devices or jax.device_count()
+    mem = args.device_memory
+    mem_note = ""
+    if mem is None:
+        local = local_device_memory()
+        mem = local / GiB if local else DEFAULT_DEVICE_MEMORY_GIB
+        mem_note = " (local device)" if local else " (default; pass --device-memory)"
+    planner, plan = make_plan(c, devices, mem, headroom=args.headroom,
+                              model_preset=args.model_preset, reward_preset=args.reward_preset)
+    print(format_plan(plan, planner.models, args.config) + ("" if not mem_note else
+                                                             f"\n  device memory {mem:.1f} GiB{mem_note}"))
+    print(verdict(plan))
+    if not plan.fits and not args.no_suggest:
+        cur = planner.current()
+        sugg = suggest(planner)
+        B = int(c.train.batch_size)
+        if sugg:
+            print(f"settings that fit on {devices} devices (peak per device; best first):")
+            for p in sugg:
+                print(f"  {setting_flags(p, cur, plan.command, B):70s} peak {human(p.peak)}")
+        else:
+            found = min_devices(c, planner.models, planner.device_memory, args.headroom, devices)
+            if found:
+                n, p = found
+                flags = setting_flags(p, dataclasses.replace(cur, mesh={}), plan.command, B)
+                print(f"no mesh / micro-batch / remat setting fits on {devices} devices; the "
+                      f"smallest power-of-two multiple that fits: --devices {n} {flags} "
+                      f"(peak {human(p.peak)})")
+            else:
+                print(f"nothing fits on up to 65536 devices of {mem:.1f} GiB")
+            print("  other levers: model.param_dtype=bfloat16 halves parameters, gradients and "
+                  "optimizer state (numerics change)")
+    if args.compile:
+        n = planner.models["policy"].num_params
+        if n >= COMPILE_MAX_PARAMS:
+            print(f"--compile: skipped ({n / 1e9:.1f}B parameters; compiling needs < "
+                  f"{COMPILE_MAX_PARAMS / 1e9:g}B on this machine)")
+        else:
+            r = compiled_memory(planner, plan.setting)
+            if not r["available"]:
+                print(f"compiled {r['what']}: memory analysis not available on this backend")
+            else:
+                phase = "update" if plan.command == "ppo" else "step"
+                whole = lambda x: x.total if r["unsharded"] and x.total is not None else x.per_device  # noqa: E731
+                est = sum(whole(x) for x in plan.lines if x.phase == phase)
+                args_est = sum(whole(x) for x in plan.lines if x.phase == "resident" and not (
+                    plan.command == "ppo" and x.name.startswith(("reference", "reward"))))
+                print(f"compiled {r['what']} on {r['where']}:")
+                print(f"  XLA memory analysis: arguments {r['argument'] / GiB:.3f} GiB, outputs "
+                      f"{r['output'] / GiB:.3f} GiB, aliased {r['alias'] / GiB:.3f} GiB, temporaries "
+                      f"{r['temp'] / GiB:.3f} GiB, code {r['code'] / 2**20:.1f} MiB; peak "
+                      f"{r['peak'] / GiB:.3f} GiB")
+                print(f"  estimate (same inputs): arguments {args_est / GiB:.3f} GiB, temporaries "
+                      f"(gradients + activations) {est / GiB:.3f} GiB, peak "
+                      f"{(args_est + est) / GiB:.3f} GiB")
+
