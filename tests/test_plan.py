@@ -12,6 +12,7 @@ import pytest
 
 from easyrl import model as M, parallel, plan
 from easyrl.cli import main
+from easyrl.model import lora
 from easyrl.model.config import get_preset
 from easyrl.train import setup
 from easyrl.train.optim import make_optimizer
@@ -118,6 +119,104 @@ def test_local_hf_folder_config_is_read(tmp_path):
     got = planner.models["policy"].config
     assert (got.hidden_size, got.num_hidden_layers, got.vocab_size) == (128, 4, 256)
     assert "config.json" in planner.models["policy"].source
+
+
+# ---- LoRA -------------------------------------------------------------------------------------
+def _opt_counts_bytes(tx, params) -> int:
+    """Bytes of the optimizer state beyond mu + nu (the int32 step counts)."""
+    return plan.tree_bytes(jax.eval_shape(tx.init, params)) - 2 * plan.tree_bytes(params)
+
+
+def test_lora_optimizer_state_is_two_adam_moments_of_the_adapters():
+    """DPO stackllama2_7b_lora (r 8 on q/k/v, base in bf16): optimizer state and gradients cover
+    only the adapters, counted exactly from `jax.eval_shape` of the model with LoRA; no reference
+    copy; far below the full-weights preset."""
+    c = plan.load_config("configs/dpo.py:stackllama2_7b_lora", [])
+    planner, p = plan.make_plan(c, 8, 80)
+    pol = planner.models["policy"]
+    cfg = pol.config
+    assert (cfg.lora_rank, lora.target_names(cfg.lora_targets)) == (8, ("q", "k", "v"))
+    shapes = M.param_shapes(cfg)  # the real init with the LoRA config
+    adapters = lora.adapters(shapes)
+    L, D, r = cfg.num_hidden_layers, cfg.hidden_size, 8
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    attn = adapters["layers"]["self_attn"]
+    assert set(attn) == {"q_proj", "k_proj", "v_proj"} and "mlp" not in adapters["layers"]
+    for name, out in (("q_proj", cfg.num_attention_heads * cfg.head_dim), ("k_proj", kv),
+                      ("v_proj", kv)):
+        assert attn[name]["lora_a"].shape == (L, D, r)
+        assert attn[name]["lora_b"].shape == (L, r, out)
+    adapter_bytes = plan.tree_bytes(adapters)
+    assert adapter_bytes == 4 * L * 3 * (D * r + r * D)  # float32; llama2_7b: out = D
+    tx, _ = make_optimizer(c.optim, c.train.steps)
+    opt = p.line("model optimizer state").total
+    assert opt == plan.tree_bytes(jax.eval_shape(tx.init, adapters))
+    assert opt == 2 * adapter_bytes + _opt_counts_bytes(tx, adapters)  # Adam mu + nu
+    assert 0 <= _opt_counts_bytes(tx, adapters) <= 64
+    assert p.line("model gradients").total == 2 * adapter_bytes  # 8 micro-steps: x2
+    # the frozen base in model.lora.base_dtype (bfloat16), adapters in float32
+    base = M.param_shapes(lora.disabled(cfg))
+    assert p.line("model parameters").total == 2 * lora.num_params(base) + adapter_bytes
+    # the reference is the base with the adapters off: a forward pass, no parameters
+    names = [x.name for x in p.lines]
+    assert "reference" not in planner.models and "reference parameters" not in names
+    assert "reference forward" in names
+    assert any("adapters off" in x for x in p.info)
+    full_planner, full = plan.make_plan(plan.load_config("configs/dpo.py:stackllama2_7b", []), 8, 80)
+    assert "reference parameters" in [x.name for x in full.lines]
+    full_opt = full.line("model optimizer state").total
+    assert full_opt == 2 * plan.tree_bytes(full_planner.models["policy"].params) + \
+        _opt_counts_bytes(tx, full_planner.models["policy"].params)
+    assert opt < full_opt / 500
+    assert p.line("model optimizer state").per_device < full.line("model optimizer state").per_device / 100
+    assert p.resident < full.resident / 4 and p.peak < full.peak
+    print(f"dpo stackllama2_7b @8x80GiB: LoRA resident {p.resident / plan.GiB:.2f} GiB, peak "
+          f"{p.peak / plan.GiB:.2f} GiB; full resident {full.resident / plan.GiB:.2f} GiB, "
+          f"peak {full.peak / plan.GiB:.2f} GiB")
+
+
+def test_lora_bytes_equal_the_real_sharded_arrays():
+    """rm tiny with LoRA and a bfloat16 base on 8 devices: parameters / optimizer state as the
+    trainer builds them (setup.load_params, opt state on the trainable subset) match the plan,
+    total and per device; the score head trains with the adapters."""
+    spec = "dp:2,fsdp:2,tp:2"
+    c = plan.load_config("configs/rm.py:tiny", [f"--config.mesh={spec}", "--config.model.lora.rank=4",
+                                                "--config.model.lora.base_dtype=bfloat16"])
+    planner, p = plan.make_plan(c, 8, 16)
+    cfg = setup.model_config(c, setup.load_tokenizer(c))
+    assert planner.models["policy"].config == cfg
+    mesh = parallel.create_mesh(spec)
+    params = setup.load_params(c, cfg, "reward", mesh)
+    mask = lora.trainable_mask(params)
+    train = lora.partition(params, mask)[0]
+    assert set(train) == {"layers", "score"}
+    tx, _ = make_optimizer(c.optim, c.train.steps)
+    opt_sh = parallel.named_shardings(jax.eval_shape(tx.init, train), mesh)
+    opt = jax.jit(tx.init, out_shardings=opt_sh)(train)
+    assert p.line("model parameters").total == nbytes(params)
+    assert p.line("model parameters").per_device == shard0_bytes(params)
+    assert p.line("model optimizer state").total == nbytes(opt)
+    assert p.line("model optimizer state").per_device == shard0_bytes(opt)
+    assert nbytes(opt) == 2 * nbytes(train) + _opt_counts_bytes(tx, train)
+    assert p.line("model gradients").total == nbytes(train)
+    assert {x.dtype.name for x in jax.tree.leaves(lora.partition(params, mask)[1])} == {"bfloat16"}
+
+
+def test_ppo_with_lora_holds_no_reference_and_an_untrained_reward_model():
+    c = plan.load_config("configs/ppo.py:tiny", ["--config.model.lora.rank=4"])
+    planner, p = plan.make_plan(c, 1, 16)
+    assert set(planner.models) == {"policy", "reward", "value"}
+    names = [x.name for x in p.lines]
+    assert "reference parameters" not in names
+    rew, val = planner.models["reward"], planner.models["value"]
+    assert rew.config.lora_rank == 0 and not lora.has_adapters(rew.params)
+    assert val.config.lora_rank == 4 and set(val.trainable) == {"layers", "score"}
+    vtx, _ = make_optimizer(c.value_optim, c.train.steps)
+    assert p.line("value optimizer state").total == \
+        2 * plan.tree_bytes(val.trainable) + _opt_counts_bytes(vtx, val.trainable)
+    assert p.line("policy gradients").total == plan.tree_bytes(lora.adapters(planner.models["policy"].params))
+    full = plan.make_plan(plan.load_config("configs/ppo.py:tiny", []), 1, 16)[1]
+    assert p.resident < full.resident
 
 
 # ---- big presets: no allocation ---------------------------------------------------------------

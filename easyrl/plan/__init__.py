@@ -18,6 +18,10 @@ else `model.preset`. PPO's reward / value models likewise (`--reward-preset`). W
 model.path the trainer's random-init preset is used with the tokenizer's vocabulary, as training
 would.
 
+LoRA (`model.lora.rank > 0`) is planned as the trainers hold it: the real init with adapters,
+the frozen base in `model.lora.base_dtype`, gradients and optimizer state of the adapters (+ a
+reward / value model's score head) only, and no reference copy (DPO / PPO: adapters off).
+
 Files: `models.py` (which models, their abstract parameters / optimizer states, LoRA subsets),
 `memory.py` (bytes per device, the activation / KV-cache formulas and the memory model),
 `planner.py` (one setting's plan: resident state + phases, peak, problems), `suggest.py` (the
@@ -26,7 +30,8 @@ search for a setting that fits), `compiled.py` (`--compile`: XLA's memory analys
 """
 from easyrl.plan.compiled import compiled_memory
 from easyrl.plan.memory import (GiB, activation_bytes, count, fake_mesh, head_bytes_per_token,
-                                kv_cache_bytes, layer_bytes_per_token, per_device_bytes, tree_bytes)
+                                kv_cache_bytes, layer_bytes_per_token, lora_bytes_per_token,
+                                per_device_bytes, tree_bytes)
 from easyrl.plan.models import ModelInfo, build_models, guess_preset, resolve_model_config
 from easyrl.plan.planner import DEFAULT_HEADROOM, Line, Plan, Planner, Setting, make_plan
 from easyrl.plan.report import (COMPILE_MAX_PARAMS, DEFAULT_DEVICE_MEMORY_GIB, add_parser,
@@ -37,7 +42,7 @@ __all__ = [
     "GiB", "DEFAULT_HEADROOM", "DEFAULT_DEVICE_MEMORY_GIB", "COMPILE_MAX_PARAMS",
     "ModelInfo", "build_models", "guess_preset", "resolve_model_config",
     "activation_bytes", "count", "fake_mesh", "head_bytes_per_token", "kv_cache_bytes",
-    "layer_bytes_per_token", "per_device_bytes", "tree_bytes",
+    "layer_bytes_per_token", "lora_bytes_per_token", "per_device_bytes", "tree_bytes",
     "Line", "Plan", "Planner", "Setting", "make_plan",
     "candidate_meshes", "min_devices", "setting_flags", "suggest", "compiled_memory",
     "add_parser", "format_plan", "human", "load_config", "run", "verdict",

@@ -34,7 +34,7 @@ def _abstract_batch(c, command: str, rows: int):
     raise ValueError(f"--compile: no abstract batch for command {command!r}")
 
 
-def _loss_and_denom(c, command: str, cfg):
+def _loss_and_denom(c, command: str, cfg, adapters_off_reference: bool = False):
     import importlib
     mod = importlib.import_module(f"easyrl.algorithms.{command}")
     if command == "sft":
@@ -43,7 +43,7 @@ def _loss_and_denom(c, command: str, cfg):
         return mod.make_loss(cfg, c.rm.use_margin), mod.denom
     if command == "dpo":
         from easyrl.algorithms import rm
-        return mod.make_loss(cfg, c.dpo), rm.denom
+        return mod.make_loss(cfg, c.dpo, adapters_off_reference), rm.denom
     if command == "rrhf":
         return mod.make_loss(cfg, c.rrhf), mod.denom
     raise ValueError(command)
@@ -98,7 +98,8 @@ def compiled_memory(planner: Planner, s: Setting) -> dict:
         fn = make_update(pcfg, vcfg, ptx, vtx, prompt_len=int(p.max_prompt_len),
                          temperature=float(p.temperature), ppo_epochs=1,
                          num_minibatches=nm, cliprange=p.cliprange,
-                         cliprange_value=p.cliprange_value, vf_coef=p.vf_coef)
+                         cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
+                         policy_mask=pol.mask, value_mask=val.mask)
         jitted = jax.jit(fn, in_shardings=(sh, roll_sh, repl), out_shardings=(sh, repl),
                          donate_argnums=(0,))
         args = (abstract(state, sh), roll, jax.ShapeDtypeStruct((2,), np.uint32))
@@ -106,7 +107,8 @@ def compiled_memory(planner: Planner, s: Setting) -> dict:
     else:
         from easyrl.train.step import TrainState, make_train_step
         tx, schedule = make_optimizer(c.optim, total_steps(c))
-        loss_fn, denom_fn = _loss_and_denom(c, command, pcfg)
+        adapters_off = pol.lora and planner.live_reference  # LoRA: reference = adapters off
+        loss_fn, denom_fn = _loss_and_denom(c, command, pcfg, adapters_off)
         B = int(c.train.batch_size)
         micro_steps = max(B // s.micro, 1)
         rows = max(B // scale, 1)
@@ -121,7 +123,7 @@ def compiled_memory(planner: Planner, s: Setting) -> dict:
                         nonfinite=repl, streak=repl,
                         frozen=None if frozen is None else shard(frozen))
         batch_sh = {k: parallel.batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
-        fn = make_train_step(loss_fn, tx, schedule, denom_fn, micro_steps)
+        fn = make_train_step(loss_fn, tx, schedule, denom_fn, micro_steps, pol.mask)
         jitted = jax.jit(fn, in_shardings=(sh, batch_sh, repl), out_shardings=(sh, repl),
                          donate_argnums=(0,))
         args = (abstract(state, sh), batch, jax.ShapeDtypeStruct((2,), np.uint32))

@@ -1,5 +1,15 @@
 """The models a trainer holds, as abstract pytrees: architecture from model.path / presets,
-parameters and optimizer state from `jax.eval_shape` (nothing allocated)."""
+parameters and optimizer state from `jax.eval_shape` (nothing allocated).
+
+LoRA (`model.lora.rank > 0`), as the trainers hold it (`easyrl.train.setup.load_params`,
+`loop.run`, `ppo_loop.run`): the parameters are the real model init with the LoRA config (base
+kernels plus `lora_a [L, in, r]` / `lora_b [L, r, out]` on every targeted kernel), the frozen
+leaves in `model.lora.base_dtype` when set; only `lora.trainable_mask` (the adapters, plus the
+`score` head of a reward / value model) trains, so gradients and the optimizer state cover
+`lora.partition(params, mask)[0]` only. DPO's live reference and PPO's reference are the policy
+with its adapters off: no copy. PPO's value model gets fresh adapters like the policy; the reward
+model none (it is not trained).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +18,7 @@ import re
 from typing import Dict, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -17,12 +28,27 @@ class ModelInfo:
     config: object  # LlamaConfig (runtime options from the trainer config)
     kind: str  # causal_lm | reward | value
     source: str  # where the architecture came from (printed)
-    params: object = None  # ShapeDtypeStruct pytree
+    params: object = None  # ShapeDtypeStruct pytree, as the trainer holds it
     opt_state: object = None  # ShapeDtypeStruct pytree (trained models only)
+    trainable: object = None  # the leaves that get gradients / optimizer state (trained models)
+    mask: object = None  # LoRA: bool pytree like params (True: trains); None: everything trains
+    base_dtype: Optional[str] = None  # LoRA: dtype the frozen base is held in (None: param_dtype)
 
     @property
     def num_params(self) -> int:
-        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))
+        return _numel(self.params)
+
+    @property
+    def num_trainable(self) -> int:
+        return _numel(self.trainable)
+
+    @property
+    def lora(self) -> bool:
+        return self.mask is not None
+
+
+def _numel(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def guess_preset(path: str) -> Optional[str]:
@@ -48,8 +74,11 @@ def guess_preset(path: str) -> Optional[str]:
 
 
 def _runtime(c) -> dict:
+    """LlamaConfig runtime fields as `easyrl.train.setup.model_config` sets them (LoRA included;
+    model.lora.init_from: rank / alpha / targets of that PEFT adapter)."""
+    from easyrl.train.setup import lora_runtime
     return dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
-                attention=c.model.attention)
+                attention=c.model.attention, **lora_runtime(c))
 
 
 def resolve_model_config(c, path: str, key: str, hint: Optional[str] = None, tokenizer=None,
@@ -103,9 +132,11 @@ def build_models(c, model_preset: Optional[str] = None,
                  reward_preset: Optional[str] = None) -> Dict[str, ModelInfo]:
     """Abstract (eval_shape) params and optimizer states of every model the trainer holds."""
     from easyrl import model as M
+    from easyrl.model import lora
     from easyrl.train.optim import make_optimizer
     tok = _tokenizer(c)
     pcfg, psrc = resolve_model_config(c, c.model.path, "model.path", model_preset, tok)
+    use_lora = pcfg.lora_rank > 0
     command = c.get("command", "sft")
     models: Dict[str, ModelInfo] = {}
     if command == "ppo":
@@ -120,29 +151,53 @@ def build_models(c, model_preset: Optional[str] = None,
                 return resolve_model_config(c, path, key, guess_preset(path), hint_why="guessed from the name")
             return resolve_model_config(c, path, key, _preset_name(psrc), hint_why="the policy's preset")
         rcfg, rsrc = other(rpath, "reward.path")
+        rcfg = lora.disabled(rcfg)  # the reward model is not trained: no adapters (ppo_loop._at)
         vcfg, vsrc = other(vpath, vkey)
-        specs = [("policy", pcfg, "causal_lm", psrc, c.optim),
-                 ("reference", pcfg, "causal_lm", "a frozen copy of the policy", None),
-                 ("reward", rcfg, "reward", rsrc, None),
-                 ("value", vcfg, "value", vsrc, c.value_optim)]
+        specs = [("policy", pcfg, "causal_lm", psrc, c.optim)]
+        if not use_lora:  # LoRA: the reference is the policy with its adapters off
+            specs.append(("reference", pcfg, "causal_lm", "a frozen copy of the policy", None))
+        specs += [("reward", rcfg, "reward", rsrc, None),
+                  ("value", vcfg, "value", vsrc, c.value_optim)]
     else:
         kind = "reward" if command == "rm" else "causal_lm"
         specs = [("policy", pcfg, kind, psrc, c.optim)]
-        d = c.get("dpo")
-        if command == "dpo" and not d.reference_free and not d.precompute_ref:
+        if live_reference(c) and not use_lora:
             specs.append(("reference", pcfg, kind, "a frozen copy of the initial policy", None))
+    base_dtype = (c.model.lora.base_dtype or None) if c.model.get("lora") is not None else None
     shapes = {}
     for role, cfg, kind, src, optim in specs:
         key = (cfg.replace(remat="none"), kind)
         if key not in shapes:
-            shapes[key] = M.param_shapes(cfg, kind)
-        params = shapes[key]
-        opt = None
+            shapes[key] = M.param_shapes(cfg, kind)  # the real init (with adapters under LoRA)
+        params, mask, bdt = shapes[key], None, None
+        if optim is not None and cfg.lora_rank > 0:
+            bdt = base_dtype
+            params, mask = lora_trees(params, bdt)
+        trainable = opt = None
         if optim is not None:
+            trainable = lora.partition(params, mask)[0]
             tx, _ = make_optimizer(optim, total_steps(c))
-            opt = jax.eval_shape(tx.init, params)
-        models[role] = ModelInfo(role, cfg, kind, src, params, opt)
+            opt = jax.eval_shape(tx.init, trainable)
+        models[role] = ModelInfo(role, cfg, kind, src, params, opt, trainable, mask, bdt)
     return models
+
+
+def live_reference(c) -> bool:
+    """Does the trainer run a reference forward pass every step (DPO, not precomputed / free)?"""
+    d = c.get("dpo")
+    return c.get("command") == "dpo" and not d.reference_free and not d.precompute_ref
+
+
+def lora_trees(params, base_dtype: Optional[str] = None):
+    """(params, trainable mask) of a LoRA model as `setup.load_params` holds it: frozen leaves in
+    `base_dtype` when given; adapters and the score head in the parameter dtype."""
+    from easyrl.model import lora
+    mask = lora.trainable_mask(params)
+    if base_dtype:
+        dt = jnp.dtype(base_dtype)
+        params = jax.tree.map(lambda x, m: x if m else jax.ShapeDtypeStruct(x.shape, dt),
+                              params, mask)
+    return params, mask
 
 
 def _preset_name(source: str) -> Optional[str]:

@@ -9,7 +9,7 @@ import numpy as np
 
 from easyrl.plan.memory import (GiB, activation_bytes, count, head_bytes_per_token,
                                kv_cache_bytes, layer_bytes_per_token, per_device_bytes, tree_bytes)
-from easyrl.plan.models import ModelInfo, build_models
+from easyrl.plan.models import ModelInfo, build_models, live_reference
 
 DEFAULT_HEADROOM = 0.10
 ROWS_PER_EXAMPLE = {"sft": 1, "rm": 2, "dpo": 2}  # rrhf: rrhf.num_responses; ppo: 1
@@ -17,6 +17,11 @@ RRHF_DEFAULT_RESPONSES = 4
 # easyrl.train.step.accumulate peels micro-batch 0 off the scan; with 2 micro-steps the scan has
 # length 1 and XLA schedules both micro-batches together (compiled temporaries ~ no accumulation).
 TWO_MICRO_STEPS_OVERLAP = 2
+LORA_REFERENCE = "reference: the policy with its LoRA adapters off (no copy of the weights)"
+
+
+def _trainable_what(info: ModelInfo) -> str:
+    return "adapters" + (" + score head" if info.kind != "causal_lm" else "")
 
 
 @dataclasses.dataclass
@@ -77,6 +82,7 @@ class Planner:
         self.c, self.models, self.devices = c, models, devices
         self.device_memory, self.headroom = device_memory, headroom
         self.command = c.get("command", "sft")
+        self.live_reference = live_reference(c)
         self._pd = {}
 
     # the knobs as configured
@@ -126,18 +132,27 @@ class Planner:
         def add_state(info_: ModelInfo, label: str, opt: bool = True):
             p = info_.params
             dt = np.dtype(info_.config.param_dtype).name
-            lines.append(Line(f"{label} parameters", self._per_device(p, m), tree_bytes(p),
-                              f"{count(info_.num_params)} x {dt}"))
+            note = f"{count(info_.num_params)} x {dt}"
+            if info_.lora:
+                n_train = info_.num_trainable
+                note = (f"{count(info_.num_params - n_train)} frozen x "
+                        f"{np.dtype(info_.base_dtype or dt).name} + {count(n_train)} trainable "
+                        f"x {dt} ({_trainable_what(info_)})")
+            lines.append(Line(f"{label} parameters", self._per_device(p, m), tree_bytes(p), note))
             if opt and info_.opt_state is not None:
                 o = info_.opt_state
                 lines.append(Line(f"{label} optimizer state", self._per_device(o, m), tree_bytes(o),
-                                  "AdamW mu + nu (param dtype)"))
+                                  "AdamW mu + nu of the trainable leaves (param dtype)"
+                                  if info_.lora else "AdamW mu + nu (param dtype)"))
 
         def grads(info_: ModelInfo, label: str, accumulate: bool, phase: str):
-            g = self._per_device(info_.params, m) * (2 if accumulate else 1)
-            lines.append(Line(f"{label} gradients", g, tree_bytes(info_.params) * (2 if accumulate else 1),
-                              "x2: accumulator + micro-batch" if accumulate else "param dtype",
-                              phase))
+            t = info_.trainable
+            g = self._per_device(t, m) * (2 if accumulate else 1)
+            note = "x2: accumulator + micro-batch" if accumulate else "param dtype"
+            if info_.lora:
+                note = f"{_trainable_what(info_)} only; " + note
+            lines.append(Line(f"{label} gradients", g, tree_bytes(t) * (2 if accumulate else 1),
+                              note, phase))
 
         pol = self.models["policy"]
         pcfg = pol.config.replace(remat=s.remat)
@@ -150,7 +165,10 @@ class Planner:
             info.append(f"rollout batch {B} prompts x {P}+{N} tokens; update minibatch {s.micro} rows "
                         f"(ppo.num_minibatches={B // max(s.micro, 1)})")
             add_state(pol, "policy")
-            add_state(self.models["reference"], "reference", opt=False)
+            if "reference" in self.models:
+                add_state(self.models["reference"], "reference", opt=False)
+            else:
+                info.append(LORA_REFERENCE)
             add_state(self.models["reward"], "reward", opt=False)
             add_state(self.models["value"], "value")
             b_roll = rows_per_device(B, "rollout batch", "train.batch_size", report=False)
@@ -159,7 +177,7 @@ class Planner:
             lines.append(Line("KV cache (sampler)", kv_dev, kv_total,
                               f"2*L*B*(P+N)*K*Dh*{a}B = 2*{pcfg.num_hidden_layers}*{B}*{S}*"
                               f"{pcfg.num_key_value_heads}*{pcfg.head_dim}*{a}", "rollout"))
-            lb = layer_bytes_per_token(pcfg, tp, S)
+            lb = layer_bytes_per_token(pcfg, tp, S, train=False)
             prefill = b_roll * P * (lb["working"] + head_bytes_per_token(pcfg, "hidden", tp, False))
             lines.append(Line("prefill activations", prefill, None, f"{P} prompt tokens x {S} keys",
                               "rollout"))
@@ -192,6 +210,8 @@ class Planner:
             add_state(pol, "model")
             if "reference" in self.models:
                 add_state(self.models["reference"], "reference", opt=False)
+            elif self.live_reference:
+                info.append(LORA_REFERENCE)
             b = rows_per_device(s.micro, "micro-batch (train.micro_batch_size or train.batch_size)",
                                 "train.micro_batch_size") * rpe
             grads(pol, "model", micro_steps > 1, "step")
@@ -202,9 +222,12 @@ class Planner:
                 note += (" x2: with 2 micro-steps XLA overlaps the peeled first micro-batch and "
                          "the length-1 scan")
             lines.append(Line("activations", act, None, note, "step"))
-            if "reference" in self.models:
-                ref = activation_bytes(pcfg, "causal_lm", b, T, "none", tp, train=False)
-                lines.append(Line("reference forward", ref, None, "forward only", "step"))
+            if self.live_reference:
+                from easyrl.model import lora
+                ref = activation_bytes(lora.disabled(pcfg), "causal_lm", b, T, "none", tp,
+                                       train=False)
+                lines.append(Line("reference forward", ref, None, "forward only" + (
+                    "" if "reference" in self.models else " (adapters off)"), "step"))
         resident = sum(x.per_device for x in lines if x.phase == "resident")
         phases: Dict[str, float] = {}
         for x in lines:
@@ -213,7 +236,6 @@ class Planner:
         peak = resident + (max(phases.values()) if phases else 0.0)
         return Plan(self.command, self.devices, self.device_memory, self.headroom, s, lines,
                     resident, phases, peak, problems, info)
-
 
 
 def make_plan(c, devices: int, device_memory_gib: float, *, headroom: float = DEFAULT_HEADROOM,

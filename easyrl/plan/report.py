@@ -39,8 +39,15 @@ def format_plan(plan: Plan, models: Dict[str, ModelInfo], config_spec: str) -> s
         out.append(f"  {role:9s} {count(mi.num_params):>7s} params  L={cfg.num_hidden_layers} "
                    f"D={cfg.hidden_size} F={cfg.intermediate_size} H={cfg.num_attention_heads} "
                    f"K={cfg.num_key_value_heads} V={cfg.vocab_size}  {mi.kind}  <- {mi.source}")
-    pol = models["policy"].config
-    out.append(f"dtypes: params {pol.param_dtype}, compute {pol.dtype}; remat {s.remat}")
+        if mi.lora:
+            out.append(f"  {'':9s} LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on "
+                       f"{'|'.join(lora_targets(cfg))}: {count(mi.num_trainable)} trainable "
+                       f"({'adapters' if mi.kind == 'causal_lm' else 'adapters + score head'}), "
+                       f"the rest frozen")
+    pm = models["policy"]
+    pol = pm.config
+    base = f" (frozen base {pm.base_dtype})" if pm.lora and pm.base_dtype else ""
+    out.append(f"dtypes: params {pol.param_dtype}{base}, compute {pol.dtype}; remat {s.remat}")
     out.extend(plan.info)
     out.append("")
     unit, u = (GiB, "GiB") if plan.peak >= GiB else (2 ** 20, "MiB")
@@ -58,6 +65,11 @@ def format_plan(plan: Plan, models: Dict[str, ModelInfo], config_spec: str) -> s
         out.append(f"  {'+ ' + PHASE_TITLES.get(ph, ph):42s} {_g(v, unit)}")
     out.append(f"  {'peak = resident + largest phase':42s} {_g(plan.peak, unit)}  ({plan.peak_phase})")
     return "\n".join(out)
+
+
+def lora_targets(cfg) -> tuple:
+    from easyrl.model.lora import target_names
+    return target_names(cfg.lora_targets)
 
 
 def human(x: float) -> str:
@@ -182,8 +194,14 @@ def run(args: argparse.Namespace) -> None:
                       f"(peak {human(p.peak)})")
             else:
                 print(f"nothing fits on up to 65536 devices of {mem:.1f} GiB")
-            print("  other levers: model.param_dtype=bfloat16 halves parameters, gradients and "
-                  "optimizer state (numerics change)")
+            pm = planner.models["policy"]
+            if pm.lora:
+                if not pm.base_dtype:
+                    print("  other levers: model.lora.base_dtype=bfloat16 halves the frozen base")
+            else:
+                print("  other levers: model.param_dtype=bfloat16 halves parameters, gradients and "
+                      "optimizer state (numerics change); model.lora.rank=8 trains adapters only "
+                      "(no optimizer state or gradients for the base)")
     if args.compile:
         n = planner.models["policy"].num_params
         if n >= COMPILE_MAX_PARAMS:
