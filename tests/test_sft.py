@@ -253,23 +253,36 @@ def test_invalid_config_values_name_the_key(tmp_path):
         assert time.time() - t0 < 60
 
 
-@pytest.mark.parametrize("line,needle", [
+BAD_LINES = [
     ('{"prompt": "sort: b a"}', "completion"),
     ('{"prompt": "sort: b a", "completion": ""}', "empty"),
     ('{"prompt": "sort: b a", "completion": "a b"', "JSON"),
-])
-def test_bad_rows_name_file_and_line(tmp_path, line, needle):
+]
+
+
+def _bad_rows_args(tmp_path, bad_lines):
     good = json.dumps({"prompt": "sort: c a b", "completion": "a b c"})
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join([good] * 20 + [line] + [good] * 20) + "\n")
-    root = os.path.dirname(HERE)
-    args = ["sft", "--config", "configs/sft.py:tiny", f"--config.output_dir={tmp_path / 'o'}",
+    lines = [good] * 20
+    for bad in bad_lines:
+        lines += [bad] + [good] * 20
+    path.write_text("\n".join(lines) + "\n")
+    return ["sft", "--config", "configs/sft.py:tiny", f"--config.output_dir={tmp_path / 'o'}",
             f"--config.data.train={path}", "--config.data.eval=", "--config.train.steps=2",
             "--config.train.batch_size=8", "--config.mesh=dp:1"]
-    r = cli(*args, cwd=root)
+
+
+@pytest.mark.parametrize("line,needle", BAD_LINES)
+def test_bad_rows_name_file_and_line(tmp_path, line, needle):
+    r = cli(*_bad_rows_args(tmp_path, [line]), cwd=os.path.dirname(HERE))
     assert r.returncode == 2
-    assert "bad.jsonl" in r.stderr and "21" in r.stderr and needle.lower() in r.stderr.lower(), r.stderr[-1500:]
-    r = cli(*args, "--config.data.skip_bad_rows=True", cwd=root)
+    assert "bad.jsonl" in r.stderr and "line 21" in r.stderr and needle.lower() in r.stderr.lower(), r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
+
+
+def test_skip_bad_rows_trains_and_counts(tmp_path):
+    args = _bad_rows_args(tmp_path, [line for line, _ in BAD_LINES])  # bad lines 21, 42, 63
+    r = cli(*args, "--config.data.skip_bad_rows=True", cwd=os.path.dirname(HERE))
     assert r.returncode == 0, r.stderr[-1500:]
-    assert "skipped 1 bad rows" in r.stdout
-    assert read_metrics(str(tmp_path / "o"))[-1]["data/num_bad_rows"] == 1
+    assert "skipped 3 bad rows" in r.stdout
+    assert read_metrics(str(tmp_path / "o"))[-1]["data/num_bad_rows"] == 3
