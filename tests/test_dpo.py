@@ -19,29 +19,13 @@ from easyrl.data import synthetic
 from easyrl.data.formats import DataError
 from easyrl.train import setup
 from easyrl.train.config import load_config_file
-from easyrl.train.launch import apply_overrides
 from easyrl.train.metrics import read_metrics
 from easyrl.train.optim import make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONE_DEVICE = "dp:1,fsdp:1,tp:1"  # the tiny model runs fastest unsharded on a 2-core CI box
+from tiny_configs import make_config
 TRL_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected")
-
-
-def make_config(command, out, **over):
-    c = load_config_file(f"configs/{command}.py:tiny")
-    base = {"output_dir": str(out), "mesh": ONE_DEVICE, "log.tensorboard": "false"}
-    apply_overrides(c, [f"{k}={v}" for k, v in {**base, **over}.items()])
-    return c
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """EASYRL_CACHE under the session's base temp dir (shared by the preference test files)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EASYRL_CACHE", str(tmp_path_factory.getbasetemp() / "easyrl_cache"))
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -17,30 +17,20 @@ from easyrl.algorithms import dpo, ppo, rm, sft
 from easyrl.data import synthetic
 from easyrl.model import lora
 from easyrl.train import loop, setup
-from easyrl.train.config import load_config_file, validate_lora
-from easyrl.train.launch import apply_overrides
+from easyrl.train.config import validate_lora
 from easyrl.train.optim import make_optimizer
 
+import tiny_configs
 from hf_models import batch, make_causal_lm, make_reward_model
 
-ONE_DEVICE = "dp:1,fsdp:1,tp:1"
+ONE_DEVICE = tiny_configs.ONE_DEVICE
 VOCAB = 160  # the bundled synthetic tokenizer
 LORA = {"model.lora.rank": 4, "model.lora.alpha": 8.0}
 
 
 def make_config(command, out, **over):
-    c = load_config_file(f"configs/{command}.py:tiny")
-    base = {"output_dir": str(out), "mesh": ONE_DEVICE, "log.tensorboard": "false",
-            "checkpoint.async_save": "false", "data.eval": ""}
-    apply_overrides(c, [f"{k}={v}" for k, v in {**base, **over}.items()])
-    return c
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EASYRL_CACHE", str(tmp_path_factory.getbasetemp() / "easyrl_cache"))
-        yield
+    return tiny_configs.make_config(command, out, **{"checkpoint.async_save": "false",
+                                                     "data.eval": "", **over})
 
 
 @pytest.fixture(scope="module")

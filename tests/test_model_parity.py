@@ -1,5 +1,4 @@
 """Logit parity with transformers (fp32, random init, saved locally)."""
-import json
 
 import jax.numpy as jnp
 import numpy as np

@@ -12,26 +12,10 @@ from easyrl.algorithms import rm, sft
 from easyrl.data import synthetic
 from easyrl.train import setup
 from easyrl.train.config import load_config_file
-from easyrl.train.launch import apply_overrides
 from easyrl.train.metrics import read_metrics
 from easyrl.train.step import accumulate, make_eval_step
 
-ONE_DEVICE = "dp:1,fsdp:1,tp:1"  # the tiny model runs fastest unsharded on a 2-core CI box
-
-
-def make_config(command, out, **over):
-    c = load_config_file(f"configs/{command}.py:tiny")
-    base = {"output_dir": str(out), "mesh": ONE_DEVICE, "log.tensorboard": "false"}
-    apply_overrides(c, [f"{k}={v}" for k, v in {**base, **over}.items()])
-    return c
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """EASYRL_CACHE under the session's base temp dir (shared by the preference test files)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EASYRL_CACHE", str(tmp_path_factory.getbasetemp() / "easyrl_cache"))
-        yield
+from tiny_configs import ONE_DEVICE, make_config
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easyrl import checkpoint, model as M, parallel
+from easyrl import checkpoint, model as M
 from easyrl.algorithms import sft
 from easyrl.data.iterator import sft_iterator
 from easyrl.data.synthetic import synthetic_tokenizer_path
