@@ -10,15 +10,20 @@
                      pass over `tokens` computes at the same temperature; 0 where the mask is 0
     out["has_eos"] [B] bool
 
-Layout: one KV cache of length S = P + N per layer, [L, B, S, K, Dh]. Prompt token j sits in
-slot j (pads included, masked out of attention); generated token i is written to slot P + i when
-it is fed back. Positions: prompt positions are cumsum(mask) - 1; generated token i of row b has
-position n_prompt_b + i, so left padding changes nothing. The loop exits early once every row has
-emitted EOS. `make_sampler` returns the compiled callable (jit cached on the static settings) so a
+Layout: one KV cache of length S = P + N per layer, keys [B, K, Dh, S] (transposed) and values
+[B, K, S, Dh]: the operand layouts of the two attention dots, so no step copies the cache into
+another layout. Prompt token j sits in slot j (pads included, masked out of attention);
+generated token i is written to slot P + i when it is fed back. The prefill runs the scanned
+layer stack (caches stacked on a leading L axis); the decode loop then runs the layers unrolled
+(`llama.forward_unrolled`) over per-layer weights sliced out once before the loop and per-layer
+caches carried by it, so a step updates one cache slot in place and reads every weight where it
+lies. Positions: prompt positions are cumsum(mask) - 1; generated token i of row b has position
+n_prompt_b + i, so left padding changes nothing. The loop exits early once every row has emitted
+EOS. `make_sampler` returns the compiled callable (jit cached on the static settings) so a
 trainer can call it every iteration without retracing; `generate` uses the same cache.
 
 Sharded params (any `dp/fsdp/tp` mesh) work through plain jit propagation; pass `mesh` to also pin
-the KV cache to batch x kv-head sharding (`P(None, ('dp','fsdp'), None, 'tp', None)`).
+the KV cache to batch x kv-head sharding (`P(None, ('dp','fsdp'), 'tp', None, None)`).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easyrl.model.config import LlamaConfig
-from easyrl.model.llama import Llama
+from easyrl.model.llama import Llama, forward_unrolled, unstack_layers
 
 __all__ = ["generate", "make_sampler", "sample_logits", "filter_logits", "normalize_eos"]
 
@@ -114,13 +119,16 @@ def _lm_logits(config: LlamaConfig, params, h: jax.Array) -> jax.Array:
     return out.astype(jnp.float32)
 
 
-def _cache_sharding(config: LlamaConfig, mesh, batch: int):
+def _cache_sharding(config: LlamaConfig, mesh, batch: int, stacked: bool = True):
+    """Cache [L, B, K, ., .] (stacked, prefill) or [B, K, ., .] (one layer, decode): batch over
+    (dp, fsdp), kv heads over tp (when divisible)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from easyrl.parallel import BATCH, data_parallel_size
     b_ax = BATCH if batch % data_parallel_size(mesh) == 0 else None
     k_ax = "tp" if config.num_key_value_heads % mesh.shape["tp"] == 0 else None
-    return NamedSharding(mesh, P(None, b_ax, None, k_ax, None))
+    spec = (b_ax, k_ax, None, None)
+    return NamedSharding(mesh, P(None, *spec) if stacked else P(*spec))
 
 
 def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
@@ -134,8 +142,8 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
     pmask = attention_mask.astype(jnp.int32) > 0  # [B, P]
     n_prompt = jnp.sum(pmask, axis=-1).astype(jnp.int32)  # [B]
     cdt = jnp.dtype(cache_dtype or cfg.dtype)
-    shape = (cfg.num_hidden_layers, b, s, cfg.num_key_value_heads, cfg.head_dim)
-    cache = (jnp.zeros(shape, cdt), jnp.zeros(shape, cdt))
+    l, kh, dh = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    cache = (jnp.zeros((l, b, kh, dh, s), cdt), jnp.zeros((l, b, kh, s, dh), cdt))  # k^T, v
     if mesh is not None:
         sh = _cache_sharding(cfg, mesh, b)
         cache = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, sh), cache)
@@ -168,7 +176,13 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
     response = jnp.full((b, n), pad, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
     rmask = jnp.zeros((b, n), jnp.int32).at[:, 0].set(live.astype(jnp.int32))
-    lm_model = Llama(cfg, head="lm")
+    # decode: layers unrolled over per-layer weights (sliced out once, here) and per-layer caches
+    # carried by the loop, so each step updates its cache slot in place and copies no weights
+    layer_params = unstack_layers(params)
+    caches = [(cache[0][i], cache[1][i]) for i in range(cfg.num_hidden_layers)]
+    if mesh is not None:
+        lsh = _cache_sharding(cfg, mesh, b, stacked=False)
+        caches = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, lsh), caches)
     slots = jnp.arange(s)[None, :]
 
     def cond(state):
@@ -180,15 +194,15 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
         slot = p + i - 1  # where the previous token (fed now) is written
         pos = (n_prompt + i - 1)[:, None]
         key_ok = prompt_keys | ((slots >= p) & (slots <= slot))  # [B, S]
-        logits, cache = lm_model.apply({"params": params}, tok[:, None], pos, key_ok[:, None, :],
-                                       cache, slot)
+        logits, cache = forward_unrolled(cfg, params, layer_params, tok[:, None], pos,
+                                         key_ok[:, None, :], cache, slot)
         tok, lp, live, finished = pick(logits[:, 0], i, finished)
         response = jax.lax.dynamic_update_slice(response, tok[:, None], (0, i))
         logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
         rmask = jax.lax.dynamic_update_slice(rmask, live.astype(jnp.int32)[:, None], (0, i))
         return i + 1, cache, tok, finished, response, logprobs, rmask
 
-    state = (jnp.int32(1), cache, tok, finished, response, logprobs, rmask)
+    state = (jnp.int32(1), caches, tok, finished, response, logprobs, rmask)
     _, _, _, finished, response, logprobs, rmask = jax.lax.while_loop(cond, body, state)
     return {
         "tokens": jnp.concatenate([input_ids, response], axis=-1),

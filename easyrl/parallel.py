@@ -172,6 +172,16 @@ def constrain_batch(x):
     return jax.lax.with_sharding_constraint(x, P(BATCH, *([None] * (x.ndim - 1))))
 
 
+def local_rows(n: int) -> int:
+    """Rows of a batch of `n` that one device holds when traced under a mesh (`jax.set_mesh`)
+    with the batch sharded over (dp, fsdp); `n` without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH) <= set(mesh.axis_names):
+        return n
+    size = int(np.prod([mesh.shape[a] for a in BATCH]))
+    return n // size if n % size == 0 else n
+
+
 def sharded_init(init_fn, mesh: Mesh, *args, rules=PARTITION_RULES):
     """Run `init_fn(*args)` under jit with out_shardings from the rule table: the pytree is born
     sharded and never materialized whole on one device or host."""

@@ -230,6 +230,69 @@ def test_sft_sums_and_split_invariance(seed):
     close(sum(p["nll_sum"] for p in parts) / sum(p["n_tokens"] for p in parts), nll / n)
 
 
+
+def ref_head_sft(hidden, kernel, ids, mask):
+    """SFT sums and d nll_sum / d (hidden, kernel) for logits = hidden @ kernel, in float64 numpy:
+    d nll / d z_t = softmax(z_t) - onehot(target) at each position t that predicts a target."""
+    logits = hidden @ kernel
+    nll, correct, n = ref_sft(logits, ids, mask)
+    dz = np.zeros_like(logits)
+    for i in range(ids.shape[0]):
+        for j in range(1, ids.shape[1]):
+            if mask[i, j]:
+                p = np.exp(np_log_softmax(logits[i, j - 1]))
+                p[ids[i, j]] -= 1
+                dz[i, j - 1] = p
+    return nll, correct, n, dz @ kernel.T, np.einsum("btd,btv->dv", hidden, dz)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("chunk", [1, 4, 9, 64])  # 4 does not divide T = 9: padded positions
+def test_lm_head_loss_sums_vs_reference(seed, chunk):
+    rng = np.random.default_rng(seed)
+    b, t, d, v = 3, 9, 6, 11
+    _, ids, mask = rand_seq_batch(rng, b=b, t=t, v=v)
+    hidden, kernel = rng.normal(size=(b, t, d)), rng.normal(size=(d, v))
+    hidden[1, -1] = np.nan  # the last position predicts nothing: must not leak
+    hidden[2, np.nonzero(mask[2] == 0)[0][-1] - 1] = np.nan  # predicts a masked token
+    nll, correct, n, gh, gk = ref_head_sft(np.nan_to_num(hidden), kernel, ids, mask)
+    f = functools.partial(L.lm_head_loss_sums, input_ids=ids, loss_mask=mask, chunk=chunk)
+    s = jax.jit(f)(hidden, kernel)
+    assert s["nll_sum"].dtype == jnp.float64
+    close(s["nll_sum"], nll)
+    close(s["correct_sum"], correct)
+    close(s["n_tokens"], n)
+    # gradients of a function of nll_sum (the cotangent scales the precomputed gradient)
+    got_h, got_k = jax.jit(jax.grad(lambda h, k: 0.37 * f(h, k)["nll_sum"] ** 2, (0, 1)))(
+        hidden, kernel)
+    scale = 0.37 * 2 * nll
+    ok = ~np.isnan(hidden)
+    close(np.where(ok, got_h, 0), scale * np.where(ok, gh, 0))
+    close(got_k, scale * gk)
+    # a frozen head (LoRA) or hidden: the gradient of the other input alone; metrics: none
+    only_h = jax.grad(lambda h: 0.37 * f(h, kernel)["nll_sum"] ** 2)(hidden)
+    close(np.where(ok, only_h, 0), np.where(ok, got_h, 0))
+    close(jax.grad(lambda k: 0.37 * f(hidden, k)["nll_sum"] ** 2)(kernel), got_k)
+    close(jax.grad(lambda k: f(hidden, k)["correct_sum"])(kernel), np.zeros_like(kernel))
+    # and equal to the plain logits path (sft_loss_sums over hidden @ kernel)
+    h0 = np.nan_to_num(hidden)
+    plain = L.sft_loss_sums(jnp.einsum("btd,dv->btv", h0, kernel), ids, mask)
+    close(s["nll_sum"], plain["nll_sum"])
+
+
+def test_lm_head_loss_sums_bf16_float32_sums():
+    with jax.enable_x64(False):
+        h = jnp.zeros((2, 5, 4), jnp.bfloat16)
+        k = jnp.zeros((4, 7), jnp.bfloat16)
+        ids, m = jnp.zeros((2, 5), jnp.int32), jnp.ones((2, 5))
+        s = L.lm_head_loss_sums(h, k, ids, m, chunk=2)
+        assert s["nll_sum"].dtype == jnp.float32
+        close(s["nll_sum"], 8 * math.log(7))  # 2 rows x 4 targets, uniform over 7
+        gh, gk = jax.grad(lambda h, k: L.lm_head_loss_sums(h, k, ids, m, chunk=2)["nll_sum"],
+                          (0, 1))(h, k)
+        assert gh.dtype == jnp.bfloat16 and gk.dtype == jnp.bfloat16
+
+
 # ----------------------------------------------------------------------------- reward model
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("use_margin", [False, True])

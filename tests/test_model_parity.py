@@ -30,6 +30,21 @@ def test_causal_lm_logits_match_transformers(tmp_path, variant, padding):
     assert diff <= TOL
 
 
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_causal_block_skipping_matches_transformers(tmp_path, monkeypatch, padding):
+    """`attend` skips key blocks above the diagonal in query blocks of CAUSAL_CHUNK (256): with a
+    chunk of 5, T = 12 runs as blocks of 5, 5, 2 and must still match transformers."""
+    from easyrl.model import llama
+    monkeypatch.setattr(llama, "CAUSAL_CHUNK", 5)
+    ref = make_causal_lm(tmp_path, num_key_value_heads=2)
+    config, params = hf.load(str(tmp_path))
+    ids, mask = batch(config.vocab_size, padding=padding)
+    with torch.no_grad():
+        want = ref(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    got = np.asarray(M.forward(config, params, jnp.asarray(ids), jnp.asarray(mask)))
+    assert float(np.abs(got - want)[mask > 0].max()) <= TOL
+
+
 def test_left_padded_row_equals_row_alone(tmp_path):
     make_causal_lm(tmp_path, num_key_value_heads=2)
     config, params = hf.load(str(tmp_path))
@@ -57,7 +72,11 @@ def test_reward_model_matches_sequence_classification(tmp_path, padding):
     assert vals.shape == ids.shape
 
 
-def test_packed_segments_equal_examples_alone(tmp_path):
+@pytest.mark.parametrize("chunk", [None, 4])  # 4: causal block skipping across segments
+def test_packed_segments_equal_examples_alone(tmp_path, monkeypatch, chunk):
+    if chunk:
+        from easyrl.model import llama
+        monkeypatch.setattr(llama, "CAUSAL_CHUNK", chunk)
     make_causal_lm(tmp_path, num_key_value_heads=2)
     config, params = hf.load(str(tmp_path))
     rs = np.random.RandomState(1)

@@ -23,3 +23,11 @@ def lm_logits(config, params, batch, prefix: str = "", rng=None):
     g = lambda k: batch.get(prefix + k)  # noqa: E731
     return M.forward(config, params, g("input_ids"), g("attention_mask"),
                      positions=g("positions"), segment_ids=g("segment_ids"), rng=rng)
+
+
+def lm_hidden(config, params, batch, prefix: str = "", rng=None):
+    """Final normed hidden states [B, T, D] of a batch, as `lm_logits` but without the LM head
+    (`losses.lm_head_loss_sums` applies it fused with the cross-entropy)."""
+    g = lambda k: batch.get(prefix + k)  # noqa: E731
+    return M.hidden_states(config, params, g("input_ids"), g("attention_mask"),
+                           positions=g("positions"), segment_ids=g("segment_ids"), rng=rng)

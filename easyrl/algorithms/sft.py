@@ -3,17 +3,22 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from easyrl import losses
-from easyrl.algorithms.common import fmt, iter_kwargs, lm_logits
+from easyrl import losses, parallel
+from easyrl import model as M
+from easyrl.algorithms.common import fmt, iter_kwargs, lm_hidden
 from easyrl.data.iterator import sft_iterator
 from easyrl.train import loop, setup
 
 
 def make_loss(config):
+    """Token-level cross-entropy with the LM head fused into it (`losses.lm_head_loss_sums`):
+    logits exist for one chunk of positions at a time, never as a whole [B, T, V] array."""
     def loss_fn(params, frozen, batch, rng, denom):
-        logits = lm_logits(config, params, batch, rng=rng)
+        hidden = lm_hidden(config, params, batch, rng=rng)
         targets = batch.get("labels", batch["input_ids"])  # labels: optional explicit targets
-        s = losses.sft_loss_sums(logits, targets, batch["loss_mask"])
+        chunk = max(1, losses.LM_HEAD_CHUNK_TOKENS // parallel.local_rows(hidden.shape[0]))
+        s = losses.lm_head_loss_sums(hidden, M.lm_head_kernel(config, params), targets,
+                                     batch["loss_mask"], chunk=chunk)
         return s["nll_sum"] / denom, {"accuracy": s["correct_sum"] / denom}
     return loss_fn
 

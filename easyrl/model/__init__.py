@@ -13,7 +13,7 @@ KINDS = ("causal_lm", "reward", "value")
 
 __all__ = ["LlamaConfig", "PRESETS", "get_preset", "Llama", "KINDS", "module", "init_params",
            "param_shapes", "forward", "score", "values", "hidden_states", "positions_from_mask",
-           "attention_mask_3d", "last_token_index"]
+           "attention_mask_3d", "last_token_index", "lm_head_kernel"]
 
 
 def head_for(kind: str) -> str:
@@ -76,10 +76,20 @@ def forward(config: LlamaConfig, params, input_ids, attention_mask=None, *, posi
 
 
 def hidden_states(config, params, input_ids, attention_mask=None, *, positions=None,
-                  segment_ids=None) -> jax.Array:
+                  segment_ids=None, rng=None) -> jax.Array:
     """Final normed hidden states [B, T, D] (compute dtype)."""
     return apply(config, params, input_ids, attention_mask, head="hidden", positions=positions,
-                 segment_ids=segment_ids)
+                 segment_ids=segment_ids, rng=rng)
+
+
+def lm_head_kernel(config: LlamaConfig, params) -> jax.Array:
+    """The LM head as a [D, V] kernel in the compute dtype (the transposed embedding when tied):
+    logits = hidden_states(...) @ lm_head_kernel(...), as `forward` computes them."""
+    if config.tie_word_embeddings:
+        kernel = params["embed_tokens"]["embedding"].T
+    else:
+        kernel = params["lm_head"]["kernel"]
+    return kernel.astype(config.dtype)
 
 
 def values(config, params, input_ids, attention_mask=None, *, positions=None,

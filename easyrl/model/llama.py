@@ -84,19 +84,59 @@ def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str, std: Optional
     return nn.Dense(features, **kw)
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array, impl: str = "xla") -> Array:
-    """Grouped-query attention. q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] bool -> [B,T,H,Dh]."""
-    b, t, h, dh = q.shape
-    kh = k.shape[2]
-    if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-    q = q.reshape(b, t, kh, h // kh, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+CAUSAL_CHUNK = 256  # query-block size of the causal block skipping in `attend`
+
+
+def _attend_core(q: Array, kt: Array, v: Array, mask: Array) -> Array:
+    """q [B,K,G,T,Dh], kt [B,K,Dh,S] (keys transposed), v [B,K,S,Dh], mask [B,T,S] bool
+    -> [B,K,G,T,Dh]. Both dots take their operands in canonical [batch, M, K] x [batch, K, N]
+    layout, so XLA adds no transposed copies of the scores or the cache around them."""
+    dh = q.shape[-1]
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, kt, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / np.sqrt(dh))
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, dh)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, impl: str = "xla",
+           causal: bool = False) -> Array:
+    """Grouped-query attention. q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] bool -> [B,T,H,Dh].
+
+    causal=True promises that the mask hides every key s > t (T == S); the XLA path then skips
+    the key blocks above the diagonal: query block i (CAUSAL_CHUNK rows) attends to keys
+    [0, (i+1) * CAUSAL_CHUNK) only, about half the score FLOPs and bytes at long T. Skipped keys
+    are masked anyway (their softmax weight is exactly 0), so the result is unchanged.
+    """
+    b, t, h, dh = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    qt = q.reshape(b, t, kh, h // kh, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+    kt = k.transpose(0, 2, 3, 1)  # [B, K, Dh, S]
+    vt = v.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
+    c = CAUSAL_CHUNK
+    if causal and t == s and t > c:
+        outs = []
+        for lo in range(0, t, c):
+            hi = min(lo + c, t)
+            outs.append(_attend_core(qt[:, :, :, lo:hi], kt[..., :hi], vt[:, :, :hi],
+                                     mask[:, lo:hi, :hi]))
+        out = jnp.concatenate(outs, axis=3)
+    else:
+        out = _attend_core(qt, kt, vt, mask)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
+def attend_cached(q: Array, ck: Array, cv: Array, mask: Array) -> Array:
+    """Attention over a KV cache: q [B,T,H,Dh], ck [B,K,Dh,S] (keys transposed), cv [B,K,S,Dh],
+    mask [B,T,S] bool -> [B,T,H,Dh]. The cache layouts are the canonical operands of the two
+    dots, so a decode step reads the cache without a transposed copy."""
+    b, t, h, dh = q.shape
+    kh = ck.shape[1]
+    q = q.reshape(b, t, kh, h // kh, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+    out = _attend_core(q, ck, cv, mask)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
 class Attention(nn.Module):
@@ -113,13 +153,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
         if cache is not None:  # write this step's keys/values at cache_index, attend to all S
-            ck, cv = cache
-            start = (0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            ck, cv = cache  # [B, K, Dh, S], [B, K, S, Dh]: the layouts the two dots read directly
+            ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype),
+                                              (0, 0, 0, cache_index))
+            cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype),
+                                              (0, 0, cache_index, 0))
             new_cache = (ck, cv)
-            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        out = attend(q, k, v, mask, cfg.attention).reshape(b, t, h * dh)
+            out = attend_cached(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+        else:
+            out = attend(q, k, v, mask, cfg.attention, causal=True)  # masks are causal
+        out = out.reshape(b, t, h * dh)
         return _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out), new_cache
 
 
@@ -157,7 +200,11 @@ class Llama(nn.Module):
     def __call__(self, input_ids, positions, mask, cache=None, cache_index=None):
         """input_ids/positions [B, T] int, mask [B, T, S] bool (S = T, or the cache length).
 
-        cache: (k, v) each [L, B, S, K, Dh] or None. Returns (output, new_cache).
+        The mask must be causal (a query never sees a later key, as `attention_mask_3d` and the
+        sampler build it): without a cache, attention skips the key blocks above the diagonal.
+
+        cache: (k, v), k [L, B, K, Dh, S] and v [L, B, K, S, Dh], or None (see `attend_cached`).
+        Returns (output, new_cache).
         """
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=_dt(cfg.dtype),
@@ -185,3 +232,45 @@ class Llama(nn.Module):
         else:
             logits = _dense(cfg, cfg.vocab_size, False, "lm_head")(x)
         return logits.astype(jnp.float32), new_cache
+
+
+# ---- decode without the layer scan ------------------------------------------------------------
+def unstack_layers(params) -> list:
+    """The stacked decoder parameters ``params['layers']`` ([L, ...] leaves) as L per-layer trees.
+
+    Inside a jitted sampler this slices each layer out ONCE, before the decode loop, so the loop
+    body reads every weight in place instead of copying layer l's slice out of the stacked array
+    on every step (what a scanned layer stack does on CPU)."""
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    return [jax.tree.map(lambda p, i=i: p[i], params["layers"]) for i in range(n)]
+
+
+def forward_unrolled(config: LlamaConfig, params, layer_params: list, input_ids, positions, mask,
+                     caches: list, cache_index, head: str = "lm"):
+    """The `Llama` forward as a Python loop over layers with one KV cache per layer.
+
+    Same math and parameters as `Llama` (``layer_params`` from `unstack_layers`), for the
+    sampler's decode step: each ``caches[l] = (k [B, K, Dh, S], v [B, K, S, Dh])`` (the layouts
+    of `Llama`'s cache, one layer) is its own buffer, a loop carry updated in place at
+    ``cache_index``, which attention reads without a copy.
+    Returns (logits [B, T, V] float32 | hidden [B, T, D], new caches).
+    """
+    cfg = config
+    dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt)
+    x = embed.apply({"params": params["embed_tokens"]}, input_ids.astype(jnp.int32))
+    cos, sin = rope_cos_sin(cfg, positions)
+    layer = DecoderLayer(cfg)
+    new_caches = []
+    for lp, cache in zip(layer_params, caches):
+        x, cache = layer.apply({"params": lp}, x, cache, cos, sin, mask, cache_index)
+        new_caches.append(cache)
+    x = RMSNorm(cfg.rms_norm_eps, dt, pdt).apply({"params": params["norm"]}, x)
+    if head == "hidden":
+        return x, new_caches
+    if cfg.tie_word_embeddings:
+        logits = embed.apply({"params": params["embed_tokens"]}, x, method=nn.Embed.attend)
+    else:
+        dense = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt)
+        logits = dense.apply({"params": params["lm_head"]}, x)
+    return logits.astype(jnp.float32), new_caches
