@@ -1,7 +1,9 @@
 """One PPO iteration split into rollout, scoring and update, with easyrl's PPO pieces.
 
-    python benchmarks/ppo_iteration.py --preset tiny --batch 16 --prompt 32 --new 32 --iters 5
-    python benchmarks/ppo_iteration.py --preset bench_100m --batch 8 --prompt 64 --new 64 --iters 3
+    python benchmarks/ppo_iteration.py --preset tiny --batch 16 --prompt 32 --new 32 --iters 6 \
+        --out benchmarks/results/ppo_tiny.json
+    python benchmarks/ppo_iteration.py --preset bench_100m --batch 8 --prompt 64 --new 64 --iters 3 \
+        --out benchmarks/results/ppo_bench_100m.json
 
 Random-init policy, reference (a copy of the policy), value and reward models of the preset's
 shape; random prompts (no data). The iteration is wired as `easyrl.algorithms.ppo_loop` wires it:
@@ -37,6 +39,7 @@ def main(argv=None):
     ap.add_argument("--minibatches", type=int, default=2)
     ap.add_argument("--iters", type=int, default=4, help="iterations (the first compiles)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--remat", default="dots", help="remat policy of the policy / value updates")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
@@ -48,9 +51,8 @@ def main(argv=None):
     from easyrl.train.optim import make_optimizer
 
     info = C.machine_info()
-    print(f"# {info['host_cpu']} x{C.num_threads()} threads | jax {info['jax']} ({info['jax_backend']}) "
-          f"| load {info['loadavg_start']}")
-    cfg = M.get_preset(a.preset, dtype=a.dtype)
+    print(C.banner(info), flush=True)
+    cfg = M.get_preset(a.preset, dtype=a.dtype, remat=a.remat)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     policy = M.init_params(cfg, keys[0], "causal_lm")
     ref = jax.tree.map(jnp.copy, policy)  # own buffers: the policy is donated
@@ -114,15 +116,18 @@ def main(argv=None):
     tok = a.batch * a.new
     print(f"\nPPO iteration: {a.preset} ({cfg.num_params / 1e6:.1f}M params x 4 models), batch "
           f"{a.batch}, prompt {a.prompt}, {a.new} new tokens, {a.epochs} epoch(s) x "
-          f"{a.minibatches} minibatches, {a.dtype}, median of {len(steady)} iterations")
+          f"{a.minibatches} minibatches, {a.dtype}, remat={cfg.remat}, median of {len(steady)} "
+          f"iterations")
     print(C.table(rows, ["phase", "s (median)", "share", "iter 0 s (compile)"]))
     print(f"response tokens/s over the whole iteration: {tok / total:.0f}")
     print(f"load average start {info['loadavg_start']} end {C.loadavg()}")
     C.write_json(a.out, dict(benchmark="ppo_iteration", machine=info, args=vars(a),
-                             params_per_model=cfg.num_params,
-                             results={n: dict(s=m, s_all=[t[i] for t in times])
+                             params_per_model=cfg.num_params, steady_iterations=len(steady),
+                             results={n: dict(s=m, share=m / total, s_all=[t[i] for t in times],
+                                              first_iteration_s=times[0][i])
                                       for i, (n, m) in enumerate(zip(names, med))},
-                             total_s=total, response_tokens_per_s=tok / total))
+                             total_s=total, first_iteration_s=sum(times[0]),
+                             response_tokens_per_s=tok / total))
 
 
 if __name__ == "__main__":
