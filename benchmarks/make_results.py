@@ -18,9 +18,9 @@ TARGETS = dict(train_ratio=1.0, train_mfu=0.40, sampler_ratio=3.0)
 NOTES = """\
 ## What the easyrl side does, and what each piece was worth
 
-Measured on the 2-core machine of the first run with other jobs running on it, each change
-against the code without it in the same process, interleaved, median of 3-7 repetitions (wall
-and process CPU time agreed within a few %); bench_100m, seq 512, float32.
+Measured while tuning (2-core machine shared with other jobs; each change against the code
+without it in the same process, interleaved, median of 3-7 repetitions, wall and process CPU time
+agreeing within a few %); bench_100m, seq 512, float32.
 
 | change | where | measured |
 |---|---|---|
@@ -30,24 +30,46 @@ and process CPU time agreed within a few %); bench_100m, seq 512, float32.
 | causal block skipping in training attention (query blocks of 256 see keys [0, end of block)) | `model/llama.py` | train step 0.95x on top of the layouts (blocks of 128: 0.98x) |
 | remat `dots` (what the 7B/13B presets use) instead of `none` | config | train step 0.75x at L=12, B=4 (`full` 0.80x, `minimal` 0.81x): with `none` the backward reads per-layer residuals out of the scan's stacked arrays in badly fused, transposed elementwise ops |
 | sampler KV cache stored as k [B, K, Dh, S], v [B, K, S, Dh] (no transposed copy of the cache per step) | `model/llama.py`, `generate.py` | decode step 0.55-0.65x |
-| sampler decode loop with the layers unrolled over per-layer weights and per-layer caches (each step updates one cache slot in place, no weight slicing per step) | `generate.py`, `model/llama.py` | with the cache layouts: decode step 123 ms vs 424 ms before (3.4x) at batch 16 |
+| sampler decode loop with the layers unrolled over per-layer weights and caches (each step updates one cache slot in place; weights sliced out of the stacked arrays once, not per step) | `generate.py`, `model/llama.py` | with the cache layouts: decode step 123 ms vs 424 ms before (3.4x) at batch 16; slicing the weights per step instead: 1.4x slower |
 
-XLA flags tried on the train step (no gain, kept off): `--xla_cpu_use_onednn=true`,
-`--xla_cpu_use_xnnpack=false`, `--xla_cpu_experimental_enable_tiling_propagation=true`,
-`--xla_cpu_use_fusion_emitters=false`, `--xla_cpu_enable_fast_math=true`.
+Tried and dropped (no gain beyond noise, or slower): XLA flags `--xla_cpu_use_onednn=true`,
+`--xla_cpu_use_xnnpack=false`, `--xla_cpu_experimental_ynn_fusion_type=-dot`,
+`--xla_cpu_experimental_enable_tiling_propagation=true`, `--xla_cpu_use_fusion_emitters=false`,
+`--xla_cpu_enable_fast_math=true`; unrolling the layer scan in training (all 12 layers: 1.16x
+slower; by 2: 0.95x, within noise); a custom-VJP SwiGLU (0.98x); the fused head's kernel
+pre-transposed for the backward dots (no change).
 
-Where the time still goes (profile of the train step, table above): the dots are about half of
-the step; the rest is layout changes XLA:CPU inserts around the dots (the backward's
-weight-gradient dots want the activation gradients transposed; XLA fuses that transpose into
-the elementwise producer, which then writes with a large stride), the scan's per-layer slicing
-of stacked weights and residuals, and elementwise work (RMSNorm, rotary, softmax, SiLU, AdamW).
-What would close more of it: dense kernels stored [out, in] (HF's orientation) so the weight
-gradient dots take their operands untransposed (a change to the parameter layout and the HF
-name table); a fused SwiGLU / RMSNorm backward (custom VJPs that emit the gradients in the
-layout the next dot wants); bf16 compute (this CPU has AMX-BF16 and AVX512-BF16; torch's bf16
-matmul is several times its fp32 one, XLA's is not yet); for decode, bf16 weights and KV cache
-halve the bytes per step, and attention over only the filled part of the cache (blocks of keys
-skipped past the current length) removes up to half of the KV reads.
+### Training step: where the time goes, and what would close the gap
+
+On an idle moment of the same machine (load ~1.5) one run gave easyrl 13.9 s/step and
+transformers + torch 7.8 s/step (0.56x; MFU 39% vs torch's 69% of the same 271 GFLOP/s
+ceiling). Under load (the provisional run above) the two come out even, because torch's OpenMP
+threads suffer more from sharing the cores than XLA's pool. The gap is XLA:CPU's code around the
+matmuls, not the matmuls themselves: alone, XLA's dots of the model's shapes ([2048, 768] x
+[768, 2048] and their transposes for the backward) run at 250-290 GFLOP/s (torch/oneDNN
+310-320), but inside the step they average ~130 GFLOP/s, and another ~22% of the step is
+transposes/copies XLA inserts so that its dot kernels get canonical operands (the largest: the
+SwiGLU backward writing [T, F] gradients transposed for the weight-gradient dots, ~13%), plus ~6%
+slicing per-layer weights and residuals out of the scan's stacked arrays. torch's GEMMs take
+transposed operands directly. What would close it: kernels stored [out, in] so that the
+weight-gradient dots need no transposed activations (a change to the parameter layout and the
+HF name table); an XLA:CPU whose dot thunks accept transposed operands; bf16 (this CPU has
+AMX-BF16: torch's bf16 matmul runs several times its fp32 one; XLA's bf16-output dots are 4-6x
+slower than the same dot accumulating in float32, so `_dense` would first need
+`preferred_element_type=float32`).
+
+### Sampler: where the time goes, and what would close the gap
+
+Per decode step (batch 16) easyrl reads 438 MB of weights and 302 MB of KV cache. Its profile:
+MLP projections ~43%, attention projections ~20%, LM head ~12%, the rest (attention over
+the cache, its in-place update, sampling) ~25%.
+The M = 16 matrix-vector products stream weights at 9-11 GB/s on this machine, torch's at
+9-10 GB/s too (a plain sum reads 15-22 GB/s), so both implementations sit at 2-3x the
+bandwidth floor and transformers' `generate` is already within ~1.1x of easyrl: a 3x ratio is
+out of reach in float32 on this CPU. What would close it: fewer bytes per step -- bf16 or int8
+weights and KV cache (with float32-accumulating dots; see above), attention over only the
+filled blocks of the cache (on average a quarter of the KV bytes here) -- and larger decode
+batches per weight read.
 """
 
 

@@ -17,7 +17,8 @@ generated token i is written to slot P + i when it is fed back. The prefill runs
 layer stack (caches stacked on a leading L axis); the decode loop then runs the layers unrolled
 (`llama.forward_unrolled`) over per-layer weights sliced out once before the loop and per-layer
 caches carried by it, so a step updates one cache slot in place and reads every weight where it
-lies. Positions: prompt positions are cumsum(mask) - 1; generated token i of row b has position
+lies (on CPU 3.4x faster per step than the scanned stack; slicing inside the loop instead was
+1.4x slower). The price: while sampling, the decoder weights exist twice (stacked + sliced). Positions: prompt positions are cumsum(mask) - 1; generated token i of row b has position
 n_prompt_b + i, so left padding changes nothing. The loop exits early once every row has emitted
 EOS. `make_sampler` returns the compiled callable (jit cached on the static settings) so a
 trainer can call it every iteration without retracing; `generate` uses the same cache.
