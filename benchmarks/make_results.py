@@ -125,6 +125,8 @@ def machine_section(docs, run_all):
     if run_all:
         text += (f"\nOne command ran everything in {run_all['seconds'] / 60:.1f} min: "
                  f"`{run_all['command']}`\n")
+        for cmd in run_all.get("reruns", []):
+            text += f"; re-run afterwards: `{cmd}`\n"
     return text
 
 

@@ -74,7 +74,15 @@ def main(argv=None):
                                     json=os.path.basename(out)))
         print(f"=== {name}: exit {rc} after {dt:.0f}s", flush=True)
     summary.update(seconds=time.perf_counter() - t_all, loadavg_end=C.loadavg())
-    with open(os.path.join(a.out, "run_all.json"), "w") as f:
+    path = os.path.join(a.out, "run_all.json")
+    if a.only and os.path.exists(path):  # a partial re-run: keep the other benchmarks' records
+        with open(path) as f:
+            old = json.load(f)
+        rerun = {r["name"] for r in summary["runs"]}
+        summary["runs"] = [r for r in old.get("runs", []) if r["name"] not in rerun] + summary["runs"]
+        summary["reruns"] = old.get("reruns", []) + [summary["command"]]
+        summary["command"], summary["seconds"] = old["command"], old["seconds"]
+    with open(path, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nall benchmarks: {summary['seconds'] / 60:.1f} min; load {summary['loadavg_start']} -> "
           f"{summary['loadavg_end']}")
