@@ -1,6 +1,6 @@
 """Run every CPU benchmark of issue 7 at its sizes, then write benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py --out benchmarks/results            # the full run (~15 min, 2 cores)
+    python benchmarks/run_all.py --out benchmarks/results            # the full run (7-15 min, 2 cores)
     python benchmarks/run_all.py --out /tmp/bench --quick --no-md    # smoke test (tiny sizes)
     python benchmarks/make_results.py benchmarks/results             # RESULTS.md from saved JSON
 
