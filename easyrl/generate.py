@@ -134,7 +134,7 @@ def _cache_sharding(config: LlamaConfig, mesh, batch: int, stacked: bool = True)
 
 def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
                    config: LlamaConfig, max_new_tokens: int, temperature: float, top_k: int,
-                   top_p: float, cache_dtype, mesh):
+                   top_p: float, cache_dtype, mesh, decode: str = "unrolled"):
     b, p = input_ids.shape
     n = max_new_tokens
     s = p + n
@@ -177,13 +177,23 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
     response = jnp.full((b, n), pad, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
     rmask = jnp.zeros((b, n), jnp.int32).at[:, 0].set(live.astype(jnp.int32))
-    # decode: layers unrolled over per-layer weights (sliced out once, here) and per-layer caches
-    # carried by the loop, so each step updates its cache slot in place and copies no weights
-    layer_params = unstack_layers(params)
-    caches = [(cache[0][i], cache[1][i]) for i in range(cfg.num_hidden_layers)]
-    if mesh is not None:
-        lsh = _cache_sharding(cfg, mesh, b, stacked=False)
-        caches = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, lsh), caches)
+    if decode == "unrolled":
+        # layers unrolled over per-layer weights (sliced out once, here) and per-layer caches
+        # carried by the loop, so each step updates its cache slot in place and copies no weights
+        layer_params = unstack_layers(params)
+        caches = [(cache[0][i], cache[1][i]) for i in range(cfg.num_hidden_layers)]
+        if mesh is not None:
+            lsh = _cache_sharding(cfg, mesh, b, stacked=False)
+            caches = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, lsh), caches)
+
+        def step(tok, pos, key_ok, cache, slot):
+            return forward_unrolled(cfg, params, layer_params, tok, pos, key_ok, cache, slot)
+    else:  # "scan": the scanned layer stack over the stacked cache; no second copy of the weights
+        caches = cache
+        lm_model = Llama(cfg, head="lm")
+
+        def step(tok, pos, key_ok, cache, slot):
+            return lm_model.apply({"params": params}, tok, pos, key_ok, cache, slot)
     slots = jnp.arange(s)[None, :]
 
     def cond(state):
@@ -195,8 +205,7 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
         slot = p + i - 1  # where the previous token (fed now) is written
         pos = (n_prompt + i - 1)[:, None]
         key_ok = prompt_keys | ((slots >= p) & (slots <= slot))  # [B, S]
-        logits, cache = forward_unrolled(cfg, params, layer_params, tok[:, None], pos,
-                                         key_ok[:, None, :], cache, slot)
+        logits, cache = step(tok[:, None], pos, key_ok[:, None, :], cache, slot)
         tok, lp, live, finished = pick(logits[:, 0], i, finished)
         response = jax.lax.dynamic_update_slice(response, tok[:, None], (0, i))
         logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
@@ -215,11 +224,11 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(config, max_new_tokens, temperature, top_k, top_p, cache_dtype, mesh):
+def _compiled(config, max_new_tokens, temperature, top_k, top_p, cache_dtype, mesh, decode):
     """The jitted sampler for one set of static settings (EOS / pad ids are traced inputs)."""
     fn = functools.partial(_generate_impl, config=config, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p,
-                           cache_dtype=cache_dtype, mesh=mesh)
+                           cache_dtype=cache_dtype, mesh=mesh, decode=decode)
     return jax.jit(fn)
 
 
@@ -232,7 +241,7 @@ def _eos_array(eos: Tuple[int, ...]) -> np.ndarray:
 def make_sampler(config: LlamaConfig, *, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, eos_token_id: EosArg = None,
                  pad_token_id: Optional[int] = None, cache_dtype=None,
-                 mesh=None) -> Callable:
+                 mesh=None, decode: str = "auto") -> Callable:
     """`sample(params, input_ids [B,P], attention_mask [B,P], rng) -> dict` (see module doc).
 
     The jit is cached on the static settings (config, max_new_tokens, temperature, top_k, top_p,
@@ -241,14 +250,21 @@ def make_sampler(config: LlamaConfig, *, max_new_tokens: int, temperature: float
 
     eos_token_id: int or ints; None uses `config.eos_token_id`; () never stops early.
     pad_token_id: None uses `config.pad_token_id`, else 0.
+    decode: "unrolled" (layers unrolled over per-layer weight slices: 3.4x faster per step on
+    CPU, but the decoder weights exist twice while sampling), "scan" (the scanned layer stack:
+    no extra copy, what large models on GPU/TPU want), or "auto" (unrolled on CPU, scan elsewhere).
     """
     _check_settings(max_new_tokens, temperature, top_k, top_p)
     eos = normalize_eos(eos_token_id, config)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
     cdt = None if cache_dtype is None else jnp.dtype(cache_dtype).name
+    if decode == "auto":
+        decode = "unrolled" if jax.default_backend() == "cpu" else "scan"
+    if decode not in ("unrolled", "scan"):
+        raise ValueError(f"decode must be 'auto', 'unrolled' or 'scan', got {decode!r}")
     fn = _compiled(config, int(max_new_tokens), float(temperature), int(top_k), float(top_p), cdt,
-                   mesh)
+                   mesh, decode)
     eos_arr, pad = _eos_array(eos), np.int32(pad_token_id)
 
     def sample(params, input_ids, attention_mask, rng) -> dict:
@@ -261,12 +277,12 @@ def make_sampler(config: LlamaConfig, *, max_new_tokens: int, temperature: float
 def generate(config: LlamaConfig, params, input_ids, attention_mask, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: EosArg = None, pad_token_id: Optional[int] = None, cache_dtype=None,
-             mesh=None) -> dict:
+             mesh=None, decode: str = "auto") -> dict:
     """Sample `max_new_tokens` continuations of LEFT-padded prompts (see the module doc)."""
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must both be [B, P]; got "
                          f"{input_ids.shape} and {attention_mask.shape}")
     fn = make_sampler(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      cache_dtype=cache_dtype, mesh=mesh)
+                      cache_dtype=cache_dtype, mesh=mesh, decode=decode)
     return fn(params, input_ids, attention_mask, rng)

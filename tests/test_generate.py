@@ -76,12 +76,14 @@ def rescore(config, params, out, prompt_mask, temperature):
 
 
 # ---- correctness against transformers --------------------------------------------------------
-def test_greedy_matches_transformers_left_padded(tiny):
+@pytest.mark.parametrize("decode", ["unrolled", "scan"])
+def test_greedy_matches_transformers_left_padded(tiny, decode):
+    """Both decode loops (unrolled layers: the CPU default; scanned stack: accelerators)."""
     import torch
     _, tm, config, params = tiny
     ids, mask = left_padded(LENGTHS, config.vocab_size)
     out = generate(config, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0),
-                   max_new_tokens=N_NEW, temperature=0.0, eos_token_id=())
+                   max_new_tokens=N_NEW, temperature=0.0, eos_token_id=(), decode=decode)
     tm.generation_config.eos_token_id = None  # no early stop on either side
     with torch.no_grad():
         want = tm.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
@@ -95,7 +97,8 @@ def test_greedy_matches_transformers_left_padded(tiny):
                                atol=LOGP_TOL)
 
 
-def test_logprobs_match_scoring_pass(tiny):
+@pytest.mark.parametrize("decode", ["unrolled", "scan"])
+def test_logprobs_match_scoring_pass(tiny, decode):
     """Sampled with temperature + top-k + top-p: logprobs are the unfiltered log softmax(logits/T)
     a scoring pass over the final tokens computes (masked positions are 0)."""
     _, _, config, params = tiny
@@ -103,7 +106,7 @@ def test_logprobs_match_scoring_pass(tiny):
     t = 0.8
     out = generate(config, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(3),
                    max_new_tokens=N_NEW, temperature=t, top_k=40, top_p=0.9,
-                   eos_token_id=(7, 11, 13, 17), pad_token_id=0)
+                   eos_token_id=(7, 11, 13, 17), pad_token_id=0, decode=decode)
     want = rescore(config, params, out, mask, t)
     m = np.asarray(out["response_mask"]) > 0
     got = np.asarray(out["logprobs"])
@@ -236,7 +239,8 @@ def test_make_sampler_is_cached_and_validates(tiny):
     b(params, ids, mask, jax.random.PRNGKey(1))
     assert a.jitted._cache_size() == size
     for bad in (dict(max_new_tokens=0), dict(max_new_tokens=4, temperature=-1.0),
-                dict(max_new_tokens=4, top_p=0.0), dict(max_new_tokens=4, top_k=-2)):
+                dict(max_new_tokens=4, top_p=0.0), dict(max_new_tokens=4, top_k=-2),
+                dict(max_new_tokens=4, decode="fast")):
         with pytest.raises(ValueError):
             make_sampler(config, **bad)
 
@@ -254,10 +258,12 @@ def test_sharded_mesh_greedy_equals_single_device(tiny):
         jax.sharding.PartitionSpec(None, "fsdp", "tp")
     gb = parallel.to_global_batch({"ids": ids, "mask": mask}, mesh)
     for m in (None, mesh):  # plain propagation, and with the cache pinned to the mesh
-        got = generate(config, sparams, gb["ids"], gb["mask"], jax.random.PRNGKey(0), mesh=m, **kw)
-        np.testing.assert_array_equal(np.asarray(got["response"]), np.asarray(want["response"]))
-        np.testing.assert_allclose(np.asarray(got["logprobs"]), np.asarray(want["logprobs"]),
-                                   atol=1e-4)
+        for decode in (("unrolled", "scan") if m is not None else ("unrolled",)):
+            got = generate(config, sparams, gb["ids"], gb["mask"], jax.random.PRNGKey(0), mesh=m,
+                           decode=decode, **kw)
+            np.testing.assert_array_equal(np.asarray(got["response"]), np.asarray(want["response"]))
+            np.testing.assert_allclose(np.asarray(got["logprobs"]), np.asarray(want["logprobs"]),
+                                       atol=1e-4)
 
 
 # ---- CLI -------------------------------------------------------------------------------------
