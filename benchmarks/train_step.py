@@ -6,8 +6,10 @@
 Both sides: the same LLaMA shape, batch, sequence length, dtype, random tokens with every position
 a target, AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, no weight decay) after global-norm clipping
 at 1.0, the same number of threads (XLA:CPU's pool = cores of this process; torch.set_num_threads
-to the same). Timings interleave easyrl / torch repetitions; medians (and the best repetition)
-are reported. easyrl runs `easyrl.algorithms.sft.make_loss` (the LM head fused with the
+to the same). The torch side runs in a worker process of its own (`--same-process` puts it in
+this one, as earlier runs did), each library alone in its process as users run them; timings
+interleave easyrl / torch repetitions, the idle side waiting on a pipe; medians (and the best
+repetition) are reported. easyrl runs `easyrl.algorithms.sft.make_loss` (the LM head fused with the
 cross-entropy) under `make_train_step`, jitted with the state donated, with `--remat`
 (default `dots`, what the 7B/13B presets in configs/ use); transformers runs its default
 attention (sdpa) without gradient checkpointing.
@@ -22,6 +24,7 @@ n in (1024, 2048, 4096) in the benchmark dtype (torch's is recorded for referenc
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -73,13 +76,14 @@ def easyrl_setup(cfg, batch, steps, with_args=False):
     return run, sync, step
 
 
-def torch_setup(cfg, batch, dtype, threads):
+def torch_setup(cfg, batch, dtype, threads, dev=None):
     import torch
     import transformers
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(**cfg.to_hf())
-    dev = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+    if dev is None:
+        dev = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
     model = transformers.LlamaForCausalLM(hf_cfg).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=0.0)
@@ -104,7 +108,34 @@ def torch_setup(cfg, batch, dtype, threads):
     return run, sync, model
 
 
+def make_batch(vocab_size, batch, seq):
+    rs = np.random.RandomState(0)
+    ids = rs.randint(3, vocab_size, size=(batch, seq)).astype(np.int32)
+    return dict(input_ids=ids, attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids))
+
+
+def torch_worker(spec: dict) -> None:
+    """The torch side in its own process (`C.Worker`): matmul ceiling, setup, two warm-up steps,
+    then timed repetitions on request."""
+    from easyrl.model import get_preset
+    cfg = get_preset(spec["preset"], **spec["overrides"])
+    ceiling = C.torch_matmul_ceiling(spec["ceiling_n"], spec["dtype"])
+    run, sync, _ = torch_setup(cfg, make_batch(cfg.vocab_size, spec["batch"], spec["seq"]),
+                               spec["dtype"], spec["threads"], spec["device"])
+    sync(run())
+    sync(run())
+
+    def timed(n):
+        w, c = C.timeit2(run, sync, n)
+        return dict(wall=w, cpu=c)
+
+    C.serve(dict(run=timed), dict(ceiling=ceiling))
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return torch_worker(json.loads(argv[1]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench_100m")
     ap.add_argument("--seq", type=int, default=512)
@@ -115,8 +146,11 @@ def main(argv=None):
                     help="compute dtype (params stay float32; torch uses autocast for bf16)")
     ap.add_argument("--remat", default="dots",
                     help="easyrl remat policy (none | full | dots | dots_no_batch | minimal)")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--attention", default=None, help="easyrl attention impl (xla | cudnn)")
     ap.add_argument("--no-torch", action="store_true", help="easyrl only")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run torch in this process (default: a worker process of its own)")
     ap.add_argument("--ceiling-n", type=int, nargs="+", default=[1024, 2048, 4096],
                     help="matmul ceiling sizes n (n x n @ n x n); the best is the ceiling")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -128,14 +162,14 @@ def main(argv=None):
         over["remat"] = a.remat
     if a.attention:
         over["attention"] = a.attention
+    if a.layers:
+        over["num_hidden_layers"] = a.layers
     cfg = get_preset(a.preset, **over)
     info = C.machine_info()
     threads = C.num_threads()
     print(C.banner(info), flush=True)
 
-    rs = np.random.RandomState(0)
-    ids = rs.randint(3, cfg.vocab_size, size=(a.batch, a.seq)).astype(np.int32)
-    batch = dict(input_ids=ids, attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids))
+    batch = make_batch(cfg.vocab_size, a.batch, a.seq)
 
     ceilings = C.jax_matmul_flops(a.ceiling_n, a.dtype)
     ceiling = max(ceilings.values())
@@ -145,13 +179,24 @@ def main(argv=None):
         f"n={n}: {f / 1e9:.0f}" for n, f in ceilings.items())), flush=True)
 
     runs = {}
+    worker = None
+    if not a.no_torch and not a.same_process:  # before easyrl's setup: nothing runs beside it
+        dev = "cuda" if jax.default_backend() == "gpu" else "cpu"
+        worker = C.Worker(os.path.abspath(__file__), dict(
+            preset=a.preset, overrides=over, ceiling_n=a.ceiling_n, dtype=a.dtype, batch=a.batch,
+            seq=a.seq, threads=threads, device=dev))
+        ceiling_torch = worker.ready["ceiling"]
+        print(f"# matmul ceiling (torch, {a.dtype}): {ceiling_torch / 1e9:.1f} GFLOP/s "
+              "(worker process)", flush=True)
     e_run, e_sync, _ = easyrl_setup(cfg, batch, a.steps)
     t0 = time.perf_counter()
     e_sync(e_run())  # compile
     compile_s = time.perf_counter() - t0
     e_sync(e_run())
     runs["easyrl"] = (e_run, e_sync)
-    if not a.no_torch:
+    if worker is not None:
+        runs["torch"] = worker
+    elif not a.no_torch:
         import torch  # noqa: F401
         ceiling_torch = C.torch_matmul_ceiling(a.ceiling_n, a.dtype)
         print(f"# matmul ceiling (torch, {a.dtype}): {ceiling_torch / 1e9:.1f} GFLOP/s", flush=True)
@@ -163,8 +208,12 @@ def main(argv=None):
     walls = {k: [] for k in runs}
     cpus = {k: [] for k in runs}
     for r in range(a.reps):
-        for name, (run, sync) in runs.items():
-            w, c = C.timeit2(run, sync, a.steps)
+        for name, side in runs.items():
+            if isinstance(side, C.Worker):
+                r_ = side.call(op="run", n=a.steps)
+                w, c = r_["wall"], r_["cpu"]
+            else:
+                w, c = C.timeit2(*side, a.steps)
             walls[name].append(w / a.steps)
             cpus[name].append(c / a.steps)
         print(f"  rep {r}: " + ", ".join(f"{k} {walls[k][-1]:.2f}s" for k in runs), flush=True)
@@ -198,6 +247,8 @@ def main(argv=None):
           f"{ceiling / 1e9:.1f} GFLOP/s (jax)" +
           (f", {ceiling_torch / 1e9:.1f} GFLOP/s (torch)" if ceiling_torch else ""))
     print(f"load average start {info['loadavg_start']} end {C.loadavg()}")
+    if worker is not None:
+        worker.close()
     C.write_json(a.out, dict(benchmark="train_step", machine=info, threads=threads,
                              args=vars(a), config=dict(preset=a.preset, remat=cfg.remat,
                                                        attention=cfg.attention, dtype=cfg.dtype),
@@ -206,7 +257,8 @@ def main(argv=None):
                              matmul_flops_by_size={str(k): v for k, v in ceilings.items()},
                              torch_matmul_ceiling_flops=ceiling_torch, results=res,
                              ratio_easyrl_over_torch=ratio,
-                             ratio_easyrl_over_torch_best=ratio_best))
+                             ratio_easyrl_over_torch_best=ratio_best,
+                             torch_process="same" if a.same_process else "worker"))
     return res
 
 

@@ -115,7 +115,8 @@ class LoRADense(nn.Module):
         b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype)
         x, kernel, bias, a, b = nn.dtypes.promote_dtype(x, kernel, bias, a, b, dtype=self.dtype)
         dims = (((x.ndim - 1,), (0,)), ((), ()))
-        y = jax.lax.dot_general(x, kernel, dims)
+        from easyrl.model.llama import dense_dot_general  # circular at import time
+        y = dense_dot_general(x, kernel, dims)
         if bias is not None:
             y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         if self.dropout > 0 and self.has_rng("dropout"):
