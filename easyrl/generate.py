@@ -31,13 +31,13 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional, Sequence, Tuple, Union
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from easyrl.model.config import LlamaConfig
-from easyrl.model.llama import Llama, forward_unrolled, unstack_layers
+from easyrl.model.llama import (Llama, cache_storage_dtype, forward_unrolled, lm_head_apply,
+                                unstack_layers)
 
 __all__ = ["generate", "make_sampler", "sample_logits", "filter_logits", "normalize_eos"]
 
@@ -110,14 +110,7 @@ def sample_logits(logits: jax.Array, rng, temperature: float = 1.0, top_k: int =
 # ---- model pieces ---------------------------------------------------------------------------
 def _lm_logits(config: LlamaConfig, params, h: jax.Array) -> jax.Array:
     """The LM head on final hidden states [B, D] -> logits [B, V] float32 (as `Llama(head='lm')`)."""
-    dt, pdt = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-    if config.tie_word_embeddings:
-        emb = nn.Embed(config.vocab_size, config.hidden_size, dtype=dt, param_dtype=pdt)
-        out = emb.apply({"params": params["embed_tokens"]}, h, method=nn.Embed.attend)
-    else:
-        dense = nn.Dense(config.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt)
-        out = dense.apply({"params": params["lm_head"]}, h)
-    return out.astype(jnp.float32)
+    return lm_head_apply(config, params, h).astype(jnp.float32)
 
 
 def _cache_sharding(config: LlamaConfig, mesh, batch: int, stacked: bool = True):
@@ -144,7 +137,8 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
     n_prompt = jnp.sum(pmask, axis=-1).astype(jnp.int32)  # [B]
     cdt = jnp.dtype(cache_dtype or cfg.dtype)
     l, kh, dh = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    cache = (jnp.zeros((l, b, kh, dh, s), cdt), jnp.zeros((l, b, kh, s, dh), cdt))  # k^T, v
+    sdt = cache_storage_dtype(cdt)  # bf16 on CPU: held as uint16 bits (in-place updates)
+    cache = (jnp.zeros((l, b, kh, dh, s), sdt), jnp.zeros((l, b, kh, s, dh), sdt))  # k^T, v
     if mesh is not None:
         sh = _cache_sharding(cfg, mesh, b)
         cache = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, sh), cache)

@@ -116,6 +116,30 @@ def test_logprobs_match_scoring_pass(tiny, decode):
     assert np.all(got[~m] == 0.0)
 
 
+@pytest.mark.parametrize("decode", ["unrolled", "scan"])
+def test_bf16_sampler_matches_bf16_scoring_pass(tiny, decode):
+    """bf16 compute and cache (on CPU the cache is held as uint16 bit patterns so each step's
+    write is in place): greedy tokens are the argmax of a bf16 scoring pass over the final
+    tokens and the log-probs agree with it to bf16 precision."""
+    from easyrl.model.llama import cache_storage_dtype
+    _, _, config, params = tiny
+    config = config.replace(dtype="bfloat16")
+    if jax.default_backend() == "cpu":
+        assert cache_storage_dtype("bfloat16") == jnp.uint16
+    ids, mask = left_padded([6, 2, 4, 5], config.vocab_size, seed=2)
+    out = generate(config, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0),
+                   max_new_tokens=N_NEW, temperature=0.0, eos_token_id=(), decode=decode)
+    full_mask = jnp.concatenate([jnp.asarray(mask), out["response_mask"]], axis=1)
+    logits = forward(config, params, out["tokens"], full_mask)[:, ids.shape[1] - 1:-1]
+    logits = np.asarray(logits)
+    picked = np.take_along_axis(logits, np.asarray(out["response"])[..., None], -1)[..., 0]
+    # the greedy pick is the scoring pass's argmax up to bf16 rounding of near-ties
+    assert np.all(picked >= logits.max(-1) - 0.05), np.max(logits.max(-1) - picked)
+    assert np.mean(picked == logits.max(-1)) > 0.7
+    np.testing.assert_allclose(np.asarray(out["logprobs"]), rescore(config, params, out, mask, 1.0),
+                               atol=0.05)
+
+
 def test_tied_embeddings(tiny):
     """The prefill LM head also works for tied embeddings (no lm_head parameter)."""
     _, _, config, params = tiny

@@ -164,7 +164,10 @@ def _attend_core(q: Array, kt: Array, v: Array, mask: Array) -> Array:
     scores = scores * (1.0 / np.sqrt(dh))
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    # float32 accumulation (and a low-precision result): bf16 x bf16 -> bf16 dots are upcast to
+    # slow float32 ones on XLA:CPU, bf16 x bf16 -> f32 ones are not
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v,
+                      preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array, impl: str = "xla",
@@ -196,6 +199,27 @@ def attend(q: Array, k: Array, v: Array, mask: Array, impl: str = "xla",
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
+def cache_storage_dtype(dtype):
+    """The dtype a KV cache of float `dtype` is held in: bfloat16 caches on CPU as uint16 bit
+    patterns. XLA:CPU computes bf16 elementwise ops in float32, and its update of a bf16 cache
+    slot became "convert the whole cache to f32, write one slot, convert back": a full copy of
+    every layer's cache per decode step. An integer update is a plain in-place write."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else dtype
+
+
+def cache_read(cache: Array) -> Array:
+    """The cache as floats (a uint16 cache holds bfloat16 bits: see `cache_storage_dtype`)."""
+    return jax.lax.bitcast_convert_type(cache, jnp.bfloat16) if cache.dtype == jnp.uint16 else cache
+
+
+def cache_write(cache: Array, update: Array, index) -> Array:
+    """`dynamic_update_slice` of float `update` into `cache` (either storage) at `index`."""
+    if cache.dtype == jnp.uint16:
+        update = jax.lax.bitcast_convert_type(update.astype(jnp.bfloat16), jnp.uint16)
+    return jax.lax.dynamic_update_slice(cache, update.astype(cache.dtype), index)
+
+
 def attend_cached(q: Array, ck: Array, cv: Array, mask: Array) -> Array:
     """Attention over a KV cache: q [B,T,H,Dh], ck [B,K,Dh,S] (keys transposed), cv [B,K,S,Dh],
     mask [B,T,S] bool -> [B,T,H,Dh]. The cache layouts are the canonical operands of the two
@@ -222,12 +246,11 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:  # write this step's keys/values at cache_index, attend to all S
             ck, cv = cache  # [B, K, Dh, S], [B, K, S, Dh]: the layouts the two dots read directly
-            ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 3, 1).astype(ck.dtype),
-                                              (0, 0, 0, cache_index))
-            cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype),
-                                              (0, 0, cache_index, 0))
+            ck = cache_write(ck, k.transpose(0, 2, 3, 1), (0, 0, 0, cache_index))
+            cv = cache_write(cv, v.transpose(0, 2, 1, 3), (0, 0, cache_index, 0))
             new_cache = (ck, cv)
-            out = attend_cached(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+            out = attend_cached(q, cache_read(ck).astype(q.dtype), cache_read(cv).astype(q.dtype),
+                                mask)
         else:
             out = attend(q, k, v, mask, cfg.attention, causal=True)  # masks are causal
         out = out.reshape(b, t, h * dh)
@@ -295,8 +318,8 @@ class Llama(nn.Module):
         if self.head == "score":
             std = 1.0 / np.sqrt(cfg.hidden_size + 1)
             return _dense(cfg, 1, False, "score", std=std)(x)[..., 0].astype(jnp.float32), new_cache
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+        if cfg.tie_word_embeddings:  # as `lm_head_apply`
+            logits = dense_matmul(x, embed.embedding.astype(x.dtype).T)
         else:
             logits = _dense(cfg, cfg.vocab_size, False, "lm_head")(x)
         return logits.astype(jnp.float32), new_cache
@@ -336,9 +359,17 @@ def forward_unrolled(config: LlamaConfig, params, layer_params: list, input_ids,
     x = RMSNorm(cfg.rms_norm_eps, dt, pdt).apply({"params": params["norm"]}, x)
     if head == "hidden":
         return x, new_caches
-    if cfg.tie_word_embeddings:
-        logits = embed.apply({"params": params["embed_tokens"]}, x, method=nn.Embed.attend)
-    else:
-        dense = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt)
-        logits = dense.apply({"params": params["lm_head"]}, x)
+    logits = lm_head_apply(cfg, params, x)
     return logits.astype(jnp.float32), new_caches
+
+
+def lm_head_apply(cfg: LlamaConfig, params, x: Array) -> Array:
+    """The LM head (or the tied embedding) on hidden states x [..., D] with the full params
+    tree, as `Llama(head="lm")` computes it (through `dense_matmul`: a float32-accumulating dot
+    in bf16, which XLA:CPU runs ~3x faster than the bf16-output one)."""
+    dt = _dt(cfg.dtype)
+    if cfg.tie_word_embeddings:
+        kernel = params["embed_tokens"]["embedding"].T
+    else:
+        kernel = params["lm_head"]["kernel"]
+    return dense_matmul(x.astype(dt), kernel.astype(dt))
