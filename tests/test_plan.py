@@ -101,6 +101,173 @@ def test_kv_cache_formula():
     assert plan.kv_cache_bytes(cfg, 64, 2048, {"dp": 1, "fsdp": 256, "tp": 1})[1] == total
 
 
+# ---- SFT's fused LM head ---------------------------------------------------------------------
+def _hf_folder(path, **kw) -> str:
+    """A local Hugging Face folder (config.json) of the small preset with `kw` changed."""
+    import json
+    (path / "config.json").write_text(json.dumps(get_preset("small").replace(**kw).to_hf()))
+    return str(path)
+
+
+def _act_args(path, *extra):
+    return [f"--config.model.path={path}", "--config.train.seq_len=256",
+            "--config.train.batch_size=8", "--config.train.micro_batch_size=8", "--config.model.dtype=bfloat16",
+            "--config.model.remat=none", "--config.mesh=dp:2,fsdp:1,tp:2", *extra]
+
+
+def _layer_part(cfg, b, T, tp):
+    lb = plan.layer_bytes_per_token(cfg, tp, T)
+    return b * T * (lb["working"] + cfg.num_hidden_layers * lb["saved"]["none"])
+
+
+def test_head_chunk_matches_the_sft_loss():
+    """c = min(max(1, LM_HEAD_CHUNK_TOKENS // rows), T), as sft.make_loss sizes it and
+    losses._head_scan clips it."""
+    from easyrl import losses
+    assert losses.LM_HEAD_CHUNK_TOKENS == 512
+    for rows, T, want in ((4, 256, 128), (1, 256, 256), (1, 1024, 512), (3, 1024, 170),
+                          (1000, 64, 1), (2.0, 48, 48)):
+        assert plan.head_chunk(rows, T) == want, (rows, T)
+        assert want == min(max(1, losses.LM_HEAD_CHUNK_TOKENS // int(rows)), T)
+
+
+def test_sft_activations_count_one_chunk_of_the_fused_lm_head(tmp_path):
+    """SFT (small preset, V 32000, bf16, 8 rows over dp 2, tp 2, seq 256): the activations are the
+    layers + per token 10*D*a + (4 + a)*D (embedding / norm, the hidden-state gradient) + ONE chunk
+    of c = 512 // 4 = 128 positions b*c*(4 + a)*v + the kernel gradient (4 + a)*D*v, not the
+    old b*T*(a + 3*4)*v of [B, T, V] logits."""
+    c = plan.load_config("configs/sft.py:tiny", _act_args(_hf_folder(tmp_path, vocab_size=32000)))
+    planner, p = plan.make_plan(c, 4, 16)
+    cfg = planner.models["policy"].config
+    assert planner.fused_head and cfg.dtype == "bfloat16" and cfg.vocab_size == 32000
+    D, a, v, b, T, tp = cfg.hidden_size, 2, 32000 / 2, 4, 256, 2
+    layers = _layer_part(cfg, b, T, tp)
+    chunk = b * 128 * (4 + a) * v  # one chunk: float32 logits + their gradient in bf16
+    kernel = (4 + a) * D * v  # float32 kernel-gradient accumulator + its bf16 residual
+    new = layers + b * T * (10 * D * a + (4 + a) * D) + chunk + kernel
+    old = layers + b * T * (10 * D * a + (a + 3 * 4) * v)  # the [B, T, V] logits term
+    act = p.line("activations")
+    assert act.per_device == pytest.approx(new, rel=1e-12)
+    assert "chunks of 128 positions" in act.note
+    assert old - new == pytest.approx(b * T * ((a + 12) * v - (4 + a) * D) - chunk - kernel)
+    assert act.per_device < 0.4 * old
+    # float32 compute: the kernel gradient's residual is the accumulator itself (a' = 0)
+    c32 = plan.load_config("configs/sft.py:tiny",
+                           _act_args(tmp_path, "--config.model.dtype=float32"))
+    cfg32 = plan.make_plan(c32, 4, 16)[0].models["policy"].config
+    assert plan.fused_head_bytes(cfg32, b, T, tp) == b * 128 * 8 * v + 4 * D * v
+    # LoRA freezes the LM head: no kernel gradient, only the chunk
+    lc = plan.load_config("configs/sft.py:tiny", _act_args(tmp_path, "--config.model.lora.rank=4"))
+    lcfg = plan.make_plan(lc, 4, 16)[0].models["policy"].config
+    assert lcfg.lora_rank == 4 and plan.fused_head_bytes(lcfg, b, T, tp) == chunk
+
+
+def test_dpo_rrhf_keep_full_logits_and_rm_has_a_score_head(tmp_path):
+    """Only SFT fuses the head; DPO / RRHF (and PPO's update) still build [B, T, V] logits:
+    (a + 3*4)*v per token; the reward model's score head is ~0 (8 B per token)."""
+    assert plan.FUSED_HEAD_COMMANDS == ("sft",)
+    path = _hf_folder(tmp_path, vocab_size=32000)
+    D, a, v, T, tp = 128, 2, 16000, 256, 2
+    for spec, extra, b, head in (
+            ("configs/dpo.py:tiny", ["--config.dpo.precompute_ref=true"], 8, (a + 12) * v),
+            ("configs/rrhf.py:tiny", ["--config.rrhf.num_responses=2"], 8, (a + 12) * v),
+            ("configs/rm.py:tiny", [], 8, 8)):
+        c = plan.load_config(spec, _act_args(path, *extra))
+        planner, p = plan.make_plan(c, 4, 16)
+        cfg = planner.models["policy"].config
+        assert not planner.fused_head and cfg.vocab_size == 32000, spec
+        want = _layer_part(cfg, b, T, tp) + b * T * (10 * D * a + head)  # 4 examples x 2 rows
+        assert p.line("activations").per_device == pytest.approx(want, rel=1e-12), spec
+        assert "fused" not in p.line("activations").note
+    pc = plan.load_config("configs/ppo.py:tiny", [f"--config.model.path={path}",
+                                                  f"--config.reward.path={path}"])
+    ppl, pp = plan.make_plan(pc, 1, 16)
+    pcfg = ppl.models["policy"].config
+    rows, S = pc.train.batch_size // pc.ppo.num_minibatches, 16 + 14
+    assert pp.line("policy activations").per_device == plan.activation_bytes(
+        pcfg, "causal_lm", rows, S, pcfg.remat, 1)  # not fused
+    assert plan.activation_bytes(pcfg, "causal_lm", rows, S, pcfg.remat, 1) > \
+        plan.activation_bytes(pcfg, "causal_lm", rows, S, pcfg.remat, 1, fused_head=True)
+
+
+# ---- PPO: the unrolled sampler's weight copy ---------------------------------------------------
+def _ppo(platform, *extra):
+    spec = "dp:1,fsdp:2,tp:2"
+    c = plan.load_config("configs/ppo.py:tiny", [
+        f"--config.mesh={spec}", "--config.model.dtype=bfloat16", "--config.train.batch_size=8",
+        "--config.ppo.num_minibatches=2", *extra])
+    return plan.make_plan(c, 4, 16, platform=platform)
+
+
+def test_ppo_unrolled_decode_counts_a_copy_of_the_decoder_layers():
+    """Planning for CPU (decode='auto' -> 'unrolled'): the rollout phase holds the decoder-layer
+    weights a second time, per device = their elements on fsdp 2 x tp 2 x the compute dtype
+    (bf16, parameters float32); embeddings / LM head not copied. Off CPU ('scan') or with an
+    unknown target nothing is counted, and the report says which."""
+    planner, p = _ppo("cpu")
+    cfg = planner.models["policy"].config
+    assert (cfg.param_dtype, cfg.dtype) == ("float32", "bfloat16")
+    L, D, F, H, K, Dh = (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
+                         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    kernels = D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F  # q, k, v, o, gate, up, down
+    norms = 2 * D  # input / post-attention RMSNorm scales (replicated)
+    line = p.line("decoder weights, per-layer copy")
+    assert line.phase == "rollout"
+    assert line.per_device == L * (kernels / 4 + norms) * 2  # every kernel over fsdp*tp = 4
+    assert line.total == L * (kernels + norms) * 2
+    # = the first device's shards of the real sharded decoder layers, float32 -> bf16 (x 1/2)
+    mesh = parallel.create_mesh("dp:1,fsdp:2,tp:2", devices=jax.devices()[:4])
+    params = parallel.sharded_init(lambda r: M.init_params(cfg, r), mesh, jax.random.PRNGKey(0))
+    assert line.per_device == shard0_bytes(params["layers"]) // 2
+    assert line.per_device == plan.decode_copy_bytes(planner.models["policy"].params,
+                                                     {"dp": 1, "fsdp": 2, "tp": 2}, "bfloat16")
+    assert any("'auto' -> 'unrolled' on cpu" in x and "counted" in x for x in p.info)
+    for platform, says in (("tpu", "'auto' -> 'scan' on tpu"), (None, "NOT counted")):
+        q = _ppo(platform)[1]
+        assert "decoder weights, per-layer copy" not in [x.name for x in q.lines], platform
+        assert any(says in x for x in q.info), platform
+        assert p.phases["rollout"] - q.phases["rollout"] == line.per_device
+        assert p.resident == q.resident
+    # LoRA: the adapters are sliced too (still in the compute dtype)
+    lp, lplan = _ppo("cpu", "--config.model.lora.rank=4")
+    adapters = plan.tree_bytes(lora.adapters(lp.models["policy"].params)["layers"])  # float32
+    assert lplan.line("decoder weights").total == line.total + adapters // 2
+
+
+def test_the_counted_copy_is_what_the_unrolled_sampler_allocates():
+    """XLA's temporaries of the compiled sampler, decode 'unrolled' minus 'scan', are the copy the
+    plan counts (float32 parameters, bfloat16 compute: the slices are held in bf16)."""
+    import numpy as np
+    from easyrl.generate import make_sampler
+    cfg = get_preset("small", dtype="bfloat16", param_dtype="float32").replace(
+        num_hidden_layers=8, hidden_size=256, intermediate_size=1024, head_dim=64)
+    params = M.param_shapes(cfg)
+    copy = plan.decode_copy_bytes(params, {"dp": 1, "fsdp": 1, "tp": 1}, cfg.dtype)
+    ids = jax.ShapeDtypeStruct((2, 8), np.int32)
+    temp = {}
+    for decode in ("unrolled", "scan"):
+        fn = make_sampler(cfg, max_new_tokens=4, eos_token_id=(), decode=decode).jitted
+        compiled = fn.lower(params, ids, ids, jax.ShapeDtypeStruct((2,), np.uint32),
+                            np.full(8, -1, np.int32), np.int32(0)).compile()
+        temp[decode] = compiled.memory_analysis().temp_size_in_bytes
+    print(f"unrolled - scan temporaries {temp['unrolled'] - temp['scan']} B, "
+          f"counted copy {copy:.0f} B")
+    assert 0.9 * copy <= temp["unrolled"] - temp["scan"] <= 1.1 * copy
+
+
+def test_cli_says_whether_the_decode_copy_is_counted(capsys):
+    args = ["--config", "configs/ppo.py:tiny", "--no-suggest"]
+    out = run_cli(capsys, *args, "--devices", "1", "--platform", "cpu")
+    assert "decoder weights, per-layer copy" in out
+    assert "'auto' -> 'unrolled' on cpu (--platform)" in out
+    out = run_cli(capsys, *args, "--devices", "1")
+    assert "decoder weights, per-layer copy" not in out and "NOT counted" in out
+    out = run_cli(capsys, *args, "--devices", "1", "--platform", "gpu")
+    assert "decoder weights, per-layer copy" not in out and "'auto' -> 'scan' on gpu" in out
+    out = run_cli(capsys, *args)  # no --devices: this machine (the tests' CPU backend)
+    assert "decoder weights, per-layer copy" in out and "this machine's backend" in out
+
+
 def test_guess_preset_from_placeholder_paths():
     assert plan.guess_preset("/path/to/tulu2-13b") == "llama2_13b"
     assert plan.guess_preset("/path/to/tulu2.5-rm-13b") == "llama2_13b"

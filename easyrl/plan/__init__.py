@@ -18,6 +18,11 @@ else `model.preset`. PPO's reward / value models likewise (`--reward-preset`). W
 model.path the trainer's random-init preset is used with the tokenizer's vocabulary, as training
 would.
 
+SFT fuses the LM head with its cross-entropy in chunks (no [B, T, V] logits; the other trainers
+build full logits), and PPO's rollout counts the unrolled decode loop's second copy of the
+decoder weights when the target backend is CPU (`--platform`; default: this machine's backend
+without `--devices`, else unknown and not counted); the report says which.
+
 LoRA (`model.lora.rank > 0`) is planned as the trainers hold it: the real init with adapters,
 the frozen base in `model.lora.base_dtype`, gradients and optimizer state of the adapters (+ a
 reward / value model's score head) only, and no reference copy (DPO / PPO: adapters off).
@@ -29,11 +34,13 @@ search for a setting that fits), `compiled.py` (`--compile`: XLA's memory analys
 `report.py` (the printed table, the verdict, the command line).
 """
 from easyrl.plan.compiled import compiled_memory
-from easyrl.plan.memory import (GiB, activation_bytes, count, fake_mesh, head_bytes_per_token,
+from easyrl.plan.memory import (GiB, activation_bytes, count, decode_copy_bytes, decode_mode,
+                                fake_mesh, fused_head_bytes, head_bytes_per_token, head_chunk,
                                 kv_cache_bytes, layer_bytes_per_token, lora_bytes_per_token,
                                 per_device_bytes, tree_bytes)
 from easyrl.plan.models import ModelInfo, build_models, guess_preset, resolve_model_config
-from easyrl.plan.planner import DEFAULT_HEADROOM, Line, Plan, Planner, Setting, make_plan
+from easyrl.plan.planner import (DEFAULT_HEADROOM, FUSED_HEAD_COMMANDS, Line, Plan, Planner,
+                                 Setting, make_plan)
 from easyrl.plan.report import (COMPILE_MAX_PARAMS, DEFAULT_DEVICE_MEMORY_GIB, add_parser,
                                 format_plan, human, load_config, run, verdict)
 from easyrl.plan.suggest import candidate_meshes, min_devices, setting_flags, suggest
@@ -41,9 +48,10 @@ from easyrl.plan.suggest import candidate_meshes, min_devices, setting_flags, su
 __all__ = [
     "GiB", "DEFAULT_HEADROOM", "DEFAULT_DEVICE_MEMORY_GIB", "COMPILE_MAX_PARAMS",
     "ModelInfo", "build_models", "guess_preset", "resolve_model_config",
-    "activation_bytes", "count", "fake_mesh", "head_bytes_per_token", "kv_cache_bytes",
+    "activation_bytes", "count", "decode_copy_bytes", "decode_mode", "fake_mesh",
+    "fused_head_bytes", "head_bytes_per_token", "head_chunk", "kv_cache_bytes",
     "layer_bytes_per_token", "lora_bytes_per_token", "per_device_bytes", "tree_bytes",
-    "Line", "Plan", "Planner", "Setting", "make_plan",
+    "FUSED_HEAD_COMMANDS", "Line", "Plan", "Planner", "Setting", "make_plan",
     "candidate_meshes", "min_devices", "setting_flags", "suggest", "compiled_memory",
     "add_parser", "format_plan", "human", "load_config", "run", "verdict",
 ]

@@ -15,7 +15,8 @@ f = F/tp, v = V/tp, h = H/tp whenever tp divides them, as the partition rules sh
                                x2 with gradient accumulation (accumulator + this micro-batch);
                                with exactly 2 micro-steps activations count twice (XLA overlaps
                                them: measured with --compile)
-  activations (training)       b*T * [ L * S(remat) + W + logits ]  where, per token,
+  activations (training)       b*T * [ L * S(remat) + W + head ] (+ the fused head's chunk and
+                               kernel-gradient terms, SFT)  where, per token,
       S(none)          = W = a*(4D + 2q + 2k + 4f) + 16D + (4 + a)*h*T + T
                          (every residual of the layer: norm inputs / float32 copies, rotated q,k,
                          v, float32 softmax probs and their compute-dtype copy, the mask,
@@ -36,10 +37,26 @@ f = F/tp, v = V/tp, h = H/tp whenever tp divides them, as the partition rules sh
                          0.107.
       W                = one layer's working set while its backward runs (recomputed forward or
                          gradient buffers)
-      logits           = (a + 3*4)*v for a LM head: [B,T,V] in the compute dtype + float32
-                         logits, float32 softmax for the backward, float32 gradient; ~0 for a
-                         score head. Plus 10*D*a for the embedding / final norm.
-  forward-only passes          b*T * [ W + (a + 2*4)*v ] (DPO's live reference, PPO scoring)
+      head             = 10*D*a (embedding output, final norm) + the head's own term:
+        full logits    (a + 3*4)*v (DPO, RRHF, PPO: `M.forward` builds [B,T,V]): logits in the
+                         compute dtype + float32 logits, float32 softmax for the backward,
+                         float32 gradient;
+        fused LM head  (SFT: `losses.lm_head_loss_sums`, the LM head fused with the cross-entropy
+                         in a lax.scan over T in chunks of c = min(max(1, 512 // b), T) positions,
+                         512 = losses.LM_HEAD_CHUNK_TOKENS; no [B,T,V] array) per token
+                         (4 + a)*D: the gradient w.r.t. the hidden states, formed in the forward
+                         (the scan's float32 output + its compute-dtype residual), and once (not
+                         per token)  b*c*(4 + a)*v  (one chunk's float32 logits + their gradient
+                         softmax - onehot in the compute dtype, the softmax fused into it)
+                         + (4 + a')*D*v  (the float32 kernel-gradient accumulator + its
+                         compute-dtype residual, a' = a below float32 else 0; none when the
+                         head is frozen: LoRA). Checked with --compile (small preset, V 8192 ->
+                         32000, 4 rows x 256, c = 128): XLA's temporaries grow 8.6 B (float32) /
+                         6.4 B (bfloat16) per chunk position and vocab entry beyond the kernel
+                         terms, vs 8 / 6 here;
+        score head     ~0 (RM, value, reward: a scalar per token).
+  forward-only passes          b*T * [ W + 10*D*a + (a + 2*4)*v ] (DPO's live reference, PPO
+                               scoring; full logits)
                                LoRA: the reference is the policy with its adapters off (no
                                parameters of its own)
   PPO                          resident: policy, reference (a copy of the policy; none under
@@ -47,7 +64,10 @@ f = F/tp, v = V/tp, h = H/tp whenever tp divides them, as the partition rules sh
                                value parameters, policy and value optimizer states; then the peak
                                phase of: rollout = KV cache 2*L*B*(P+N)*K*Dh*a (batch over
                                dp*fsdp, kv heads over tp, as the sampler pins it) + a prefill
-                               forward; scoring = the largest forward-only pass over the rollout
+                               forward + when the decode loop is unrolled (the trainer's
+                               decode="auto" on the CPU backend) a second copy of the decoder-layer
+                               weights, their per-device elements x a (`decode_copy_bytes`);
+                               scoring = the largest forward-only pass over the rollout
                                batch; update = policy + value gradients and training activations
                                of one minibatch (batch / ppo.num_minibatches rows, both models).
   peak                         resident + the largest phase; "fits" = peak <= (1 - headroom) *
@@ -66,8 +86,9 @@ prints XLA's memory analysis next to the estimate.
 """
 from __future__ import annotations
 
+import math
 import types
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -150,23 +171,50 @@ def layer_bytes_per_token(cfg, tp: int, key_len: int, train: bool = True) -> Dic
     return dict(saved=saved, working=w)
 
 
-def head_bytes_per_token(cfg, kind: str, tp: int, train: bool) -> float:
+def head_bytes_per_token(cfg, kind: str, tp: int, train: bool, fused: bool = False) -> float:
+    """Per-token bytes of the head: 10*D*a (embedding output, final norm) + full logits
+    (a + (3 if train else 2)*4)*v for a LM head, or with `fused` (SFT's chunked LM head + CE) only
+    the hidden-state gradient (4 + a)*D (its chunk: `fused_head_bytes`); ~0 for a score head."""
     a = np.dtype(cfg.dtype).itemsize
     other = 10 * cfg.hidden_size * a  # embedding output, final norm (+ float32 copies)
     if kind != "causal_lm":
         return other + 8
+    if fused:
+        return other + ((4 + a) * cfg.hidden_size if train else 0)
     v = _split(cfg.vocab_size, tp)
     return other + (a + (3 if train else 2) * 4) * v
 
 
+def head_chunk(rows: float, seq: int) -> int:
+    """Positions per row in one chunk of the fused LM head, as `algorithms.sft.make_loss` sizes
+    it and `losses._head_scan` clips it: c = min(max(1, LM_HEAD_CHUNK_TOKENS // b), T)."""
+    from easyrl.losses import LM_HEAD_CHUNK_TOKENS
+    return int(min(max(1, LM_HEAD_CHUNK_TOKENS // max(int(math.ceil(rows)), 1)), seq))
+
+
+def fused_head_bytes(cfg, rows: float, seq: int, tp: int, train: bool = True) -> float:
+    """Per-device bytes of the fused LM head + cross-entropy beyond its per-token term (see the
+    module docstring): one chunk b*c*(4 + a)*v (forward only: b*c*4*v), plus while training
+    the kernel gradient (4 + a')*D*v (float32 accumulator + compute-dtype residual, a' = a below
+    float32 else 0), not formed when the LM head is frozen (LoRA trains adapters only)."""
+    a = np.dtype(cfg.dtype).itemsize
+    v = _split(cfg.vocab_size, tp)
+    chunk = rows * head_chunk(rows, seq) * ((4 + a) if train else 4) * v
+    if not train or getattr(cfg, "lora_rank", 0):
+        return float(chunk)
+    return float(chunk + (4 + (a if a < 4 else 0)) * cfg.hidden_size * v)
+
+
 def activation_bytes(cfg, kind: str, rows: float, seq: int, remat: str, tp: int,
-                     train: bool = True) -> float:
-    """Per-device activation bytes of one forward(+backward) over `rows` rows of `seq` tokens."""
+                     train: bool = True, fused_head: bool = False) -> float:
+    """Per-device activation bytes of one forward(+backward) over `rows` rows of `seq` tokens.
+    `fused_head`: the LM head fused with the cross-entropy in chunks (SFT), no [B,T,V] logits."""
     lb = layer_bytes_per_token(cfg, tp, seq, train)
-    per_token = lb["working"] + head_bytes_per_token(cfg, kind, tp, train)
+    fused = fused_head and kind == "causal_lm"
+    per_token = lb["working"] + head_bytes_per_token(cfg, kind, tp, train, fused)
     if train:
         per_token += cfg.num_hidden_layers * lb["saved"][remat]
-    return rows * seq * per_token
+    return rows * seq * per_token + (fused_head_bytes(cfg, rows, seq, tp, train) if fused else 0.0)
 
 
 def kv_cache_bytes(cfg, batch: int, seq: int, mesh: dict, dtype=None) -> Tuple[float, float]:
@@ -178,3 +226,30 @@ def kv_cache_bytes(cfg, batch: int, seq: int, mesh: dict, dtype=None) -> Tuple[f
     div = (dpf if batch % dpf == 0 else 1) * (mesh["tp"] if cfg.num_key_value_heads % mesh["tp"] == 0 else 1)
     return total, total / div
 
+
+def decode_copy_bytes(params, mesh: dict, dtype) -> float:
+    """Per-device bytes of the unrolled decode loop's second copy of the decoder-layer weights:
+    `generate` with decode="unrolled" slices `params['layers']` ([L, ...] leaves, adapters
+    included) into L per-layer arrays once per call (`llama.unstack_layers`), and XLA keeps the
+    slices in the compute dtype (slice + cast hoisted out of the loop): per-device elements of the
+    stacked layers (sharded as the partition rules shard them) x a. Embeddings / LM head are not
+    copied. Checked by compiling the sampler (8 layers, D 256, F 1024): unrolled - scan
+    temporaries = 0.99x this (float32), 0.99x (bfloat16), 0.49x the float32 layer bytes with
+    float32 parameters and bfloat16 compute."""
+    return float(per_device_bytes(decode_copy_tree(params, dtype), mesh))
+
+
+def decode_copy_tree(params, dtype) -> dict:
+    """{'layers': the stacked decoder-layer leaves as ShapeDtypeStructs in `dtype`}: the unrolled
+    decode loop's copy, shaped for the partition rules."""
+    dt = np.dtype(dtype)
+    return {"layers": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), params["layers"])}
+
+
+def decode_mode(platform: Optional[str]) -> Optional[str]:
+    """The sampler's decode loop as `generate.make_sampler(decode="auto")` (the PPO trainer's
+    setting; no config key) resolves it: "unrolled" on the CPU backend, "scan" elsewhere;
+    None when the target platform is unknown."""
+    if not platform:
+        return None
+    return "unrolled" if platform == "cpu" else "scan"

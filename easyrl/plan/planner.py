@@ -7,8 +7,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from easyrl.plan.memory import (GiB, activation_bytes, count, head_bytes_per_token,
-                               kv_cache_bytes, layer_bytes_per_token, per_device_bytes, tree_bytes)
+from easyrl.plan.memory import (GiB, activation_bytes, count, decode_copy_tree, decode_mode,
+                               head_bytes_per_token, head_chunk, kv_cache_bytes,
+                               layer_bytes_per_token, per_device_bytes, tree_bytes)
 from easyrl.plan.models import ModelInfo, build_models, live_reference
 
 DEFAULT_HEADROOM = 0.10
@@ -18,6 +19,9 @@ RRHF_DEFAULT_RESPONSES = 4
 # length 1 and XLA schedules both micro-batches together (compiled temporaries ~ no accumulation).
 TWO_MICRO_STEPS_OVERLAP = 2
 LORA_REFERENCE = "reference: the policy with its LoRA adapters off (no copy of the weights)"
+# trainers whose loss fuses the LM head with the cross-entropy in chunks (no [B, T, V] logits):
+# `algorithms.sft.make_loss` -> `losses.lm_head_loss_sums`; DPO / RRHF / PPO build full logits
+FUSED_HEAD_COMMANDS = ("sft",)
 
 
 def _trainable_what(info: ModelInfo) -> str:
@@ -78,12 +82,16 @@ class Planner:
     for many meshes / micro-batches / remat policies)."""
 
     def __init__(self, c, models: Dict[str, ModelInfo], devices: int, device_memory: float,
-                 headroom: float = DEFAULT_HEADROOM):
+                 headroom: float = DEFAULT_HEADROOM, platform: Optional[str] = None,
+                 platform_source: str = ""):
         self.c, self.models, self.devices = c, models, devices
         self.device_memory, self.headroom = device_memory, headroom
+        self.platform, self.platform_source = platform, platform_source  # None: unknown target
         self.command = c.get("command", "sft")
+        self.fused_head = self.command in FUSED_HEAD_COMMANDS
         self.live_reference = live_reference(c)
         self._pd = {}
+        self._decode_copy = None  # PPO, unrolled decode: the decoder layers in the compute dtype
 
     # the knobs as configured
     def current(self) -> Setting:
@@ -100,6 +108,21 @@ class Planner:
         if key not in self._pd:
             self._pd[key] = per_device_bytes(tree, mesh)
         return self._pd[key]
+
+    def decode_note(self) -> str:
+        """The report's line on the sampler's weight copy: counted or not, and why."""
+        mode = decode_mode(self.platform)
+        if mode is None:
+            return ("sampler decode: target platform unknown (pass --platform): the trainer's "
+                    "decode='auto' runs the scanned layer stack off CPU, so the unrolled loop's "
+                    "copy of the decoder weights is NOT counted (--platform cpu counts it)")
+        where = self.platform + (f" ({self.platform_source})" if self.platform_source else "")
+        if mode == "unrolled":
+            return (f"sampler decode: 'auto' -> 'unrolled' on {where}: the decoder-layer weights "
+                    f"are sliced per layer, a second copy in the compute dtype, counted in the "
+                    f"rollout phase")
+        return (f"sampler decode: 'auto' -> 'scan' on {where}: no second copy of the weights "
+                f"(not counted)")
 
     def rows_per_example(self) -> int:
         if self.command == "rrhf":
@@ -181,6 +204,15 @@ class Planner:
             prefill = b_roll * P * (lb["working"] + head_bytes_per_token(pcfg, "hidden", tp, False))
             lines.append(Line("prefill activations", prefill, None, f"{P} prompt tokens x {S} keys",
                               "rollout"))
+            info.append(self.decode_note())
+            if decode_mode(self.platform) == "unrolled":
+                if self._decode_copy is None:
+                    self._decode_copy = decode_copy_tree(pol.params, pcfg.dtype)
+                lines.append(Line("decoder weights, per-layer copy",
+                                  self._per_device(self._decode_copy, m),
+                                  tree_bytes(self._decode_copy),
+                                  f"unrolled decode: params['layers'] sliced per layer, x {a}B "
+                                  f"({np.dtype(pcfg.dtype).name})", "rollout"))
             scoring = max(activation_bytes(x.config, x.kind, b_roll, S, "none", tp, train=False)
                           for x in self.models.values())
             lines.append(Line("scoring activations", scoring, None,
@@ -215,8 +247,11 @@ class Planner:
             b = rows_per_device(s.micro, "micro-batch (train.micro_batch_size or train.batch_size)",
                                 "train.micro_batch_size") * rpe
             grads(pol, "model", micro_steps > 1, "step")
-            act = activation_bytes(pcfg, pol.kind, b, T, s.remat, tp)
+            act = activation_bytes(pcfg, pol.kind, b, T, s.remat, tp, fused_head=self.fused_head)
             note = f"remat {s.remat}, {b:g} rows x {T} tokens"
+            if self.fused_head and pol.kind == "causal_lm":
+                note += (f", LM head fused with the loss in chunks of {head_chunk(b, T)} "
+                         f"positions")
             if micro_steps == 2:  # measured: XLA runs both micro-batches side by side
                 act *= TWO_MICRO_STEPS_OVERLAP
                 note += (" x2: with 2 micro-steps XLA overlaps the peeled first micro-batch and "
@@ -239,8 +274,11 @@ class Planner:
 
 
 def make_plan(c, devices: int, device_memory_gib: float, *, headroom: float = DEFAULT_HEADROOM,
-              model_preset: Optional[str] = None, reward_preset: Optional[str] = None):
-    """(Planner, Plan of the setting as configured). The library entry point."""
+              model_preset: Optional[str] = None, reward_preset: Optional[str] = None,
+              platform: Optional[str] = None, platform_source: str = ""):
+    """(Planner, Plan of the setting as configured). The library entry point. `platform`: the
+    target backend ('cpu', 'gpu', 'tpu'; None: unknown), which decides the sampler's decode loop
+    (PPO: the unrolled loop's weight copy is counted on 'cpu' only)."""
     from easyrl.model.config import REMAT_POLICIES
     if c.model.remat not in REMAT_POLICIES:
         raise ValueError(f"config model.remat: {c.model.remat!r}, expected one of {REMAT_POLICIES}")
@@ -249,6 +287,7 @@ def make_plan(c, devices: int, device_memory_gib: float, *, headroom: float = DE
     if device_memory_gib <= 0:
         raise ValueError(f"--device-memory must be positive (GiB), got {device_memory_gib}")
     models = build_models(c, model_preset, reward_preset)
-    planner = Planner(c, models, devices, device_memory_gib * GiB, headroom)
+    planner = Planner(c, models, devices, device_memory_gib * GiB, headroom, platform,
+                      platform_source)
     return planner, planner.estimate(planner.current())
 

@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import jax
 
@@ -17,6 +17,7 @@ from easyrl.plan.suggest import min_devices, setting_flags, suggest
 
 DEFAULT_DEVICE_MEMORY_GIB = 16.0
 COMPILE_MAX_PARAMS = 2e9
+PLATFORMS = ("cpu", "gpu", "tpu")
 
 
 def _g(x: Optional[float], unit: float = GiB) -> str:
@@ -130,11 +131,26 @@ def add_parser(sub) -> None:
                    help="architecture preset when model.path is not available locally")
     p.add_argument("--reward-preset", default=None,
                    help="PPO: preset of the reward / value models when their paths are not local")
+    p.add_argument("--platform", choices=PLATFORMS, default=None,
+                   help="backend the run targets (PPO: the sampler's decode='auto' unrolls its "
+                        "layers, holding a second copy of the decoder weights, on cpu only; "
+                        "default: this machine's backend when --devices is not given, else "
+                        "unknown and the copy is not counted)")
     p.add_argument("--compile", action="store_true",
                    help=f"also compile the train step and print XLA's memory analysis (models "
                         f"under {COMPILE_MAX_PARAMS / 1e9:g}B parameters)")
     p.add_argument("--no-suggest", action="store_true", help="skip the search for a setting that fits")
     p.set_defaults(func=run)
+
+
+def target_platform(args: argparse.Namespace) -> Tuple[Optional[str], str]:
+    """(platform, why) of the run being planned: --platform; else, with no --devices (the plan
+    is of this machine's devices), this machine's backend; else (None, ''): unknown."""
+    if args.platform:
+        return args.platform, "--platform"
+    if args.devices is None:
+        return jax.default_backend(), "this machine's backend; --devices not given"
+    return None, ""
 
 
 def local_device_memory() -> Optional[float]:
@@ -171,8 +187,10 @@ def run(args: argparse.Namespace) -> None:
         local = local_device_memory()
         mem = local / GiB if local else DEFAULT_DEVICE_MEMORY_GIB
         mem_note = " (local device)" if local else " (default; pass --device-memory)"
+    platform, why = target_platform(args)
     planner, plan = make_plan(c, devices, mem, headroom=args.headroom,
-                              model_preset=args.model_preset, reward_preset=args.reward_preset)
+                              model_preset=args.model_preset, reward_preset=args.reward_preset,
+                              platform=platform, platform_source=why)
     print(format_plan(plan, planner.models, args.config) + ("" if not mem_note else
                                                              f"\n  device memory {mem:.1f} GiB{mem_note}"))
     print(verdict(plan))
@@ -185,7 +203,8 @@ def run(args: argparse.Namespace) -> None:
             for p in sugg:
                 print(f"  {setting_flags(p, cur, plan.command, B):70s} peak {human(p.peak)}")
         else:
-            found = min_devices(c, planner.models, planner.device_memory, args.headroom, devices)
+            found = min_devices(c, planner.models, planner.device_memory, args.headroom, devices,
+                                platform=planner.platform)
             if found:
                 n, p = found
                 flags = setting_flags(p, dataclasses.replace(cur, mesh={}), plan.command, B)

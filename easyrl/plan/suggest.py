@@ -60,11 +60,11 @@ def suggest(planner: Planner, limit: int = 3) -> List[Plan]:
 
 
 def min_devices(c, models, device_memory: float, headroom: float, start: int,
-                cap: int = 1 << 16) -> Optional[Tuple[int, Plan]]:
+                cap: int = 1 << 16, platform: Optional[str] = None) -> Optional[Tuple[int, Plan]]:
     """The smallest power-of-two multiple of `start` devices on which some setting fits."""
     n = start * 2
     while n <= cap:
-        pl = Planner(c, models, n, device_memory, headroom)
+        pl = Planner(c, models, n, device_memory, headroom, platform)
         cur = pl.current()
         best = None
         for mesh in candidate_meshes(n):
