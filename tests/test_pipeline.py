@@ -113,39 +113,32 @@ def _pipeline(out, env, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
 
 
-def _check_causal_lm(run_dir, export_dir, texts):
+def _check_export(run_dir, export_dir, texts, kind="causal_lm"):
+    """The HF export loads with from_pretrained and reproduces easyrl's logits (causal LM) or
+    scores (reward) on `texts` to 1e-4; returns easyrl's output."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+    from transformers import AutoTokenizer
 
     from easyrl import checkpoint
     from easyrl import model as M
+    reward = kind == "reward"
     tok = AutoTokenizer.from_pretrained(export_dir)
     enc = tok(texts, return_tensors="np", padding=True)
-    hf = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    auto = (transformers.AutoModelForSequenceClassification if reward
+            else transformers.AutoModelForCausalLM)
+    hf = auto.from_pretrained(export_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(enc["input_ids"]),
                  attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
-    cfg, _, params = checkpoint.load_model(run_dir)
-    got = np.asarray(M.forward(cfg, params, enc["input_ids"], enc["attention_mask"]))
-    m = enc["attention_mask"].astype(bool)
-    np.testing.assert_allclose(got[m], ref[m], atol=1e-4, rtol=1e-4)
-
-
-def _check_reward(run_dir, export_dir, texts):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from easyrl import checkpoint
-    from easyrl import model as M
-    tok = AutoTokenizer.from_pretrained(export_dir)
-    enc = tok(texts, return_tensors="np", padding=True)
-    hf = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(enc["input_ids"]),
-                 attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()[:, 0]
-    cfg, _, params = checkpoint.load_model(run_dir, kind="reward")
-    got = np.asarray(M.score(cfg, params, enc["input_ids"], enc["attention_mask"]))
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    cfg, _, params = checkpoint.load_model(run_dir, kind="reward" if reward else None)
+    fn = M.score if reward else M.forward
+    got = np.asarray(fn(cfg, params, enc["input_ids"], enc["attention_mask"]))
+    if reward:
+        np.testing.assert_allclose(got, ref[:, 0], atol=1e-4, rtol=1e-4)
+    else:
+        m = enc["attention_mask"].astype(bool)
+        np.testing.assert_allclose(got[m], ref[m], atol=1e-4, rtol=1e-4)
     return got
 
 
@@ -189,9 +182,9 @@ def test_pipeline_end_to_end(tmp_path):
         for f in ("config.json", "model.safetensors", "generation_config.json", "README.md",
                   "tokenizer.json"):
             assert (d / f).exists(), (name, f)
-        _check_causal_lm(str(out / name), str(d), texts)
-    scores = _check_reward(str(out / "rm"), str(out / "export" / "rm"),
-                           ["sort: f b d a a b d f", "sort: f b d a f d b a"])
+        _check_export(str(out / name), str(d), texts)
+    scores = _check_export(str(out / "rm"), str(out / "export" / "rm"),
+                           ["sort: f b d a a b d f", "sort: f b d a f d b a"], kind="reward")
     assert scores[0] > scores[1]  # the RM prefers the sorted answer
     card = (out / "export" / "ppo" / "README.md").read_text()
     assert "AutoModelForCausalLM.from_pretrained" in card and '"kl_coef"' in card

@@ -8,7 +8,7 @@ import pytest
 
 from easyrl import checkpoint
 from easyrl import model as M
-from easyrl.algorithms import rm, sft
+from easyrl.algorithms import rm
 from easyrl.data import synthetic
 from easyrl.train import setup
 from easyrl.train.config import load_config_file
@@ -16,29 +16,6 @@ from easyrl.train.metrics import read_metrics
 from easyrl.train.step import accumulate, make_eval_step
 
 from tiny_configs import ONE_DEVICE, make_config
-
-
-@pytest.fixture(scope="module")
-def sft_run(cache, tmp_path_factory):
-    """A short tiny SFT run (the starting policy of the RM / DPO / RRHF recipes), made once per
-    session and shared by test_rm, test_dpo and test_rrhf."""
-    out = tmp_path_factory.getbasetemp() / "sft_tiny_for_preference"
-    if not (out / "done").exists():
-        sft.train(make_config("sft", out, **{"train.steps": 200, "train.seq_len": 24,
-                                             "data.eval": "", "log.every": 50,
-                                             "checkpoint.async_save": "false"}))
-        (out / "done").touch()
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def heldout_pairs(cache, tmp_path_factory):
-    """1024 held-out synthetic pairs (eval-split prompts, never in training): a 4x larger eval
-    set than the bundled one, so the accuracy measured has ~0.6% standard error."""
-    path = tmp_path_factory.getbasetemp() / "preference_heldout_1024.jsonl"
-    if not path.exists():
-        synthetic.write_jsonl(str(path), synthetic.preference_pairs(1024, seed=1, split="eval"))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

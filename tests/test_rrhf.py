@@ -9,7 +9,7 @@ import pytest
 
 from easyrl import checkpoint
 from easyrl import model as M
-from easyrl.algorithms import rrhf, sft
+from easyrl.algorithms import rrhf
 from easyrl.data import synthetic
 from easyrl.data.formats import DataError
 from easyrl.train import setup
@@ -18,19 +18,6 @@ from easyrl.train.metrics import read_metrics
 from easyrl.train.step import accumulate
 
 from tiny_configs import make_config
-
-
-@pytest.fixture(scope="module")
-def sft_run(cache, tmp_path_factory):
-    """A short tiny SFT run (the starting policy, as Alpaca was for Wombat), made once per
-    session and shared by test_rm, test_dpo and test_rrhf."""
-    out = tmp_path_factory.getbasetemp() / "sft_tiny_for_preference"
-    if not (out / "done").exists():
-        sft.train(make_config("sft", out, **{"train.steps": 200, "train.seq_len": 24,
-                                             "data.eval": "", "log.every": 50,
-                                             "checkpoint.async_save": "false"}))
-        (out / "done").touch()
-    return str(out)
 
 
 def heldout_metrics(c, run_dir) -> dict:
