@@ -137,9 +137,9 @@ def machine_section(docs, run_all):
     return text
 
 
-def train_section(d, prof):
+def train_section(d, prof, title="## 1. Training step (SFT)"):
     if not d:
-        return "## 1. Training step (SFT)\n\nnot measured\n"
+        return f"{title}\n\nnot measured\n"
     r, a = d["results"], d["args"]
     rows = []
     for name, x in r.items():
@@ -149,14 +149,14 @@ def train_section(d, prof):
     ratio = d.get("ratio_easyrl_over_torch")
     mfu = r.get("easyrl", {}).get("mfu")
     sizes = ", ".join(f"n={k}: {v / 1e9:.0f}" for k, v in (d.get("matmul_flops_by_size") or {}).items())
-    text = f"""## 1. Training step (SFT)
+    text = f"""{title}
 
 `{d['machine']['argv']}`
 
 {d['config']['preset']}, batch {a['batch']} x seq {a['seq']} ({d['tokens_per_step']} tokens/step),
 {d['config']['dtype']}, easyrl remat `{d['config']['remat']}`, {d['threads']} threads on both sides,
 AdamW + global-norm clipping on both sides, {a['reps']} interleaved repetitions of {a['steps']}
-step(s) (median; best in its own column).
+step(s) (median; best in its own column); torch in {"this process" if d.get("torch_process") == "same" else "a worker process of its own"}.
 
 {_table(rows, ["impl", "step s (median)", "step s (best)", "tokens/s", "GFLOP/s", "MFU"])}
 
@@ -194,9 +194,9 @@ Top ops:
     return text
 
 
-def sampler_section(d):
+def sampler_section(d, title="## 2. Sampler (decode)"):
     if not d:
-        return "## 2. Sampler (decode)\n\nnot measured\n"
+        return f"{title}\n\nnot measured\n"
     r, a = d["results"], d["args"]
     rows = []
     for name, x in r.items():
@@ -206,7 +206,7 @@ def sampler_section(d):
                      f"{100 * x['bandwidth_floor_fraction']:.0f}%"])
     ratio = d.get("decode_ratio_easyrl_over_transformers")
     e = r["easyrl"]
-    return f"""## 2. Sampler (decode)
+    return f"""{title}
 
 `{d['machine']['argv']}`
 
@@ -263,7 +263,8 @@ def main(argv=None):
     ap.add_argument("folder", nargs="?", default=os.path.join(HERE, "results"))
     ap.add_argument("--md", default=os.path.join(HERE, "RESULTS.md"))
     a = ap.parse_args(argv)
-    docs = {n: _load(a.folder, n) for n in ("train_step", "profile_step", "sampler", "ppo_tiny",
+    docs = {n: _load(a.folder, n) for n in ("train_step", "profile_step", "sampler",
+                                            "train_step_bf16", "sampler_bf16", "ppo_tiny",
                                             "ppo_bench_100m")}
     if not any(docs.values()):
         raise SystemExit(f"no benchmark JSON in {a.folder} (run benchmarks/run_all.py first)")
@@ -272,12 +273,18 @@ def main(argv=None):
         "# Benchmark results (issue 7)\n\n"
         "Written by `benchmarks/make_results.py` from the JSON in "
         f"`{os.path.relpath(os.path.abspath(a.folder), os.path.dirname(HERE))}/`; re-run everything "
-        "with `python benchmarks/run_all.py --out benchmarks/results` (7-15 minutes on 2 cores). "
-        "easyrl and transformers + PyTorch run in the same process, interleaved, same shapes, "
-        "batch, dtype and thread count; timings are medians.\n",
+        "with `python benchmarks/run_all.py --out benchmarks/results` (12-20 minutes on 2 cores). "
+        "easyrl and transformers + PyTorch run interleaved, same shapes, batch, dtype and thread "
+        "count (the training step's torch side in a worker process of its own, the sampler's in "
+        "the same process); timings are medians. Each benchmark runs in float32 and in bfloat16 "
+        "(both sides in the same dtype); the issue's targets are judged on both.\n",
         machine_section(docs, run_all),
-        train_section(docs["train_step"], docs["profile_step"]),
-        sampler_section(docs["sampler"]),
+        train_section(docs["train_step"], docs["profile_step"],
+                      "## 1. Training step (SFT), float32"),
+        train_section(docs["train_step_bf16"], None,
+                      "## 1b. Training step (SFT), bfloat16 compute (float32 parameters)"),
+        sampler_section(docs["sampler"], "## 2. Sampler (decode), float32"),
+        sampler_section(docs["sampler_bf16"], "## 2b. Sampler (decode), bfloat16"),
         ppo_section({k: docs[k] for k in ("ppo_tiny", "ppo_bench_100m")}),
         "## 4. GPU\n\nNot measured: no GPU was lent to the session that produced these figures. "
         "The same scripts run on a GPU unchanged (`pip install -e \".[cuda]\"` and a CUDA torch; "

@@ -1,6 +1,6 @@
 """Run every CPU benchmark of issue 7 at its sizes, then write benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py --out benchmarks/results            # the full run (7-15 min, 2 cores)
+    python benchmarks/run_all.py --out benchmarks/results            # the full run (12-20 min, 2 cores)
     python benchmarks/run_all.py --out /tmp/bench --quick --no-md    # smoke test (tiny sizes)
     python benchmarks/make_results.py benchmarks/results             # RESULTS.md from saved JSON
 
@@ -29,6 +29,10 @@ FULL = [
     ("profile_step", "profile_step.py",
      "--preset bench_100m --seq 512 --batch 4 --layers 4 --steps 1 --remat dots --top 20"),
     ("sampler", "sampler.py", "--preset bench_100m --batch 16 --prompt 128 --new 128 --reps 3"),
+    ("train_step_bf16", "train_step.py",
+     "--preset bench_100m --seq 512 --batch 4 --steps 1 --reps 3 --remat dots --dtype bfloat16"),
+    ("sampler_bf16", "sampler.py",
+     "--preset bench_100m --batch 16 --prompt 128 --new 128 --reps 3 --dtype bfloat16"),
     ("ppo_tiny", "ppo_iteration.py", "--preset tiny --batch 16 --prompt 32 --new 32 --iters 6"),
     ("ppo_bench_100m", "ppo_iteration.py",
      "--preset bench_100m --batch 8 --prompt 64 --new 64 --iters 3"),
