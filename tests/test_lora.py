@@ -350,3 +350,57 @@ def test_lora_config_errors_name_the_key(tmp_path):
         setup.model_config(make_config("sft", tmp_path, **{"model.lora.rank": 4,
                                                            "model.lora.init_from": str(tmp_path / "ad")}))
     assert lora.target_names("q_proj|v") == ("q", "v") and lora.target_names(".*") == lora.TARGETS
+
+
+# ---- pipeline evaluation of a LoRA policy ---------------------------------------------------------
+def test_pipeline_eval_of_a_lora_policy_uses_its_adapters(base_lm, data, tmp_path):
+    """The held-out evaluation loads LoRA runs merged: the KL to the SFT model and the samples
+    are those of the adapted policy (an earlier version applied the SFT config to the LoRA tree,
+    so the adapters were ignored and the KL came out 0.000). The evaluated KL equals the one
+    computed here with the adapters applied unmerged (the LoRA config and tree) on samples drawn
+    from the merged policy with the evaluation's rng, and the SFT model itself scores KL 0."""
+    from easyrl import losses
+    from easyrl.data.tokenizer import load_tokenizer
+    from easyrl.generate import make_sampler, normalize_eos
+    from easyrl.pipeline.evaluate import evaluate, load_prompts
+    sft_dir, lora_dir = tmp_path / "sft", tmp_path / "sft_lora"
+    common = {"data.train": data["sft"], "train.batch_size": 8, "train.seq_len": 32,
+              "log.every": 1}
+    sft.train(make_config("sft", sft_dir, **common, **{"model.path": base_lm, "train.steps": 2}))
+    sft.train(make_config("sft", lora_dir, **LORA, **common, **{
+        "model.path": str(sft_dir), "train.steps": 4, "optim.lr": 2e-2, "optim.warmup": 0,
+        "optim.schedule": "constant", "model.lora.targets": "q|k|v|o|gate|up|down"}))
+    ec = mlc.ConfigDict(dict(prompts="synthetic", split="", format="", num_prompts=8,
+                             batch_size=8, max_prompt_len=16, max_new_tokens=8, temperature=1.0,
+                             num_samples=1, greedy=False, true_reward="synthetic"))
+    res = evaluate({"sft": str(sft_dir), "lora": str(lora_dir)}, sft_dir=str(sft_dir),
+                   rm_dir=None, ec=ec, template="plain", mesh_spec=ONE_DEVICE, seed=0,
+                   log=lambda *_: None)
+    print("kl_to_sft:", {k: round(v["kl_to_sft"], 4) for k, v in res.items()})
+    assert abs(res["sft"]["kl_to_sft"]) < 1e-5
+    # a Monte Carlo estimate over 8 short samples: its sign is noise, its size is the adapters'
+    assert abs(res["lora"]["kl_to_sft"]) > 0.05
+
+    # the same number by hand: sample from the merged policy with the evaluation's rng, then
+    # sum log p_lora - log p_sft over the response tokens
+    mesh = parallel.create_mesh(ONE_DEVICE)
+    tok = load_tokenizer(str(sft_dir / "tokenizer"))
+    (batch, _), = load_prompts(ec, tok, "plain", mesh)[0]
+    cfg, _, lparams = checkpoint.load_model(str(lora_dir))
+    assert cfg.lora_rank == 4
+    scfg, _, sparams = checkpoint.load_model(str(sft_dir))
+    mcfg, _, mparams = checkpoint.load_model(str(lora_dir), merge_lora=True)
+    eos = normalize_eos(tuple({*normalize_eos(tok.eos_token_id), *normalize_eos(None, scfg)}))
+    sampler = make_sampler(mcfg, max_new_tokens=8, temperature=1.0, eos_token_id=eos,
+                           pad_token_id=tok.pad_token_id)
+    roll = sampler(mparams, batch["input_ids"], batch["attention_mask"],
+                   jax.random.fold_in(jax.random.PRNGKey(0), 0))
+    attn = jnp.concatenate([batch["attention_mask"], roll["response_mask"]], axis=1)
+    m = roll["response_mask"].astype(jnp.float32)
+
+    def seq_logp(c, p):
+        lp = losses.token_logprobs(M.forward(c, p, roll["tokens"], attn), roll["tokens"], 1.0)
+        return jnp.sum(lp[:, 16:] * m, -1)
+
+    kl = float(jnp.mean(seq_logp(cfg, lparams) - seq_logp(scfg, sparams)))
+    np.testing.assert_allclose(res["lora"]["kl_to_sft"], kl, rtol=1e-3, atol=1e-4)
