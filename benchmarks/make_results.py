@@ -18,9 +18,9 @@ TARGETS = dict(train_ratio=1.0, train_mfu=0.40, sampler_ratio=3.0)
 NOTES = """\
 ## What the easyrl side does, and what each piece was worth
 
-Measured while tuning (2-core machine shared with other jobs; each change against the code
-without it in the same process, interleaved, median of 3-7 repetitions, wall and process CPU time
-agreeing within a few %); bench_100m, seq 512, float32.
+Measured while tuning, each change against the code without it (same machine, idle unless
+said, medians of 2-7 repetitions); bench_100m, batch 4 x seq 512 for the training step, batch 16,
+prompt 128, 128 new tokens for the sampler.
 
 | change | where | measured |
 |---|---|---|
@@ -28,48 +28,62 @@ agreeing within a few %); bench_100m, seq 512, float32.
 | `token_logprobs` / `token_entropy` without the sliced [B, T-1, V] copies (DPO, PPO, RRHF, eval) | `losses.py` | fwd+bwd of a [4, 512, 32000] log-prob sum 0.65x (0.78x with a temperature) |
 | attention operands in the dots' canonical layouts ([B, K, G, T, Dh] x [B, K, Dh, S]) | `model/llama.py` | train step 0.96x at L=12, B=1 |
 | causal block skipping in training attention (query blocks of 256 see keys [0, end of block)) | `model/llama.py` | train step 0.95x on top of the layouts (blocks of 128: 0.98x) |
-| remat `dots` (what the 7B/13B presets use) instead of `none` | config | train step 0.75x at L=12, B=4 (`full` 0.80x, `minimal` 0.81x): with `none` the backward reads per-layer residuals out of the scan's stacked arrays in badly fused, transposed elementwise ops |
+| remat `dots` (what the 7B/13B presets use) instead of `none` | config | train step 0.75x at L=12, B=4 (`full` 0.80x, `minimal` 0.81x) |
+| dense layers through `dense_matmul` (custom VJP): in bf16 every dot (forward, d x, d W) takes bf16 operands and accumulates in float32 -- XLA:CPU upcasts a bf16 -> bf16 dot to a float32 one (230 GFLOP/s at 2048^3) but runs bf16 -> f32 on its AMX/AVX512-BF16 kernels (950) | `model/llama.py` | bf16 train step 10.2 s -> 5.2-5.7 s |
+| on CPU, the weight-gradient dot's operands behind an optimization barrier (XLA had fused the SwiGLU backward into transposed-layout loops feeding the dot) | `model/llama.py` | fp32 train step 10.6 s -> 9.3 s |
+| remat dot policies also save the dense outputs (`checkpoint_name`; the custom VJP hid its dots from `checkpoint_dots`, so gate/up/q/k/v were recomputed) | `model/llama.py` | fp32 step 10.0 s -> 9.3 s (bf16: recomputing is faster, 5.2 vs 5.7 s, but `dots` keeps its meaning) |
 | sampler KV cache stored as k [B, K, Dh, S], v [B, K, S, Dh] (no transposed copy of the cache per step) | `model/llama.py`, `generate.py` | decode step 0.55-0.65x |
-| sampler decode loop with the layers unrolled over per-layer weights and caches (each step updates one cache slot in place; weights sliced out of the stacked arrays once, not per step) | `generate.py`, `model/llama.py` | with the cache layouts: decode step 123 ms vs 424 ms before (3.4x) at batch 16; slicing the weights per step instead: 1.4x slower |
+| sampler decode loop with the layers unrolled over per-layer weights and caches (each step updates one cache slot in place; weights sliced out of the stacked arrays once) | `generate.py`, `model/llama.py` | decode step 123 ms vs 424 ms before (3.4x); slicing the weights per step instead: 1.4x slower |
+| bf16 KV cache held as uint16 bits on CPU (`cache_storage_dtype`): XLA:CPU normalizes bf16 ops to f32, and the per-step write into a bf16 cache became "convert every layer's cache to f32, write one slot, convert back" | `model/llama.py`, `generate.py` | bf16 decode step 110 ms -> 66 ms |
+| attention's probs x V dot and the sampler's LM head accumulate in float32 (`lm_head_apply`) | `model/llama.py`, `generate.py` | bf16 decode step 118 -> 110 ms and 66 -> 58 ms; fp32 86.6 -> 82.5 ms |
+
+Benchmark method: the torch training step runs in a worker process of its own, and each timed
+repetition follows one untimed step on the same side. easyrl's step right after a torch step
+took 12.0 s against 9.3-9.5 s back to back -- in the same process and in a separate one alike,
+so a machine effect (memory handed back to the VM's host and faulted in again is the likely
+cause; `MALLOC_*` settings did not change it) -- and a training process runs its steps back to
+back, so each side is timed warm.
 
 Tried and dropped (no gain beyond noise, or slower): XLA flags `--xla_cpu_use_onednn=true`,
 `--xla_cpu_use_xnnpack=false`, `--xla_cpu_experimental_ynn_fusion_type=-dot`,
 `--xla_cpu_experimental_enable_tiling_propagation=true`, `--xla_cpu_use_fusion_emitters=false`,
 `--xla_cpu_enable_fast_math=true`; unrolling the layer scan in training (all 12 layers: 1.16x
 slower; by 2: 0.95x, within noise); a custom-VJP SwiGLU (0.98x); the fused head's kernel
-pre-transposed for the backward dots (no change).
+pre-transposed for the backward dots (no change); an optimization barrier on the fused head's
+softmax gradient (no change); a bf16 cache updated through a uint16 view inside the step (the
+loop still carried bf16, so each step converted the whole cache: slower, 128 ms).
 
 ### Training step: where the time goes, and what would close the gap
 
-On an idle machine torch's step is about 1.8x faster than easyrl's (table above; an earlier
-idle run: 13.9 s vs 7.8 s). On a loaded machine (load 5-6, a run while other jobs ran) the two
-came out even (27.9 s each): torch's OpenMP threads suffer more from sharing the cores than
-XLA's pool, so only idle-machine figures count. The gap is XLA:CPU's code around the
-matmuls, not the matmuls themselves: alone, XLA's dots of the model's shapes ([2048, 768] x
-[768, 2048] and their transposes for the backward) run at 250-290 GFLOP/s (torch/oneDNN
-310-320), but inside the step they average ~130 GFLOP/s, and another ~22% of the step is
-transposes/copies XLA inserts so that its dot kernels get canonical operands (the largest: the
-SwiGLU backward writing [T, F] gradients transposed for the weight-gradient dots, ~13%), plus ~6%
-slicing per-layer weights and residuals out of the scan's stacked arrays. torch's GEMMs take
-transposed operands directly. What would close it: kernels stored [out, in] so that the
-weight-gradient dots need no transposed activations (a change to the parameter layout and the
-HF name table); an XLA:CPU whose dot thunks accept transposed operands; bf16 (this CPU has
-AMX-BF16: torch's bf16 matmul runs several times its fp32 one; XLA's bf16-output dots are 4-6x
-slower than the same dot accumulating in float32, so `_dense` would first need
-`preferred_element_type=float32`).
+float32: 73% of the step is matmuls (profile above; the LM head and its two backward dots are
+~29% of the 4-layer profile, ~12% of the 12-layer step), 11% transposed copies (the largest: the
+down projection's input, transposed for its weight gradient), 6% slicing per-layer arrays out of
+the scan's stacks, 10% elementwise. The gap to torch is mostly GEMM speed: XLA:CPU's float32
+GEMM (YNNPACK) reaches 280-310 GFLOP/s alone at 1024-4096, torch's oneDNN 330-370, and inside
+the step easyrl sustains 152-156 GFLOP/s of model FLOPs (50-54% MFU in two runs) against torch's
+190-198 (64-68% of the jax ceiling). In the profile the head's backward dots last ~2x their isolated time because the
+two run side by side on the two threads (the profile sums per-thread durations). What would close
+it: a faster float32 GEMM in XLA:CPU (oneDNN through `--xla_cpu_use_onednn` gave nothing with
+this jaxlib), the down projection's transposed input (~3%), and the scan slicing.
+
+bfloat16: easyrl 5.4 s vs torch 3.9 s (0.72x): torch's bf16 GEMM (oneDNN, AMX) measures ~2.5
+TFLOP/s against XLA's ~1.5, and easyrl's attention backward still runs in float32 (autodiff of
+the float32-accumulating attention dots feeds them float32 cotangents), as does part of the LM
+head's. What would close it: a custom VJP for the attention dots like `dense_matmul`'s, a bf16
+LM-head backward, and XLA:CPU's bf16 GEMM speed.
 
 ### Sampler: where the time goes, and what would close the gap
 
-Per decode step (batch 16) easyrl reads 438 MB of weights and 302 MB of KV cache. Its profile:
-MLP projections ~43%, attention projections ~20%, LM head ~12%, the rest (attention over
-the cache, its in-place update, sampling) ~25%.
-The M = 16 matrix-vector products stream weights at 9-11 GB/s on this machine, torch's at
-9-10 GB/s too (a plain sum reads 15-22 GB/s), so both implementations sit at 2-3x the
-bandwidth floor and transformers' `generate` is already within ~1.1x of easyrl: a 3x ratio is
-out of reach in float32 on this CPU. What would close it: fewer bytes per step -- bf16 or int8
-weights and KV cache (with float32-accumulating dots; see above), attention over only the
-filled blocks of the cache (on average a quarter of the KV bytes here) -- and larger decode
-batches per weight read.
+float32: easyrl's decode step (82-86 ms) reads 438 MB of weights and 302 MB of KV cache; both
+libraries sit at 25-30% of the bandwidth floor, because the M = 16 matrix-vector products of
+decode stream weights at 9-12 GB/s in XLA:CPU (measured alone: [16, 768] x [768, 2048] 10.6
+GB/s, the LM head 9.1 GB/s) as in torch, against ~30 GB/s a plain sum reads. A 3x ratio to
+`generate` at the same dtype would need ~80% of the floor: out of reach with these kernels.
+bf16 halves the bytes: 58-60 ms per step, 1.5x transformers' float32 `generate`, 0.87x its bf16
+one (torch's bf16 matvecs are faster). What would close it: a memory-speed small-M matvec in
+XLA:CPU; the LM head pre-transposed for decode (the [V, D]-layout matvec measured 1.3x faster in
+float32 and 1.8x in bf16 alone); attention over only the filled blocks of the cache (on average a
+quarter of the KV bytes here); int8 weights.
 """
 
 
@@ -156,7 +170,7 @@ def train_section(d, prof, title="## 1. Training step (SFT)"):
 {d['config']['preset']}, batch {a['batch']} x seq {a['seq']} ({d['tokens_per_step']} tokens/step),
 {d['config']['dtype']}, easyrl remat `{d['config']['remat']}`, {d['threads']} threads on both sides,
 AdamW + global-norm clipping on both sides, {a['reps']} interleaved repetitions of {a['steps']}
-step(s) (median; best in its own column); torch in {"this process" if d.get("torch_process") == "same" else "a worker process of its own"}.
+timed step(s) after {a.get('warm', 0)} untimed one(s) on the same side (median; best in its own column); torch in {"this process" if d.get("torch_process") == "same" else "a worker process of its own"}.
 
 {_table(rows, ["impl", "step s (median)", "step s (best)", "tokens/s", "GFLOP/s", "MFU"])}
 

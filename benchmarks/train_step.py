@@ -125,7 +125,9 @@ def torch_worker(spec: dict) -> None:
     sync(run())
     sync(run())
 
-    def timed(n):
+    def timed(n, warm=0):
+        for _ in range(warm):
+            sync(run())
         w, c = C.timeit2(run, sync, n)
         return dict(wall=w, cpu=c)
 
@@ -142,6 +144,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="steps per timed repetition")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median reported)")
+    ap.add_argument("--warm", type=int, default=1,
+                    help="untimed steps before each timed repetition, on each side: a training "
+                         "process runs its steps back to back, so each side is timed warm, not "
+                         "right after the other side's step (measured: easyrl's first step after "
+                         "a torch step ran 25-30%% slower than its steps back to back)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="compute dtype (params stay float32; torch uses autocast for bf16)")
     ap.add_argument("--remat", default="dots",
@@ -210,9 +217,11 @@ def main(argv=None):
     for r in range(a.reps):
         for name, side in runs.items():
             if isinstance(side, C.Worker):
-                r_ = side.call(op="run", n=a.steps)
+                r_ = side.call(op="run", n=a.steps, warm=a.warm)
                 w, c = r_["wall"], r_["cpu"]
             else:
+                for _ in range(a.warm):
+                    side[1](side[0]())
                 w, c = C.timeit2(*side, a.steps)
             walls[name].append(w / a.steps)
             cpus[name].append(c / a.steps)
