@@ -155,19 +155,59 @@ dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
 CAUSAL_CHUNK = 256  # query-block size of the causal block skipping in `attend`
 
 
+def _attend_probs(q: Array, kt: Array, mask: Array) -> Array:
+    """softmax(q k^T / sqrt(Dh)) over the unmasked keys, float32 [B,K,G,T,S]."""
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, kt, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / np.sqrt(q.shape[-1]))
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
 def _attend_core(q: Array, kt: Array, v: Array, mask: Array) -> Array:
     """q [B,K,G,T,Dh], kt [B,K,Dh,S] (keys transposed), v [B,K,S,Dh], mask [B,T,S] bool
     -> [B,K,G,T,Dh]. Both dots take their operands in canonical [batch, M, K] x [batch, K, N]
-    layout, so XLA adds no transposed copies of the scores or the cache around them."""
-    dh = q.shape[-1]
-    scores = jnp.einsum("bkgtd,bkds->bkgts", q, kt, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(dh))
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    layout, so XLA adds no transposed copies of the scores or the cache around them.
+    bf16/f16 inputs take `_attend_lowp` (the same forward with a low-precision backward)."""
+    if q.dtype in (jnp.bfloat16, jnp.float16) and kt.dtype == v.dtype == q.dtype:
+        return _attend_lowp(q, kt, v, mask)
+    probs = _attend_probs(q, kt, mask).astype(v.dtype)
     # float32 accumulation (and a low-precision result): bf16 x bf16 -> bf16 dots are upcast to
     # slow float32 ones on XLA:CPU, bf16 x bf16 -> f32 ones are not
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v,
                       preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+@jax.custom_vjp
+def _attend_lowp(q, kt, v, mask):
+    """`_attend_core` in bf16/f16 with a hand-written backward: autodiff of the float32-
+    accumulating dots would run all four backward dots in float32 (their cotangents are
+    float32); here they take low-precision operands and accumulate in float32, like
+    `dense_matmul`. The softmax is recomputed in the backward (flash-attention style: the
+    [.., T, S] probabilities are not kept)."""
+    probs = _attend_probs(q, kt, mask).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v,
+                      preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def _attend_lowp_fwd(q, kt, v, mask):
+    return _attend_lowp(q, kt, v, mask), (q, kt, v, mask)
+
+
+def _attend_lowp_bwd(res, dout):
+    q, kt, v, mask = res
+    f32, lp = jnp.float32, q.dtype
+    p = _attend_probs(q, kt, mask)  # float32
+    dout = dout.astype(lp)
+    dv = jnp.einsum("bkgts,bkgtd->bksd", p.astype(lp), dout, preferred_element_type=f32)
+    dp = jnp.einsum("bkgtd,bksd->bkgts", dout, v, preferred_element_type=f32)
+    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * (1.0 / np.sqrt(q.shape[-1]))
+    ds = ds.astype(lp)
+    dq = jnp.einsum("bkgts,bkds->bkgtd", ds, kt, preferred_element_type=f32)
+    dkt = jnp.einsum("bkgtd,bkgts->bkds", q, ds, preferred_element_type=f32)
+    return dq.astype(q.dtype), dkt.astype(kt.dtype), dv.astype(v.dtype), None
+
+
+_attend_lowp.defvjp(_attend_lowp_fwd, _attend_lowp_bwd)
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array, impl: str = "xla",
