@@ -34,6 +34,7 @@ prompt 128, 128 new tokens for the sampler.
 | remat dot policies also save the dense outputs (`checkpoint_name`; the custom VJP hid its dots from `checkpoint_dots`, so gate/up/q/k/v were recomputed) | `model/llama.py` | fp32 step 10.0 s -> 9.3 s (bf16: recomputing is faster, 5.2 vs 5.7 s, but `dots` keeps its meaning) |
 | sampler KV cache stored as k [B, K, Dh, S], v [B, K, S, Dh] (no transposed copy of the cache per step) | `model/llama.py`, `generate.py` | decode step 0.55-0.65x |
 | sampler decode loop with the layers unrolled over per-layer weights and caches (each step updates one cache slot in place; weights sliced out of the stacked arrays once) | `generate.py`, `model/llama.py` | decode step 123 ms vs 424 ms before (3.4x); slicing the weights per step instead: 1.4x slower |
+| bf16 attention backward with bf16 dots accumulating in float32 (`_attend_lowp`, custom VJP, softmax recomputed): autodiff of the float32-accumulating attention dots had run all four backward dots in float32 | `model/llama.py` | bf16 train step 5.68 s -> 5.16-5.31 s |
 | bf16 KV cache held as uint16 bits on CPU (`cache_storage_dtype`): XLA:CPU normalizes bf16 ops to f32, and the per-step write into a bf16 cache became "convert every layer's cache to f32, write one slot, convert back" | `model/llama.py`, `generate.py` | bf16 decode step 110 ms -> 66 ms |
 | attention's probs x V dot and the sampler's LM head accumulate in float32 (`lm_head_apply`) | `model/llama.py`, `generate.py` | bf16 decode step 118 -> 110 ms and 66 -> 58 ms; fp32 86.6 -> 82.5 ms |
 
@@ -66,11 +67,12 @@ two run side by side on the two threads (the profile sums per-thread durations).
 it: a faster float32 GEMM in XLA:CPU (oneDNN through `--xla_cpu_use_onednn` gave nothing with
 this jaxlib), the down projection's transposed input (~3%), and the scan slicing.
 
-bfloat16: easyrl 5.4 s vs torch 3.9 s (0.72x): torch's bf16 GEMM (oneDNN, AMX) measures ~2.5
-TFLOP/s against XLA's ~1.5, and easyrl's attention backward still runs in float32 (autodiff of
-the float32-accumulating attention dots feeds them float32 cotangents), as does part of the LM
-head's. What would close it: a custom VJP for the attention dots like `dense_matmul`'s, a bf16
-LM-head backward, and XLA:CPU's bf16 GEMM speed.
+bfloat16: easyrl 5.1-5.3 s vs torch 3.7-3.8 s (0.72x): torch's bf16 GEMM (oneDNN, AMX) measures 1.9-2.5
+TFLOP/s against XLA's 1.4-1.5, and the step spends more of its time outside the GEMMs than in
+float32 (the bf16 dots are 4-5x faster, the elementwise work, converts and scan slicing are not).
+What would close it: XLA:CPU's bf16 GEMM speed, fewer converts around the LM head (its kernel is
+cast to bf16 every step and its gradient accumulated in float32 over the chunks), and fusing the
+RMSNorm/rope/SwiGLU elementwise work into fewer passes.
 
 ### Sampler: where the time goes, and what would close the gap
 
