@@ -108,11 +108,6 @@ def sample_logits(logits: jax.Array, rng, temperature: float = 1.0, top_k: int =
 
 
 # ---- model pieces ---------------------------------------------------------------------------
-def _lm_logits(config: LlamaConfig, params, h: jax.Array) -> jax.Array:
-    """The LM head on final hidden states [B, D] -> logits [B, V] float32 (as `Llama(head='lm')`)."""
-    return lm_head_apply(config, params, h).astype(jnp.float32)
-
-
 def _cache_sharding(config: LlamaConfig, mesh, batch: int, stacked: bool = True):
     """Cache [L, B, K, ., .] (stacked, prefill) or [B, K, ., .] (one layer, decode): batch over
     (dp, fsdp), kv heads over tp (when divisible)."""
@@ -155,7 +150,8 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
     hidden_model = Llama(cfg, head="hidden")
     h, cache = hidden_model.apply({"params": params}, input_ids, positions, mask, cache,
                                   jnp.int32(0))
-    logits = _lm_logits(cfg, params, h[:, -1])  # left padding: the last slot is the last token
+    # left padding: the last slot is the last token
+    logits = lm_head_apply(cfg, params, h[:, -1]).astype(jnp.float32)
 
     def pick(logits, step, finished):
         key = jax.random.fold_in(rng, step)

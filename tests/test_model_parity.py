@@ -137,7 +137,7 @@ def test_dense_matmul_values_and_grads(dtype, shape):
     """`dense_matmul` (the dense layers' matmul with its own VJP) against float64 numpy: value,
     d x and d W of sum(y * g) on random inputs; bf16 within bf16 rounding of the result."""
     import jax
-    from easyrl.model.llama import dense_matmul
+    from easyrl.model.matmul import dense_matmul
     rs = np.random.RandomState(1)
     x64, w64 = rs.randn(*shape), rs.randn(5, 7)
     g64 = rs.randn(*shape[:-1], 7)
@@ -154,7 +154,7 @@ def test_dense_matmul_values_and_grads(dtype, shape):
         got = np.asarray(got, np.float64)
         assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max())
     # the flax layers route through it (same numbers as a plain dot in float32)
-    from easyrl.model.llama import dense_dot_general
+    from easyrl.model.matmul import dense_dot_general
     dims = (((len(shape) - 1,), (0,)), ((), ()))
     np.testing.assert_array_equal(np.asarray(dense_dot_general(x, w, dims)), np.asarray(y))
 

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from easyrl.model.matmul import dense_dot_general
+
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 MODULE_OF = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn",
              "gate": "mlp", "up": "mlp", "down": "mlp"}
@@ -115,7 +117,6 @@ class LoRADense(nn.Module):
         b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features), self.param_dtype)
         x, kernel, bias, a, b = nn.dtypes.promote_dtype(x, kernel, bias, a, b, dtype=self.dtype)
         dims = (((x.ndim - 1,), (0,)), ((), ()))
-        from easyrl.model.llama import dense_dot_general  # circular at import time
         y = dense_dot_general(x, kernel, dims)
         if bias is not None:
             y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
