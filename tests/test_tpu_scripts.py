@@ -154,6 +154,84 @@ def test_script_header_and_unknown_option(sandbox, script):
     assert p.returncode == 2 and "unknown option" in p.stderr
 
 
+
+# Each script's own flag (no value), for the option-loop tests below.
+OWN_FLAG = {"create.sh": "--spot", "setup.sh": "--no-check", "launch.sh": "--no-fetch",
+            "status.sh": "--list", "ssh.sh": "--worker=0", "delete.sh": "--yes", "stop.sh": "--force"}
+# What ends the options: `--` (and, for launch/ssh, the first word not starting with -).
+ENDS_AT_DASHDASH = {"create.sh", "delete.sh", "launch.sh", "ssh.sh"}
+TAKES_COMMAND = {"launch.sh", "ssh.sh"}
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_unknown_option_message(sandbox, script):
+    """The shared option loop names the bad option and points to --help, before or after the
+    script's own options, and still honours the common and the script's options around it."""
+    for args in (["--dry-run", "--no-such-option"], [OWN_FLAG[script], "--no-such-option", "-n"],
+                 ["-x"], ["--dry-run=1"], ["-"]):
+        p = run(sandbox, script, *args)
+        bad = [a for a in args if a not in ("--dry-run", "-n", OWN_FLAG[script])][0]
+        assert p.returncode == 2, (args, p.stderr)
+        hint = " (launch options go before COMMAND)" if script == "launch.sh" else ""
+        assert p.stderr == f"{script}: error: unknown option: {bad}{hint}\nTry '{script} --help'.\n"
+        assert p.stdout == ""
+    # a word that is not an option: an error where the script takes no arguments
+    if script not in TAKES_COMMAND and script not in ENDS_AT_DASHDASH:
+        p = run(sandbox, script, "-n", "word")
+        assert p.returncode == 2 and "unknown option: word" in p.stderr
+        p = run(sandbox, script, "-n", "--")
+        assert p.returncode == 2 and "unknown option: --" in p.stderr
+    assert not sandbox["log"].exists()
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_common_and_own_options_in_any_order(sandbox, script, tmp_path):
+    env_file = tmp_path / "o.env"
+    env_file.write_text("ZONE=zone-from-file\n")
+    tail = ["sft"] if script == "launch.sh" else []
+    first = dry(sandbox, script, OWN_FLAG[script], "--env", str(env_file), *tail)
+    assert first and any("--zone=zone-from-file" in c for c in first), first
+    for args in ([f"--env={env_file}", OWN_FLAG[script]], ["--env", str(env_file), OWN_FLAG[script]]):
+        p = run(sandbox, script, *args, "-n", *tail)
+        assert p.returncode == 0, p.stderr
+        assert commands(p.stdout) == first
+    p = run(sandbox, script, OWN_FLAG[script], "--help")
+    assert p.returncode == 0 and "Usage:" in p.stdout
+    p = run(sandbox, script, "-n", "--env")
+    assert p.returncode == 2 and "--env needs a file" in p.stderr
+    assert not sandbox["log"].exists()
+
+
+def test_what_ends_the_options(sandbox):
+    # after `--`, options are gcloud's (create, delete) or the command's (launch, ssh)
+    (cmd,) = dry(sandbox, "create.sh", "--", "--dry-run", "--spot")
+    assert cmd[-3:] == ["--dry-run", "--spot", "--project=test-proj"]
+    (cmd,) = dry(sandbox, "delete.sh", "--yes", "--", "--async")
+    assert cmd[-2:] == ["--async", "--project=test-proj"]
+    p = run(sandbox, "create.sh", "-n", "word")
+    assert p.returncode == 2 and "unknown option: word" in p.stderr
+    cmds = dry(sandbox, "launch.sh", "--run-name", "r", "sft", "--no-fetch", "--dry-run")
+    assert "python3 -m easyrl sft --no-fetch --dry-run 2>&1" in remote_command(cmds[0])
+    assert len(cmds) == 6  # --no-fetch went to easyrl: the logs are still fetched (4 workers)
+    cmds = dry(sandbox, "launch.sh", "--no-fetch", "--", "-odd")
+    assert len(cmds) == 1 and "python3 -m easyrl -odd" in remote_command(cmds[0])
+    (cmd,) = dry(sandbox, "ssh.sh", "ls", "--worker=2")
+    assert "--worker=0" in cmd and remote_command(cmd) == "ls --worker=2"
+    # a value option takes the next word even when it looks like an option
+    p = run(sandbox, "ssh.sh", "--worker", "--dry-run", "ls")
+    assert p.returncode == 2 and "got: --dry-run" in p.stderr and not sandbox["log"].exists()
+    cmds = dry(sandbox, "launch.sh", "--run-name", "--help", "sft")
+    assert "mkdir -p logs/--help &&" in remote_command(cmds[0])
+    for script, opt in (("launch.sh", "--run-name"), ("launch.sh", "--export"),
+                        ("launch.sh", "--fetch-logs"), ("ssh.sh", "--worker"), ("ssh.sh", "-w")):
+        p = run(sandbox, script, "-n", opt)
+        assert p.returncode == 2 and f"error: {opt} needs a value\nTry '{script} --help'." in p.stderr
+    (cmd,) = dry(sandbox, "ssh.sh", "-w", "1")
+    assert "--worker=1" in cmd
+    p = run(sandbox, "ssh.sh", "-n", "-w=1")
+    assert p.returncode == 2 and "unknown option: -w=1" in p.stderr
+    assert dry(sandbox, "launch.sh", "--fetch-logs=bg") == dry(sandbox, "launch.sh", "--fetch-logs", "bg")
+
 def test_run_prints_a_command_the_shell_reads_back_exactly():
     words = ["gcloud", "plain", "", "a b", "it's", "--command=cd x && echo \"$(hostname)\" | tee 'l'",
              "--x=dp:1,fsdp:-1", "tab\there", "new\nline", "~/home", "*", "--=odd", "-", "$HOME"]

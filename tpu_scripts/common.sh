@@ -9,6 +9,8 @@
 #                        otherwise (so stdout stays the commands' own output).
 #   gcloud_tpu SUB ...   run gcloud compute tpus tpu-vm SUB ... [--project=$PROJECT]
 #   on_workers W CMD     run the shell command CMD on worker W (a number or `all`) of the pod.
+#   parse_options ...    the option loop of every script: --help, --dry-run and --env here, the
+#                        script's own options in its script_option function.
 
 PROG=$(basename "$0")
 TPU_SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -16,6 +18,9 @@ DRY_RUN=${DRY_RUN:-0}
 ENV_FILE=${EASYRL_TPU_ENV:-}
 WANT_HELP=0
 SHIFT_BY=1
+OPTIONS_USED=0
+OPTION_VALUE=''
+UNKNOWN_HINT=''
 
 die() {
   printf '%s: error: %s\n' "$PROG" "$*" >&2
@@ -97,9 +102,39 @@ run() {
   "$@"
 }
 
-# common_option "$@": handle an option every script takes. Sets SHIFT_BY (how many arguments
-# it used); returns 1 when "$1" is not one of them.
-# shellcheck disable=SC2034  # SHIFT_BY is read by the scripts that source this file
+# parse_options ENDS "$@": the option loop of every script. Each argument goes first to the
+# script's own `script_option "$@"` (which, like common_option, handles the options at the front
+# of its arguments: sets SHIFT_BY to how many it used, returns 1 when "$1" is not one of its
+# options), then to common_option; any other argument is an "unknown option" usage error
+# (followed by UNKNOWN_HINT) -- unless ENDS says it ends the options:
+#   none      every argument is an option
+#   dashdash  `--` ends the options; the arguments after it are the script's
+#   command   `--`, or the first word that does not start with -, ends them (COMMAND ARGS...)
+# Sets OPTIONS_USED, how many arguments were options (`--` included): the script goes on with
+# `shift "$OPTIONS_USED"` to the arguments that are left. (script_option runs as an `if` condition,
+# where set -e does not apply: it stops on a bad value with usage_error, not with a failing command.)
+parse_options() {
+  local ends=$1
+  shift
+  OPTIONS_USED=0
+  while [ $# -gt 0 ]; do
+    SHIFT_BY=1
+    if script_option "$@"; then
+      :
+    elif [ "$ends" != none ] && [ "$1" = -- ]; then
+      OPTIONS_USED=$((OPTIONS_USED + 1))
+      return 0
+    elif [ "$ends" = command ] && [ "${1#-}" = "$1" ]; then
+      return 0
+    elif ! common_option "$@"; then
+      usage_error "unknown option: $1$UNKNOWN_HINT"
+    fi
+    OPTIONS_USED=$((OPTIONS_USED + SHIFT_BY))
+    shift "$SHIFT_BY"
+  done
+}
+
+# common_option "$@": handle an option every script takes, as script_option does.
 common_option() {
   SHIFT_BY=1
   case "$1" in
@@ -112,6 +147,20 @@ common_option() {
       ;;
     --env=*) ENV_FILE=${1#--env=} ;;
     *) return 1 ;;
+  esac
+}
+
+# option_value "$@": for script_option, the value of option "$1" into OPTION_VALUE -- what follows
+# the = of --opt=VALUE, else the next argument (then SHIFT_BY=2; a usage error when there is none).
+# shellcheck disable=SC2034  # OPTION_VALUE is read by the scripts that source this file
+option_value() {
+  case "$1" in
+    --*=*) OPTION_VALUE=${1#*=} ;;
+    *)
+      need_value "$@"
+      OPTION_VALUE=$2
+      SHIFT_BY=2
+      ;;
   esac
 }
 

@@ -21,24 +21,17 @@ EOF2
 }
 
 CAPACITY=''
-while [ $# -gt 0 ]; do
+script_option() {
   case "$1" in
     --preemptible | --spot)
       [ -z "$CAPACITY" ] || [ "$CAPACITY" = "$1" ] || usage_error "--preemptible and --spot exclude each other"
       CAPACITY=$1
       ;;
-    --)
-      shift
-      break
-      ;;
-    *)
-      common_option "$@" || usage_error "unknown option: $1"
-      shift "$SHIFT_BY"
-      continue
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+parse_options dashdash "$@"
+shift "$OPTIONS_USED"
 finish_options
 
 gcloud_tpu create "$TPU_NAME" --zone="$ZONE" --accelerator-type="$ACCELERATOR_TYPE" \

@@ -17,21 +17,14 @@ EOF2
 }
 
 YES=0
-while [ $# -gt 0 ]; do
+script_option() {
   case "$1" in
     -y | --yes) YES=1 ;;
-    --)
-      shift
-      break
-      ;;
-    *)
-      common_option "$@" || usage_error "unknown option: $1"
-      shift "$SHIFT_BY"
-      continue
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+parse_options dashdash "$@"
+shift "$OPTIONS_USED"
 finish_options
 
 if [ "$YES" != 1 ] && ! is_dry_run; then

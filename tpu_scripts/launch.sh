@@ -47,44 +47,28 @@ add_export() {
   esac
   EXPORTS="$EXPORTS export ${1%%=*}=$(shquote "${1#*=}") &&"
 }
-while [ $# -gt 0 ]; do
+script_option() {
   case "$1" in
-    --run-name)
-      need_value "$@"
-      RUN_NAME=$2
-      shift 2
-      continue
+    --run-name | --run-name=*)
+      option_value "$@"
+      RUN_NAME=$OPTION_VALUE
       ;;
-    --run-name=*) RUN_NAME=${1#*=} ;;
-    --export)
-      need_value "$@"
-      add_export "$2"
-      shift 2
-      continue
+    --export | --export=*)
+      option_value "$@"
+      add_export "$OPTION_VALUE"
       ;;
-    --export=*) add_export "${1#*=}" ;;
-    --fetch-logs)
-      need_value "$@"
-      FETCH_ONLY=$2
-      shift 2
-      continue
+    --fetch-logs | --fetch-logs=*)
+      option_value "$@"
+      FETCH_ONLY=$OPTION_VALUE
       ;;
-    --fetch-logs=*) FETCH_ONLY=${1#*=} ;;
     --detach) DETACH=1 ;;
     --no-fetch) FETCH=0 ;;
-    --)
-      shift
-      break
-      ;;
-    -*)
-      common_option "$@" || usage_error "unknown option: $1 (launch options go before COMMAND)"
-      shift "$SHIFT_BY"
-      continue
-      ;;
-    *) break ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+UNKNOWN_HINT=' (launch options go before COMMAND)'
+parse_options command "$@"
+shift "$OPTIONS_USED"
 finish_options
 
 # gcloud scp copies to this machine from one worker at a time: one scp per worker, FETCH_PARALLEL

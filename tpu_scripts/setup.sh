@@ -27,20 +27,16 @@ EOF2
 SOURCE=''
 INSTALL=1
 CHECK=1
-while [ $# -gt 0 ]; do
+script_option() {
   case "$1" in
     --git) SOURCE=git ;;
     --local | --rsync) SOURCE=local ;;
     --no-install) INSTALL=0 ;;
     --no-check) CHECK=0 ;;
-    *)
-      common_option "$@" || usage_error "unknown option: $1"
-      shift "$SHIFT_BY"
-      continue
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+parse_options none "$@"
 finish_options
 
 if [ -z "$SOURCE" ]; then

@@ -18,28 +18,17 @@ EOF2
 }
 
 WORKER=0
-while [ $# -gt 0 ]; do
+script_option() {
   case "$1" in
-    --worker | -w)
-      need_value "$@"
-      WORKER=$2
-      shift 2
-      continue
+    --worker | -w | --worker=*)
+      option_value "$@"
+      WORKER=$OPTION_VALUE
       ;;
-    --worker=*) WORKER=${1#*=} ;;
-    --)
-      shift
-      break
-      ;;
-    -*)
-      common_option "$@" || usage_error "unknown option: $1"
-      shift "$SHIFT_BY"
-      continue
-      ;;
-    *) break ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+parse_options command "$@"
+shift "$OPTIONS_USED"
 case "$WORKER" in
   all) ;;
   '' | *[!0-9,-]*) usage_error "--worker wants a worker number (0, 1, ...), a list (0,2), a range (1-3) or all; got: $WORKER" ;;

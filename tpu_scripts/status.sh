@@ -18,19 +18,15 @@ EOF2
 }
 
 MODE=describe
-while [ $# -gt 0 ]; do
+script_option() {
   case "$1" in
     --list) MODE=list ;;
     --procs) MODE=procs ;;
     --show-env) MODE=show_env ;;
-    *)
-      common_option "$@" || usage_error "unknown option: $1"
-      shift "$SHIFT_BY"
-      continue
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+parse_options none "$@"
 [ "$MODE" != show_env ] || DRY_RUN=1  # --show-env never needs gcloud
 finish_options
 

@@ -17,17 +17,13 @@ EOF2
 }
 
 FORCE=0
-while [ $# -gt 0 ]; do
+script_option() {
   case "$1" in
     -f | --force) FORCE=1 ;;
-    *)
-      common_option "$@" || usage_error "unknown option: $1"
-      shift "$SHIFT_BY"
-      continue
-      ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+parse_options none "$@"
 finish_options
 
 # [e]asyrl: the pattern does not match the shell that runs it.
