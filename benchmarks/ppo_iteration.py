@@ -6,10 +6,12 @@
         --out benchmarks/results/ppo_bench_100m.json
 
 Random-init policy, reference (a copy of the policy), value and reward models of the preset's
-shape; random prompts (no data). The iteration is wired as `easyrl.algorithms.ppo_loop` wires it:
+shape; random prompts (no data); the PPO settings of `configs/ppo.py:tulu25_13b` at these
+lengths. The iteration is the one `easyrl ppo` runs: `easyrl.train.rl_loop.iterate` over
+`easyrl.algorithms.ppo.make_iteration`:
   rollout = `make_sampler` (temperature 0.7, EOS disabled so every response has --new tokens),
   scoring = jitted `score_rollout` (ONE pass: old/ref log-probs, values, reward score, entropy)
-            + jitted `advantages` (KL-penalised rewards, GAE, whitening),
+            + jitted advantages (KL-penalised rewards, GAE, whitening),
   update  = jitted `make_update` (ppo_epochs x minibatches of clipped policy + value updates,
             state donated).
 Iteration 0 (compilation) is reported separately; the split is the median over the others.
@@ -43,12 +45,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
-    import ml_collections as mlc
-
     from easyrl import model as M
-    from easyrl.algorithms.ppo import PPOState, advantages, make_update, score_rollout
+    from easyrl.algorithms.ppo import PPOState, make_iteration
     from easyrl.generate import make_sampler
+    from easyrl.train.config import load_config_file
     from easyrl.train.optim import make_optimizer
+    from easyrl.train.rl_loop import iterate
 
     info = C.machine_info()
     print(C.banner(info), flush=True)
@@ -58,54 +60,34 @@ def main(argv=None):
     ref = jax.tree.map(jnp.copy, policy)  # own buffers: the policy is donated
     value = M.init_params(cfg, keys[1], "value")
     reward = M.init_params(cfg, keys[2], "reward")
-    optim = mlc.ConfigDict(dict(lr=1e-6, schedule="linear", warmup=0.1, min_lr_ratio=0.0,
-                                weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip=1.0))
+    c = load_config_file("configs/ppo.py:tulu25_13b")  # Tulu 2.5's PPO settings at this shape
+    c.optim.update(lr=1e-6, schedule="linear", warmup=0.1)
+    p = c.ppo
+    p.update(max_prompt_len=a.prompt, max_new_tokens=a.new, temperature=0.7, kl_coef=0.05,
+             ppo_epochs=a.epochs, num_minibatches=a.minibatches, missing_eos_penalty=0.0)
     n_updates = a.iters * a.epochs * a.minibatches
-    policy_tx, _ = make_optimizer(optim, n_updates)
-    value_tx, _ = make_optimizer(optim, n_updates)
+    policy_tx, _ = make_optimizer(c.optim, n_updates)
+    value_tx, _ = make_optimizer(c.optim, n_updates)
     state = PPOState(step=jnp.zeros((), jnp.int32), policy=policy, value=value,
                      policy_opt=policy_tx.init(policy), value_opt=value_tx.init(value))
     state = jax.tree.map(jnp.copy, state)  # distinct buffers everywhere (donated)
 
-    temperature, plen = 0.7, a.prompt
-    sampler = make_sampler(cfg, max_new_tokens=a.new, temperature=temperature, eos_token_id=(),
+    # EOS disabled: every response has --new tokens
+    sampler = make_sampler(cfg, max_new_tokens=a.new, temperature=p.temperature, eos_token_id=(),
                            pad_token_id=0)
-    cfgs = dict(policy=cfg, value=cfg, reward=cfg)
-    score_fn = jax.jit(lambda models, tokens, attn, m: score_rollout(
-        cfgs, models, tokens, attn, m, prompt_len=plen, temperature=temperature))
-    adv_fn = jax.jit(lambda scored, m, has_eos, kl_coef: advantages(
-        scored, m, has_eos, kl_coef=kl_coef, kl_estimator="k1", gamma=1.0, lam=0.95,
-        missing_eos_penalty=None, whiten=True))
-    update_fn = jax.jit(make_update(
-        cfg, cfg, policy_tx, value_tx, prompt_len=plen, temperature=temperature,
-        ppo_epochs=a.epochs, num_minibatches=a.minibatches, cliprange=0.2, cliprange_value=0.2,
-        vf_coef=0.1), donate_argnums=(0,))
+    it = make_iteration(dict(policy=cfg, ref=cfg, value=cfg, reward=cfg), p, policy_tx, value_tx)
+    frozen = dict(ref=ref, reward=reward)
 
     rs = np.random.RandomState(0)
     times = []
-    for it in range(a.iters):
+    for i in range(a.iters):
         ids = jnp.asarray(rs.randint(3, cfg.vocab_size, size=(a.batch, a.prompt)), jnp.int32)
-        pmask = jnp.ones_like(ids)
-        rng = jax.random.PRNGKey(it)
-        t0 = time.perf_counter()
-        roll = sampler(state.policy, ids, pmask, jax.random.fold_in(rng, 0))
-        resp_mask = jax.block_until_ready(roll["response_mask"])
-        t1 = time.perf_counter()
-        attn = jnp.concatenate([pmask, resp_mask], axis=1)
-        models = dict(policy=state.policy, ref=ref, value=state.value, reward=reward)
-        scored = score_fn(models, roll["tokens"], attn, resp_mask)
-        adv, ret, stats = adv_fn(scored, resp_mask, roll["has_eos"], jnp.float32(0.05))
-        jax.block_until_ready(adv)
-        t2 = time.perf_counter()
-        rollout = dict(tokens=roll["tokens"], attn=attn, resp_mask=resp_mask,
-                       logprobs=scored["logprobs"], values=scored["values"], advantages=adv,
-                       returns=ret)
-        state, upd = update_fn(state, rollout, jax.random.fold_in(rng, 1))
-        metrics = jax.device_get(upd)
-        t3 = time.perf_counter()
-        times.append((t1 - t0, t2 - t1, t3 - t2))
-        print(f"  iter {it}: rollout {t1 - t0:.2f}s score {t2 - t1:.2f}s update {t3 - t2:.2f}s "
-              f"(approxkl_first {float(metrics['policy/approxkl_first']):.2e})", flush=True)
+        prompts = dict(input_ids=ids, attention_mask=jnp.ones_like(ids))
+        state, m, _, _ = iterate(it, sampler, state, frozen, prompts, jax.random.PRNGKey(i),
+                                 dict(kl_coef=p.kl_coef))
+        times.append((m["time/rollout"], m["time/score"], m["time/update"]))
+        print(f"  iter {i}: rollout {times[-1][0]:.2f}s score {times[-1][1]:.2f}s update "
+              f"{times[-1][2]:.2f}s (approxkl_first {m['policy/approxkl_first']:.2e})", flush=True)
     steady = times[1:] or times
     med = [C.median([t[i] for t in steady]) for i in range(3)]
     total = sum(med)

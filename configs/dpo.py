@@ -4,7 +4,7 @@ The policy starts from `model.path` (an SFT run directory or an HF folder; rando
 model.preset when empty) and the reference is that same initial policy.
 
 dpo.beta            inverse temperature of the implicit reward r = beta (logp - logp_ref)
-dpo.loss_type       sigmoid | robust | hinge | ipo (DESIGN.md formulas)
+dpo.loss_type       sigmoid | robust | hinge | ipo (formulas in docs/algorithms.md)
 dpo.label_smoothing eps for sigmoid (conservative DPO) and robust DPO; must be < 0.5
 dpo.reference_free  reference log-probs are 0 (no reference model at all)
 dpo.precompute_ref  one pass of the initial policy over train and eval data before training

@@ -36,11 +36,6 @@ import ml_collections as mlc
 from easyrl.train.config import base_config
 
 
-def warmup_ratio(c, ratio: float) -> None:
-    """optim.warmup as a fraction of the run (base_config declares it an int)."""
-    c.optim = mlc.ConfigDict({**c.optim.to_dict(), "warmup": float(ratio)})
-
-
 def get_config(preset: str = "tiny"):
     c = base_config("rm")
     c.rm = mlc.ConfigDict(dict(use_margin=True))
@@ -70,7 +65,7 @@ def get_config(preset: str = "tiny"):
                       eval="", format="", template="tulu")
         c.train.update(epochs=1, batch_size=512, micro_batch_size=16, seq_len=2048)
         c.optim.update(lr=1e-6, schedule="linear", weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
-        warmup_ratio(c, 0.03)
+        c.optim.warmup = 0.03  # a ratio of the run (< 1); >= 1 would be steps
         c.checkpoint.update(every=200, keep=2)
     else:
         raise ValueError(f"unknown rm preset {preset!r}: tiny, stackllama_7b, "

@@ -46,7 +46,7 @@ def get_config(preset: str = "tiny"):
         c.rrhf.update(length_penalty=1.0, rank_weight=1.0, num_responses=4)
         c.train.update(epochs=3, batch_size=64, micro_batch_size=8, seq_len=512)
         c.optim.update(lr=2e-5, schedule="cosine", weight_decay=0.0)
-        c.optim = mlc.ConfigDict({**c.optim.to_dict(), "warmup": 0.03})  # ratio (int field)
+        c.optim.warmup = 0.03  # a ratio of the run (< 1); >= 1 would be steps
         c.checkpoint.update(every=100, keep=3)
     else:
         raise ValueError(f"unknown rrhf preset {preset!r}: tiny, wombat_7b")

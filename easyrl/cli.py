@@ -6,6 +6,8 @@ import importlib
 import logging
 import sys
 
+from easyrl.algorithms import registry
+
 # command -> (module with add_parser(subparsers), one-line help)
 COMMANDS = {
     "convert": "easyrl.convert",
@@ -21,25 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod in COMMANDS.items():
         importlib.import_module(mod).add_parser(sub)
-    for name, help_ in TRAINERS.items():
-        sub.add_parser(name, help=f"{help_}: --config configs/{name}.py:PRESET [--config.KEY=VALUE]")
+    for name, algo in registry.all_algorithms().items():
+        sub.add_parser(name, help=f"{algo.help}: --config configs/{name}.py:PRESET [--config.KEY=VALUE]")
     return parser
-
-
-TRAINERS = {
-    "sft": "supervised fine-tuning",
-    "rm": "reward model on preference pairs",
-    "dpo": "direct preference optimization (sigmoid / robust / hinge / IPO)",
-    "rrhf": "rank responses to align with human feedback (RRHF)",
-    "ppo": "PPO with a KL penalty, rollouts from the jitted sampler",
-    "pipeline": "the whole recipe: SFT -> RM -> PPO, DPO, RRHF -> HF exports, eval, report.md",
-}
 
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TRAINERS:  # ml_collections config flags, not argparse
+    if argv and argv[0] in registry.all_algorithms():  # ml_collections config flags, not argparse
         from easyrl.train import launch
         try:
             launch.main(argv[0], argv[1:])
@@ -48,7 +40,10 @@ def main(argv=None) -> None:
             sys.exit(2)
         return
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.config_overrides = rest
     if not getattr(args, "command", None):
         parser.print_help()
         return

@@ -10,6 +10,7 @@ from typing import Optional
 import jax
 
 from easyrl import checkpoint, hf
+from easyrl.peft import save_peft
 
 TOKENIZER_SUBDIR = "tokenizer"
 
@@ -55,15 +56,14 @@ def easyrl_to_peft(ckpt: str, out: str, base_model: Optional[str] = None, dtype=
     checkpoint: `PeftModel.from_pretrained(<base HF model>, out)`. A reward / value model is a
     SEQ_CLS adapter with the `score` head in modules_to_save. `base_model` (written as
     base_model_name_or_path) defaults to the run's model.path."""
-    from easyrl.model import lora
     run_dir, _ = checkpoint.resolve(ckpt)
     stored, _, _ = checkpoint.read_model_config(run_dir)
     if not stored.lora_rank:
         raise ValueError(f"{run_dir}: not a LoRA checkpoint (model.lora.rank = 0); export full "
                          f"weights with `easyrl convert easyrl-to-hf`")
     config, kind, params = checkpoint.load_model(ckpt)
-    lora.save_peft(out, config, params, kind=kind, base_model=base_model or base_model_of(run_dir),
-                   dtype=dtype)
+    save_peft(out, config, params, kind=kind, base_model=base_model or base_model_of(run_dir),
+              dtype=dtype)
     if tokenizer is None and os.path.isdir(os.path.join(run_dir, TOKENIZER_SUBDIR)):
         tokenizer = os.path.join(run_dir, TOKENIZER_SUBDIR)
     if tokenizer is not None and jax.process_index() == 0:

@@ -18,10 +18,15 @@ layer stack (caches stacked on a leading L axis); the decode loop then runs the 
 (`llama.forward_unrolled`) over per-layer weights sliced out once before the loop and per-layer
 caches carried by it, so a step updates one cache slot in place and reads every weight where it
 lies (on CPU 3.4x faster per step than the scanned stack; slicing inside the loop instead was
-1.4x slower). The price: while sampling, the decoder weights exist twice (stacked + sliced). Positions: prompt positions are cumsum(mask) - 1; generated token i of row b has position
-n_prompt_b + i, so left padding changes nothing. The loop exits early once every row has emitted
-EOS. `make_sampler` returns the compiled callable (jit cached on the static settings) so a
-trainer can call it every iteration without retracing; `generate` uses the same cache.
+1.4x slower). The price: while sampling, the decoder weights exist twice (stacked + sliced).
+decode="auto" (the default) takes `platform_tuning.Tuning.decode` of the platform the sampler
+runs on ("unrolled" on CPU, "scan" elsewhere), and the cache's storage dtype its
+`kv_cache_as_bits`: both resolved once by `make_sampler` from its mesh's devices (the default
+backend without a mesh), not at trace time. Positions: prompt positions are cumsum(mask) - 1;
+generated token i of row b has position n_prompt_b + i, so left padding changes nothing. The
+loop exits early once every row has emitted EOS. `make_sampler` returns the compiled callable
+(jit cached on the static settings) so a trainer can call it every iteration without retracing;
+`generate` uses the same cache.
 
 Sharded params (any `dp/fsdp/tp` mesh) work through plain jit propagation; pass `mesh` to also pin
 the KV cache to batch x kv-head sharding (`P(None, ('dp','fsdp'), 'tp', None, None)`).
@@ -35,9 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easyrl.model import positions_from_mask
 from easyrl.model.config import LlamaConfig
 from easyrl.model.llama import (Llama, cache_storage_dtype, forward_unrolled, lm_head_apply,
                                 unstack_layers)
+from easyrl.platform_tuning import tuning_for_mesh
 
 __all__ = ["generate", "make_sampler", "sample_logits", "filter_logits", "normalize_eos"]
 
@@ -122,7 +129,7 @@ def _cache_sharding(config: LlamaConfig, mesh, batch: int, stacked: bool = True)
 
 def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
                    config: LlamaConfig, max_new_tokens: int, temperature: float, top_k: int,
-                   top_p: float, cache_dtype, mesh, decode: str = "unrolled"):
+                   top_p: float, cache_dtype, mesh, decode: str, kv_cache_as_bits: bool):
     b, p = input_ids.shape
     n = max_new_tokens
     s = p + n
@@ -132,7 +139,7 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
     n_prompt = jnp.sum(pmask, axis=-1).astype(jnp.int32)  # [B]
     cdt = jnp.dtype(cache_dtype or cfg.dtype)
     l, kh, dh = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    sdt = cache_storage_dtype(cdt)  # bf16 on CPU: held as uint16 bits (in-place updates)
+    sdt = cache_storage_dtype(cdt, kv_cache_as_bits)  # bf16 on CPU: uint16 bits (in-place writes)
     cache = (jnp.zeros((l, b, kh, dh, s), sdt), jnp.zeros((l, b, kh, s, dh), sdt))  # k^T, v
     if mesh is not None:
         sh = _cache_sharding(cfg, mesh, b)
@@ -141,7 +148,7 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
     pad = jnp.asarray(pad_id, jnp.int32)
 
     # ---- prefill: prompt slots [0, P); pad queries attend to themselves (finite, unused)
-    positions = jnp.maximum(jnp.cumsum(pmask.astype(jnp.int32), axis=-1) - 1, 0)
+    positions = positions_from_mask(pmask)
     q_idx = jnp.arange(p)[:, None]
     k_idx = jnp.arange(s)[None, :]
     causal = (k_idx <= q_idx) & (k_idx < p)  # [P, S]
@@ -214,11 +221,13 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(config, max_new_tokens, temperature, top_k, top_p, cache_dtype, mesh, decode):
+def _compiled(config, max_new_tokens, temperature, top_k, top_p, cache_dtype, mesh, decode,
+              kv_cache_as_bits):
     """The jitted sampler for one set of static settings (EOS / pad ids are traced inputs)."""
     fn = functools.partial(_generate_impl, config=config, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p,
-                           cache_dtype=cache_dtype, mesh=mesh, decode=decode)
+                           cache_dtype=cache_dtype, mesh=mesh, decode=decode,
+                           kv_cache_as_bits=kv_cache_as_bits)
     return jax.jit(fn)
 
 
@@ -235,26 +244,31 @@ def make_sampler(config: LlamaConfig, *, max_new_tokens: int, temperature: float
     """`sample(params, input_ids [B,P], attention_mask [B,P], rng) -> dict` (see module doc).
 
     The jit is cached on the static settings (config, max_new_tokens, temperature, top_k, top_p,
-    cache dtype, mesh); EOS and pad ids are traced inputs. Repeated calls with the same shapes
-    never retrace, whichever sampler object makes them.
+    cache dtype, mesh, decode loop, cache storage); EOS and pad ids are traced inputs. Repeated
+    calls with the same shapes never retrace, whichever sampler object makes them.
 
     eos_token_id: int or ints; None uses `config.eos_token_id`; () never stops early.
     pad_token_id: None uses `config.pad_token_id`, else 0.
     decode: "unrolled" (layers unrolled over per-layer weight slices: 3.4x faster per step on
     CPU, but the decoder weights exist twice while sampling), "scan" (the scanned layer stack:
     no extra copy, what large models on GPU/TPU want), or "auto" (unrolled on CPU, scan elsewhere).
+
+    Platform settings (`platform_tuning.Tuning`: what decode="auto" means, whether a bfloat16 KV
+    cache is held as uint16 bits) are resolved here, once, from the platform of `mesh`'s devices
+    (the default backend when mesh is None).
     """
     _check_settings(max_new_tokens, temperature, top_k, top_p)
     eos = normalize_eos(eos_token_id, config)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
     cdt = None if cache_dtype is None else jnp.dtype(cache_dtype).name
-    if decode == "auto":
-        decode = "unrolled" if jax.default_backend() == "cpu" else "scan"
-    if decode not in ("unrolled", "scan"):
+    if decode not in ("auto", "unrolled", "scan"):
         raise ValueError(f"decode must be 'auto', 'unrolled' or 'scan', got {decode!r}")
+    tuning = tuning_for_mesh(mesh)
+    if decode == "auto":
+        decode = tuning.decode
     fn = _compiled(config, int(max_new_tokens), float(temperature), int(top_k), float(top_p), cdt,
-                   mesh, decode)
+                   mesh, decode, tuning.kv_cache_as_bits)
     eos_arr, pad = _eos_array(eos), np.int32(pad_token_id)
 
     def sample(params, input_ids, attention_mask, rng) -> dict:

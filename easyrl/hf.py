@@ -20,7 +20,7 @@ import numpy as np
 
 from easyrl import model as M
 from easyrl.model.config import LlamaConfig
-from easyrl.parallel import PARTITION_RULES, named_shardings, path_str
+from easyrl.parallel import PARTITION_RULES, named_shardings, path_str, to_host
 from easyrl.st_io import SafetensorsFile, write_streaming
 
 log = logging.getLogger(__name__)
@@ -200,11 +200,30 @@ def load(path: str, kind: str = "causal_lm", dtype=None, *, mesh=None, rules=PAR
 
 
 # ---- writing ------------------------------------------------------------------------------
-def _host(x) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+# A tensor to write: (file name of the tensor, easyrl path in `flat`, layer index of a stacked
+# parameter or None, transpose).
+def tensor_spec(entry, flat: dict, dtype=None) -> Tuple[str, Tuple[int, ...], np.dtype]:
+    """(name, shape, dtype) in the file of one entry over the flat ('/'-path) parameters `flat`;
+    dtype None: the parameter's own."""
+    n, p, i, tr = entry
+    shape = flat[p].shape[1:] if i is not None else flat[p].shape
+    return n, tuple(shape[::-1] if tr else shape), np.dtype(jnp.dtype(dtype or flat[p].dtype))
+
+
+def write_safetensors(path: str, entries, flat: dict, dtype=None) -> int:
+    """Stream `entries` (see `tensor_spec`) into the safetensors file `path`, one tensor in host
+    memory at a time. Every process must call it (sharded arrays are gathered); process 0
+    writes, the others stream to os.devnull. Returns the number of data bytes."""
+    by_name = {e[0]: e for e in entries}
+
+    def produce(name):
+        _, p, i, tr = by_name[name]
+        a = to_host(flat[p] if i is None else flat[p][i])
+        return a.T if tr else a
+
+    target = path if jax.process_index() == 0 else os.devnull
+    return write_streaming(target, [tensor_spec(e, flat, dtype) for e in entries], produce,
+                           metadata={"format": "pt"})
 
 
 def hf_config_dict(config: LlamaConfig, kind: str, dtype, pad_token_id=None) -> dict:
@@ -249,35 +268,22 @@ def save(path: str, config: LlamaConfig, params, kind: str = "causal_lm", tokeni
         ordered += [(names[i][0], p, i, tr) for p, names, tr in per_layer]
     ordered += [(n, p, None, tr) for p, names, tr in entries if not p.startswith("embed") for n, _ in names]
 
-    def spec(entry):
-        n, p, i, tr = entry
-        shape = flat[p].shape[1:] if i is not None else flat[p].shape
-        return n, tuple(shape[::-1] if tr else shape), dtype
-
     shards, cur, size = [], [], 0
     for e in ordered:
-        nbytes = int(np.prod(spec(e)[1])) * dtype.itemsize
+        nbytes = int(np.prod(tensor_spec(e, flat, dtype)[1])) * dtype.itemsize
         if cur and size + nbytes > max_shard_size:
             shards.append(cur)
             cur, size = [], 0
         cur.append(e)
         size += nbytes
     shards.append(cur)
-    by_name = {e[0]: e for e in ordered}
-
-    def produce(name):
-        _, p, i, tr = by_name[name]
-        a = _host(flat[p] if i is None else flat[p][i])
-        return a.T if tr else a
-
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(path, exist_ok=True)
     total, weight_map = 0, {}
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        target = os.path.join(path, fname) if writer else os.devnull
-        total += write_streaming(target, [spec(e) for e in shard], produce, metadata={"format": "pt"})
+        total += write_safetensors(os.path.join(path, fname), shard, flat, dtype)
         weight_map.update({e[0]: fname for e in shard})
     if not writer:
         return

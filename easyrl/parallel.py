@@ -201,6 +201,15 @@ def to_global_batch(batch: dict, mesh: Mesh) -> dict:
             for k, v in batch.items()}
 
 
+def to_host(x) -> np.ndarray:
+    """The whole of array `x` as numpy on this host; an array not fully addressable here (sharded
+    across processes) is gathered from all of them, so every process must call it."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 # ---- multi-host -----------------------------------------------------------------------------
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,

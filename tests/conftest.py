@@ -12,36 +12,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def cache(tmp_path_factory):
-    """EASYRL_CACHE (the synthetic data) under the session's base temp dir, shared by test files."""
+    """EASYRL_CACHE (the synthetic data) under the session's base temp dir: set once for the whole
+    session (per xdist worker), for every test, so none writes to ~/.cache/easyrl; subprocesses
+    inherit it. Tests still name it where they rely on it."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EASYRL_CACHE", str(tmp_path_factory.getbasetemp() / "easyrl_cache"))
         yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sft_run(cache, tmp_path_factory):
     """A short tiny SFT run (the starting policy of the RM / DPO / RRHF recipes and the DPO
     reference), made once per session (per xdist worker) and shared by test_rm, test_dpo and
     test_rrhf."""
     from easyrl.algorithms import sft
     from tiny_configs import make_config
-    out = tmp_path_factory.getbasetemp() / "sft_tiny_for_preference"
-    if not (out / "done").exists():
-        sft.train(make_config("sft", out, **{"train.steps": 200, "train.seq_len": 24,
-                                             "data.eval": "", "log.every": 50,
-                                             "checkpoint.async_save": "false"}))
-        (out / "done").touch()
+    out = tmp_path_factory.mktemp("sft_tiny_for_preference")
+    sft.train(make_config("sft", out, **{"train.steps": 200, "train.seq_len": 24,
+                                         "data.eval": "", "log.every": 50,
+                                         "checkpoint.async_save": "false"}))
     return str(out)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def heldout_pairs(cache, tmp_path_factory):
     """1024 held-out synthetic pairs (eval-split prompts, never in training): a 4x larger eval
     set than the bundled one, so the accuracy measured has ~0.6% standard error."""
     from easyrl.data import synthetic
-    path = tmp_path_factory.getbasetemp() / "preference_heldout_1024.jsonl"
-    if not path.exists():
-        synthetic.write_jsonl(str(path), synthetic.preference_pairs(1024, seed=1, split="eval"))
+    path = tmp_path_factory.mktemp("preference_heldout") / "pairs_1024.jsonl"
+    synthetic.write_jsonl(str(path), synthetic.preference_pairs(1024, seed=1, split="eval"))
     return str(path)

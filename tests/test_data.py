@@ -12,7 +12,7 @@ from easyrl.data import (BatchIterator, DataError, TokenizerLoadError, detect_fo
                          load_data, load_tokenizer, preference_iterator, prompt_iterator,
                          render_prompt, rrhf_iterator, save_tokenizer, sft_iterator,
                          tokenize_messages, tokenize_prompt_completion)
-from easyrl.data import pipeline, synthetic  # noqa: E402
+from easyrl.data import encode, synthetic  # noqa: E402
 from easyrl.data.formats import split_implicit  # noqa: E402
 
 BOS, EOS, PAD = 1, 2, 3
@@ -149,7 +149,7 @@ def test_multiturn_loss_only_on_assistant(tok):
 # ----------------------------------------------------------------------------- packing
 def test_packing_segments_and_positions(tok):
     rows = synthetic.sft_examples(40, 0)
-    examples, _ = pipeline.tokenize_sft(rows, tok, "plain", 40)
+    examples, _ = encode.tokenize_sft(rows, tok, "plain", 40)
     it = sft_iterator(rows, tok, seq_len=40, global_batch_size=4, template="plain", packing=True,
                       shuffle=False)
     assert it.stats["num_packed_rows"] < len(rows)

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from easyrl import model as M
-from easyrl.algorithms import dpo, rm
+from easyrl.algorithms import common, dpo
 from easyrl.data import synthetic
 from easyrl.data.formats import DataError
 from easyrl.train import setup
@@ -34,7 +34,7 @@ def dpo_run(sft_run, heldout_pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo_tiny")
     res = dpo.train(make_config("dpo", out, **{"model.path": sft_run, "log.every": 1,
                                                "data.eval": heldout_pairs, "eval.every": 100}))
-    assert res["_state"].frozen is not None  # the live reference rides in the train state
+    assert res.state.frozen is not None  # the live reference rides in the train state
     return str(out)
 
 
@@ -65,7 +65,7 @@ def test_precomputed_reference_matches_live(dpo_run, sft_run, heldout_pairs, tmp
     res = dpo.train(make_config("dpo", tmp_path, **{"model.path": sft_run, "log.every": 1,
                                                     "data.eval": heldout_pairs, "train.steps": 1,
                                                     "dpo.precompute_ref": "true"}))
-    assert res["_state"].frozen is None  # no reference model held while training
+    assert res.state.frozen is None  # no reference model held while training
     pre = read_metrics(str(tmp_path))[0]
     live = read_metrics(dpo_run)[0]
     assert pre["step"] == live["step"] == 1
@@ -90,7 +90,7 @@ def test_every_loss_type_runs(cache, tmp_path):
                                         "train.batch_size": 16, "optim.warmup": 0})
     tok = setup.load_tokenizer(c)
     cfg = setup.model_config(c, tok)
-    train, _ = rm.iterators(c, tok)
+    train, _ = common.pair_iterators(c, tok)
     batches = [{k: jnp.asarray(v) for k, v in next(train).items()} for _ in range(2)]
     params0 = jax.jit(lambda r: M.init_params(cfg, r))(jax.random.PRNGKey(0))
     tx, schedule = make_optimizer(c.optim, 10)
@@ -150,7 +150,7 @@ def test_bad_config_and_bad_data(cache, tmp_path):
     path.write_text("\n".join(lines) + "\n")
     c = make_config("dpo", tmp_path, **{"data.train": str(path), "data.eval": ""})
     with pytest.raises(DataError) as e:
-        rm.iterators(c, setup.load_tokenizer(c))
+        common.pair_iterators(c, setup.load_tokenizer(c))
     assert str(path) in str(e.value) and "line 12" in str(e.value) and "JSON" in str(e.value)
 
 

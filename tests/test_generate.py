@@ -122,10 +122,11 @@ def test_bf16_sampler_matches_bf16_scoring_pass(tiny, decode):
     write is in place): greedy tokens are the argmax of a bf16 scoring pass over the final
     tokens and the log-probs agree with it to bf16 precision."""
     from easyrl.model.llama import cache_storage_dtype
+    from easyrl.platform_tuning import platform_of, tuning_for_mesh
     _, _, config, params = tiny
     config = config.replace(dtype="bfloat16")
-    if jax.default_backend() == "cpu":
-        assert cache_storage_dtype("bfloat16") == jnp.uint16
+    if platform_of() == "cpu":
+        assert cache_storage_dtype("bfloat16", tuning_for_mesh().kv_cache_as_bits) == jnp.uint16
     ids, mask = left_padded([6, 2, 4, 5], config.vocab_size, seed=2)
     out = generate(config, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0),
                    max_new_tokens=N_NEW, temperature=0.0, eos_token_id=(), decode=decode)
@@ -267,6 +268,27 @@ def test_make_sampler_is_cached_and_validates(tiny):
                 dict(max_new_tokens=4, decode="fast")):
         with pytest.raises(ValueError):
             make_sampler(config, **bad)
+
+
+def test_platform_settings_resolved_from_the_mesh(tiny):
+    """make_sampler resolves decode="auto" and the cache storage from the platform of its
+    mesh's devices (the default backend without one): `platform_tuning.tuning_for_mesh`."""
+    from easyrl.platform_tuning import (ACCELERATOR, CPU, platform_of, tuning_for,
+                                        tuning_for_mesh)
+    _, _, config, _ = tiny
+    assert (CPU.decode, CPU.kv_cache_as_bits, CPU.wgrad_barrier) == ("unrolled", True, True)
+    assert (ACCELERATOR.decode, ACCELERATOR.kv_cache_as_bits, ACCELERATOR.wgrad_barrier) == \
+        ("scan", False, False)
+    assert tuning_for("cpu") is CPU and tuning_for("gpu") is tuning_for("tpu") is ACCELERATOR
+    mesh = parallel.create_mesh("dp:2,fsdp:2,tp:2")
+    assert platform_of(mesh) == platform_of() == jax.devices()[0].platform
+    for m in (None, mesh):
+        tuning = tuning_for_mesh(m)
+        if platform_of() == "cpu":
+            assert tuning is CPU
+        kw = dict(max_new_tokens=4, eos_token_id=(), mesh=m)
+        assert make_sampler(config, **kw).jitted is \
+            make_sampler(config, decode=tuning.decode, **kw).jitted
 
 
 # ---- sharded ---------------------------------------------------------------------------------

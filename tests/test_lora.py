@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from easyrl import checkpoint, convert, hf, parallel
+from easyrl import checkpoint, convert, hf, parallel, rollout
 from easyrl import model as M
-from easyrl.algorithms import dpo, ppo, rm, sft
+from easyrl.algorithms import common, dpo, ppo, rm, sft
 from easyrl.data import synthetic
-from easyrl.model import lora
+from easyrl.model import lora, trainable
 from easyrl.train import loop, setup
 from easyrl.train.config import validate_lora
 from easyrl.train.optim import make_optimizer
@@ -53,13 +53,13 @@ def data(cache, tmp_path_factory):
 
 def _random_adapters(params, seed=0, std=0.2):
     """Non-zero B (and A) so adapters visibly change the model."""
-    flat = lora._flat(params)
+    flat = trainable.flatten(params)
     rs = np.random.RandomState(seed)  # numpy: no per-shape compiles
     for k in sorted(flat):
-        if lora.is_adapter(k):
+        if trainable.is_adapter(k):
             x = (rs.standard_normal(flat[k].shape) * std).astype(np.float32)
             flat[k] = jax.device_put(x, flat[k].sharding)
-    return lora._unflat(flat)
+    return trainable.unflatten(flat)
 
 
 _init = jax.jit(M.init_params, static_argnums=(0, 2))  # eager init is slow on 2 cores
@@ -87,7 +87,7 @@ def test_initial_adapters_give_the_base_logits_exactly(tmp_path):
     params = lora.add_adapters(cfg, base, jax.random.PRNGKey(1))
     got = np.asarray(_forward(cfg, params, ids, mask))
     np.testing.assert_array_equal(got, want)  # bit-exact: B = 0
-    flat = lora._flat(lora.adapters(params))
+    flat = trainable.flatten(trainable.adapters(params))
     assert {p.split("/")[2] for p in flat} == {f"{t}_proj" for t in lora.TARGETS}
     for p, x in flat.items():  # PEFT's init: A ~ U(+-1/sqrt(in)), B = 0
         bound = 1 / np.sqrt(x.shape[1]) if p.endswith("lora_a") else 0.0
@@ -95,7 +95,7 @@ def test_initial_adapters_give_the_base_logits_exactly(tmp_path):
     for targets, names in (("q|v", {"q_proj", "v_proj"}), ("down_proj", {"down_proj"}),
                            ("(gate|up)_proj|o", {"gate_proj", "up_proj", "o_proj"})):
         shapes = M.param_shapes(base_cfg.replace(lora_rank=2, lora_targets=targets))
-        assert {p.split("/")[2] for p in lora._flat(lora.adapters(shapes))} == names, targets
+        assert {p.split("/")[2] for p in trainable.flatten(trainable.adapters(shapes))} == names, targets
     # adapters off: the same parameters under a rank-0 config ignore the adapter leaves
     moved = _random_adapters(params)
     np.testing.assert_array_equal(np.asarray(_forward(base_cfg, moved, ids, mask)), want)
@@ -108,9 +108,9 @@ def test_initial_adapters_give_the_base_logits_exactly(tmp_path):
     assert np.abs(np.asarray(drop(moved, jax.random.PRNGKey(0))) -
                   np.asarray(drop(moved, jax.random.PRNGKey(1)))).max() > 1e-3
     # a reward model: the score head stays trainable, the base does not
-    mask_tree = lora.trainable_mask(M.param_shapes(base_cfg.replace(lora_rank=2), "reward"))
-    on = sorted(p for p, v in lora._flat(mask_tree).items() if v)
-    assert "score/kernel" in on and all(p == "score/kernel" or lora.is_adapter(p) for p in on)
+    mask_tree = trainable.trainable_mask(M.param_shapes(base_cfg.replace(lora_rank=2), "reward"))
+    on = sorted(p for p, v in trainable.flatten(mask_tree).items() if v)
+    assert "score/kernel" in on and all(p == "score/kernel" or trainable.is_adapter(p) for p in on)
 
 
 def test_adapter_params_get_the_partition_rule_shardings():
@@ -119,7 +119,7 @@ def test_adapter_params_get_the_partition_rule_shardings():
     base = parallel.sharded_init(lambda r: M.init_params(lora.disabled(cfg), r), mesh,
                                  jax.random.PRNGKey(0))
     params = lora.add_adapters(cfg, base, jax.random.PRNGKey(1), mesh=mesh)
-    flat = lora._flat(lora.adapters(params))
+    flat = trainable.flatten(trainable.adapters(params))
     assert len(flat) == 14  # 7 kernels x (A, B)
     for path, x in flat.items():
         want = parallel.spec_for(path, x.shape, mesh)
@@ -134,7 +134,7 @@ def test_adapter_params_get_the_partition_rule_shardings():
     # and the optimizer state over the trainable subset follows the same table
     tx, _ = make_optimizer(mlc.ConfigDict(dict(lr=1e-3, schedule="constant", warmup=0, b1=0.9,
                                                b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0)), 10)
-    train = lora.partition(params, lora.trainable_mask(params))[0]
+    train = trainable.partition(params, trainable.trainable_mask(params))[0]
     specs = parallel.partition_specs(jax.eval_shape(tx.init, train), mesh)
     mu = specs[1][0].mu
     assert mu["layers"]["self_attn"]["q_proj"]["lora_a"] == q.sharding.spec
@@ -154,18 +154,18 @@ def sft_lora_run(base_lm, data, tmp_path_factory):
 
 def test_sft_lora_freezes_the_base_and_optimizes_only_adapters(sft_lora_run, base_lm):
     out, res = sft_lora_run
-    state = res["_state"]
+    state = res.state
     params = state.params
     _, base = hf.load(base_lm)
     # the base is bit-for-bit the HF model; the adapters moved
-    np.testing.assert_array_equal(np.asarray(lora.strip(params)["layers"]["mlp"]["up_proj"]["kernel"]),
+    np.testing.assert_array_equal(np.asarray(trainable.strip(params)["layers"]["mlp"]["up_proj"]["kernel"]),
                                   np.asarray(base["layers"]["mlp"]["up_proj"]["kernel"]))
-    for k, v in lora._flat(lora.strip(params)).items():
-        np.testing.assert_array_equal(np.asarray(v), np.asarray(lora._flat(base)[k]), err_msg=k)
+    for k, v in trainable.flatten(trainable.strip(params)).items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(trainable.flatten(base)[k]), err_msg=k)
     assert float(jnp.abs(params["layers"]["self_attn"]["q_proj"]["lora_b"]).max()) > 1e-3
     # optimizer state = Adam's two moments of the adapters only (plus scalar counts)
-    n_adapter = lora.num_params(lora.adapters(params))
-    n_model = lora.num_params(params)
+    n_adapter = trainable.num_params(trainable.adapters(params))
+    n_model = trainable.num_params(params)
     opt_arrays = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
     n_opt = sum(int(np.prod(x.shape)) for x in opt_arrays)
     print(f"SFT LoRA: model {n_model} params, adapters {n_adapter}, optimizer state {n_opt} "
@@ -178,7 +178,7 @@ def test_merged_export_peft_and_easyrl_agree(sft_lora_run, base_lm, tmp_path):
     from transformers import AutoModelForCausalLM
     out, _ = sft_lora_run
     cfg, _, params = checkpoint.load_model(out)
-    assert cfg.lora_rank == 4 and lora.has_adapters(params)
+    assert cfg.lora_rank == 4 and trainable.has_adapters(params)
     ids, mask = batch(VOCAB, b=3, t=12)
     ours = np.asarray(M.forward(cfg, params, ids, mask))
     base_logits = np.asarray(M.forward(*hf.load(base_lm), ids, mask))
@@ -209,8 +209,8 @@ def test_merged_export_peft_and_easyrl_agree(sft_lora_run, base_lm, tmp_path):
     icfg = setup.model_config(c)
     assert (icfg.lora_rank, icfg.lora_alpha) == (4, 8.0)
     iparams = setup.load_params(c, icfg, "causal_lm", parallel.create_mesh(ONE_DEVICE))
-    for k, v in lora._flat(params).items():
-        np.testing.assert_allclose(np.asarray(lora._flat(iparams)[k]), np.asarray(v), atol=1e-7,
+    for k, v in trainable.flatten(params).items():
+        np.testing.assert_allclose(np.asarray(trainable.flatten(iparams)[k]), np.asarray(v), atol=1e-7,
                                    err_msg=k)
     np.testing.assert_allclose(np.asarray(M.forward(icfg, iparams, ids, mask)), ours, atol=1e-6)
 
@@ -227,8 +227,8 @@ def test_reward_lora_trains_head_and_adapters_and_exports_seq_cls(data, tmp_path
         "train.batch_size": 8, "train.seq_len": 32, "optim.lr": 2e-2, "optim.warmup": 0,
         "log.every": 1, "model.lora.targets": "q|v"})
     res = rm.train(c)
-    state = res["_state"]
-    n_train = lora.num_params(lora.adapters(state.params)) + lora.num_params(state.params["score"])
+    state = res.state
+    n_train = trainable.num_params(trainable.adapters(state.params)) + trainable.num_params(state.params["score"])
     n_opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
     print(f"RM LoRA: optimizer state {n_opt} floats = 2 x (adapters + score head) = {2 * n_train}")
     assert n_opt == 2 * n_train
@@ -264,10 +264,10 @@ def test_dpo_adapters_off_reference_equals_a_separate_reference_copy(base_lm, da
     task = dpo.build_task(loop.Env(c, mesh, tok, cfg, params))
     assert task.frozen is None  # no second copy of the weights
     b = {k: jnp.asarray(v) for k, v in next(task.train_data).items() if isinstance(v, np.ndarray)}
-    denom = rm.denom(b)
+    denom = common.pair_denom(b)
     adapters_off = jax.jit(lambda p: task.loss_fn(p, None, b, None, denom))
     with_copy = jax.jit(lambda p, f: dpo.make_loss(cfg, c.dpo)(p, f, b, None, denom))
-    ref_copy = dpo.frozen_copy(params, mesh)  # the non-LoRA wiring: a copy of the initial policy
+    ref_copy = dpo.frozen_copy(params)  # the non-LoRA wiring: a copy of the initial policy
     l0, _ = adapters_off(params)
     assert float(l0) == pytest.approx(np.log(2), abs=1e-6)  # policy == reference at step 1
     moved = _random_adapters(params, std=0.3)
@@ -288,7 +288,7 @@ def test_ppo_lora_reference_and_update_touch_only_adapters_and_value_head():
     key = jax.random.PRNGKey(0)
     policy = _random_adapters(_init(cfg, key), std=0.05)
     value = _init(cfg, jax.random.PRNGKey(3), "value")  # fresh adapters (B = 0)
-    reward = lora.strip(value)
+    reward = trainable.strip(value)
     b, plen, n = 4, 6, 5
     tokens = jax.random.randint(jax.random.PRNGKey(1), (b, plen + n), 3, cfg.vocab_size)
     attn = jnp.ones((b, plen + n), jnp.int32)
@@ -297,35 +297,35 @@ def test_ppo_lora_reference_and_update_touch_only_adapters_and_value_head():
     scored = jax.jit(lambda m: ppo.score_rollout(cfgs, m, tokens, attn, resp, prompt_len=plen,
                                                  temperature=1.0))(
         dict(policy=policy, ref=policy, value=value, reward=reward))
-    want_ref = jax.jit(lambda p: ppo.response_logprobs(base_cfg, p, tokens, attn, plen, 1.0)[0])(
-        lora.strip(policy))
+    want_ref = jax.jit(lambda p: rollout.response_logprobs(base_cfg, p, tokens, attn, plen, 1.0)[0])(
+        trainable.strip(policy))
     np.testing.assert_allclose(np.asarray(scored["ref_logprobs"]), np.asarray(want_ref), atol=1e-6)
     assert float(jnp.abs(scored["logprobs"] - scored["ref_logprobs"]).max()) > 1e-3
     optim = mlc.ConfigDict(dict(lr=1e-2, schedule="constant", warmup=0, b1=0.9, b2=0.999,
                                 eps=1e-8, weight_decay=0.1, clip=1.0))
     tx, _ = make_optimizer(optim, 4)
-    pm, vm = lora.trainable_mask(policy), lora.trainable_mask(value)
-    pt, vt = lora.partition(policy, pm)[0], lora.partition(value, vm)[0]
+    pm, vm = trainable.trainable_mask(policy), trainable.trainable_mask(value)
+    pt, vt = trainable.partition(policy, pm)[0], trainable.partition(value, vm)[0]
     state = ppo.PPOState(step=jnp.zeros((), jnp.int32), policy=policy, value=value,
                          policy_opt=tx.init(pt), value_opt=tx.init(vt))
     adv = jax.random.normal(jax.random.PRNGKey(4), (b, n))
     ret = scored["values"] + adv
-    rollout = dict(tokens=tokens, attn=attn, resp_mask=resp, logprobs=scored["logprobs"],
-                   values=scored["values"], advantages=adv, returns=ret)
+    inputs = dict(tokens=tokens, attn=attn, resp_mask=resp, logprobs=scored["logprobs"],
+                  values=scored["values"], advantages=adv, returns=ret)
     update = jax.jit(ppo.make_update(cfg, cfg, tx, tx, prompt_len=plen, temperature=1.0,
                                      ppo_epochs=1, num_minibatches=2, cliprange=0.2,
                                      cliprange_value=0.2, vf_coef=0.1, policy_mask=pm,
                                      value_mask=vm))
-    new, metrics = update(state, rollout, jax.random.PRNGKey(2))
+    new, metrics = update(state, inputs, jax.random.PRNGKey(2))
     assert float(metrics["policy/approxkl_first"]) == pytest.approx(0.0, abs=1e-6)
     for old_t, new_t in ((policy, new.policy), (value, new.value)):
-        fo, fn = lora._flat(old_t), lora._flat(new_t)
+        fo, fn = trainable.flatten(old_t), trainable.flatten(new_t)
         for k in fo:
             changed = not np.array_equal(np.asarray(fo[k]), np.asarray(fn[k]))
-            trainable = lora.is_adapter(k) or k.startswith("score/")
-            assert changed == trainable, k
+            trains = trainable.is_adapter(k) or k.startswith("score/")
+            assert changed == trains, k
     n_opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(new.value_opt) if np.ndim(x) > 0)
-    assert n_opt == 2 * (lora.num_params(lora.adapters(value)) + lora.num_params(value["score"]))
+    assert n_opt == 2 * (trainable.num_params(trainable.adapters(value)) + trainable.num_params(value["score"]))
 
 
 # ---- config ------------------------------------------------------------------------------------

@@ -159,12 +159,27 @@ def test_dense_matmul_values_and_grads(dtype, shape):
     np.testing.assert_array_equal(np.asarray(dense_dot_general(x, w, dims)), np.asarray(y))
 
 
+def test_wgrad_barrier_is_lowered_where_the_platform_tuning_sets_it():
+    """The optimization barrier in `dense_matmul`'s backward is chosen when the computation is
+    lowered (`platform_tuning.wgrad_operands`): present in the CPU program, absent from the
+    CUDA / ROCm / TPU ones, as `tuning_for(platform).wgrad_barrier` says."""
+    import jax
+    from easyrl.model.matmul import dense_matmul
+    from easyrl.platform_tuning import tuning_for
+    x, w = jnp.ones((2, 3, 5)), jnp.ones((5, 7))
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(dense_matmul(x, w) ** 2), argnums=(0, 1)))
+    for lowering, platform in (("cpu", "cpu"), ("cuda", "gpu"), ("rocm", "gpu"), ("tpu", "tpu")):
+        text = f.trace(x, w).lower(lowering_platforms=(lowering,)).as_text()
+        assert ("optimization_barrier" in text) == tuning_for(platform).wgrad_barrier, lowering
+    assert tuning_for("cpu").wgrad_barrier and not tuning_for("gpu").wgrad_barrier
+
+
 def test_bf16_attention_backward_matches_float32_autodiff():
-    """`_attend_core` in bf16 runs its own backward (`_attend_lowp`: bf16 dots accumulating in
+    """`attend_core` in bf16 runs its own backward (`_attend_lowp`: bf16 dots accumulating in
     float32, softmax recomputed). Its value and d q / d k^T / d v match float32 autodiff of the
     plain path on the same (bf16-rounded) inputs to bf16 precision, with masked keys."""
     import jax
-    from easyrl.model.llama import _attend_core
+    from easyrl.model.llama import attend_core
     rs = np.random.RandomState(0)
     b, k, g, t, s, dh = 2, 2, 2, 5, 7, 8
     q, kt, v = rs.randn(b, k, g, t, dh), rs.randn(b, k, dh, s), rs.randn(b, k, s, dh)
@@ -175,7 +190,7 @@ def test_bf16_attention_backward_matches_float32_autodiff():
     f32 = [a.astype(jnp.float32) for a in bf]
 
     def run(q, kt, v, dout):
-        out, vjp = jax.vjp(lambda q, kt, v: _attend_core(q, kt, v, jnp.asarray(mask)), q, kt, v)
+        out, vjp = jax.vjp(lambda q, kt, v: attend_core(q, kt, v, jnp.asarray(mask)), q, kt, v)
         return (out,) + vjp(dout)
 
     got = run(*bf)

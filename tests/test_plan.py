@@ -12,7 +12,7 @@ import pytest
 
 from easyrl import model as M, parallel, plan
 from easyrl.cli import main
-from easyrl.model import lora
+from easyrl.model import lora, trainable
 from easyrl.model.config import get_preset
 from easyrl.train import setup
 from easyrl.train.optim import make_optimizer
@@ -122,7 +122,7 @@ def _layer_part(cfg, b, T, tp):
 
 def test_head_chunk_matches_the_sft_loss():
     """c = min(max(1, LM_HEAD_CHUNK_TOKENS // rows), T), as sft.make_loss sizes it and
-    losses._head_scan clips it."""
+    losses.head_scan clips it."""
     from easyrl import losses
     assert losses.LM_HEAD_CHUNK_TOKENS == 512
     for rows, T, want in ((4, 256, 128), (1, 256, 256), (1, 1024, 512), (3, 1024, 170),
@@ -230,7 +230,7 @@ def test_ppo_unrolled_decode_counts_a_copy_of_the_decoder_layers():
         assert p.resident == q.resident
     # LoRA: the adapters are sliced too (still in the compute dtype)
     lp, lplan = _ppo("cpu", "--config.model.lora.rank=4")
-    adapters = plan.tree_bytes(lora.adapters(lp.models["policy"].params)["layers"])  # float32
+    adapters = plan.tree_bytes(trainable.adapters(lp.models["policy"].params)["layers"])  # float32
     assert lplan.line("decoder weights").total == line.total + adapters // 2
 
 
@@ -304,7 +304,7 @@ def test_lora_optimizer_state_is_two_adam_moments_of_the_adapters():
     cfg = pol.config
     assert (cfg.lora_rank, lora.target_names(cfg.lora_targets)) == (8, ("q", "k", "v"))
     shapes = M.param_shapes(cfg)  # the real init with the LoRA config
-    adapters = lora.adapters(shapes)
+    adapters = trainable.adapters(shapes)
     L, D, r = cfg.num_hidden_layers, cfg.hidden_size, 8
     kv = cfg.num_key_value_heads * cfg.head_dim
     attn = adapters["layers"]["self_attn"]
@@ -323,7 +323,7 @@ def test_lora_optimizer_state_is_two_adam_moments_of_the_adapters():
     assert p.line("model gradients").total == 2 * adapter_bytes  # 8 micro-steps: x2
     # the frozen base in model.lora.base_dtype (bfloat16), adapters in float32
     base = M.param_shapes(lora.disabled(cfg))
-    assert p.line("model parameters").total == 2 * lora.num_params(base) + adapter_bytes
+    assert p.line("model parameters").total == 2 * trainable.num_params(base) + adapter_bytes
     # the reference is the base with the adapters off: a forward pass, no parameters
     names = [x.name for x in p.lines]
     assert "reference" not in planner.models and "reference parameters" not in names
@@ -354,8 +354,8 @@ def test_lora_bytes_equal_the_real_sharded_arrays():
     assert planner.models["policy"].config == cfg
     mesh = parallel.create_mesh(spec)
     params = setup.load_params(c, cfg, "reward", mesh)
-    mask = lora.trainable_mask(params)
-    train = lora.partition(params, mask)[0]
+    mask = trainable.trainable_mask(params)
+    train = trainable.partition(params, mask)[0]
     assert set(train) == {"layers", "score"}
     tx, _ = make_optimizer(c.optim, c.train.steps)
     opt_sh = parallel.named_shardings(jax.eval_shape(tx.init, train), mesh)
@@ -366,7 +366,7 @@ def test_lora_bytes_equal_the_real_sharded_arrays():
     assert p.line("model optimizer state").per_device == shard0_bytes(opt)
     assert nbytes(opt) == 2 * nbytes(train) + _opt_counts_bytes(tx, train)
     assert p.line("model gradients").total == nbytes(train)
-    assert {x.dtype.name for x in jax.tree.leaves(lora.partition(params, mask)[1])} == {"bfloat16"}
+    assert {x.dtype.name for x in jax.tree.leaves(trainable.partition(params, mask)[1])} == {"bfloat16"}
 
 
 def test_ppo_with_lora_holds_no_reference_and_an_untrained_reward_model():
@@ -376,12 +376,12 @@ def test_ppo_with_lora_holds_no_reference_and_an_untrained_reward_model():
     names = [x.name for x in p.lines]
     assert "reference parameters" not in names
     rew, val = planner.models["reward"], planner.models["value"]
-    assert rew.config.lora_rank == 0 and not lora.has_adapters(rew.params)
+    assert rew.config.lora_rank == 0 and not trainable.has_adapters(rew.params)
     assert val.config.lora_rank == 4 and set(val.trainable) == {"layers", "score"}
     vtx, _ = make_optimizer(c.value_optim, c.train.steps)
     assert p.line("value optimizer state").total == \
         2 * plan.tree_bytes(val.trainable) + _opt_counts_bytes(vtx, val.trainable)
-    assert p.line("policy gradients").total == plan.tree_bytes(lora.adapters(planner.models["policy"].params))
+    assert p.line("policy gradients").total == plan.tree_bytes(trainable.adapters(planner.models["policy"].params))
     full = plan.make_plan(plan.load_config("configs/ppo.py:tiny", []), 1, 16)[1]
     assert p.resident < full.resident
 

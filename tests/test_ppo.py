@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -39,8 +40,7 @@ def ppo_args(models, out, *extra):
             "--config.ppo.ppo_epochs=2", "--config.ppo.max_new_tokens=8", *extra]
 
 
-def test_lr_zero_ratio_one_and_zero_kl(random_models, tmp_path, monkeypatch):
-    monkeypatch.setenv("EASYRL_CACHE", str(tmp_path / "cache"))
+def test_lr_zero_ratio_one_and_zero_kl(cache, random_models, tmp_path):
     from easyrl.algorithms import ppo
     c = launch.parse_config("ppo", ppo_args(random_models, tmp_path, "--config.train.steps=2",
                                             "--config.optim.lr=0", "--config.value_optim.lr=0"))
@@ -59,8 +59,7 @@ def test_lr_zero_ratio_one_and_zero_kl(random_models, tmp_path, monkeypatch):
         assert key in rows[-1], key
 
 
-def test_adaptive_kl_and_samples(random_models, tmp_path, monkeypatch):
-    monkeypatch.setenv("EASYRL_CACHE", str(tmp_path / "cache"))
+def test_adaptive_kl_and_samples(cache, random_models, tmp_path):
     from easyrl.algorithms import ppo
     c = launch.parse_config("ppo", ppo_args(random_models, tmp_path, "--config.train.steps=2",
                                             "--config.ppo.adaptive_kl=True",
@@ -100,6 +99,31 @@ def test_resume_after_sigkill_is_exact(random_models, tmp_path):
     for x, y in zip(a, b):
         for k in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "objective/kl_coef"):
             assert x[k] == pytest.approx(y[k], abs=1e-5), (k, x["step"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_checkpoint_before_exit(random_models, tmp_path):
+    """The online-RL loop stops on SIGTERM through the run scaffold: checkpoint, then exit 143;
+    a rerun resumes from it."""
+    env = dict(os.environ, EASYRL_CACHE=str(tmp_path / "cache"))
+    args = ppo_args(random_models, tmp_path / "run", "--config.train.steps=100000",
+                    "--config.ppo.samples_every=0")
+    p = subprocess.Popen([sys.executable, "-m", "easyrl", "ppo", *args], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not os.path.exists(tmp_path / "run" / "metrics.jsonl") and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 143, err[-2000:]
+    step = checkpoint.latest_step(str(tmp_path / "run"))
+    assert step is not None and step >= 1
+    assert f"saving checkpoint at step {step}" in out
+    r = subprocess.run([sys.executable, "-m", "easyrl", "ppo", *args[:-2],
+                        f"--config.train.steps={step + 1}", "--config.ppo.samples_every=0"],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0 and f"resuming from checkpoint at step {step}" in r.stdout, r.stderr[-2000:]
+    assert [x["step"] for x in read_metrics(str(tmp_path / "run"))][-1] == step + 1
 
 
 def test_missing_reward_model_is_a_config_error(random_models, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from easyrl import checkpoint
 from easyrl import model as M
-from easyrl.algorithms import rm
+from easyrl.algorithms import common, rm
 from easyrl.data import synthetic
 from easyrl.train import setup
 from easyrl.train.config import load_config_file
@@ -56,9 +56,9 @@ def test_rm_export_loads_in_transformers(rm_run, tmp_path):
     hf_tok = AutoTokenizer.from_pretrained(out)
     text = "sort: d b c"
     assert hf_tok.encode(text) == tok.encode(text)
-    _, ev = rm.iterators(c, tok)
+    _, ev = common.pair_iterators(c, tok)
     batch = next(ev)
-    ids, attn = (np.asarray(x) for x in rm.pair_inputs(batch))
+    ids, attn = (np.asarray(x) for x in common.pair_inputs(batch))
     ours = np.asarray(M.score(cfg, params, jnp.asarray(ids), jnp.asarray(attn)))
     with torch.no_grad():
         theirs = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
@@ -67,7 +67,7 @@ def test_rm_export_loads_in_transformers(rm_run, tmp_path):
 
 
 def _loss_batch(c, tok):
-    train, _ = rm.iterators(c, tok)
+    train, _ = common.pair_iterators(c, tok)
     return next(train)
 
 
@@ -87,13 +87,13 @@ def test_rm_loss_matches_reference_and_any_micro_split(cache, tmp_path):
     d = np.float64(rc) - np.float64(rr) - np.float64(batch["margin"])
     want = np.mean(np.logaddexp(0.0, -d))
     loss_fn = rm.make_loss(cfg, use_margin=True)
-    ev1 = jax.jit(make_eval_step(loss_fn, rm.denom))
+    ev1 = jax.jit(make_eval_step(loss_fn, common.pair_denom))
     m1, denom = ev1(params, None, batch, jax.random.PRNGKey(0))
     assert float(denom) == batch["margin"].shape[0]
     np.testing.assert_allclose(float(m1["loss"]), want, rtol=1e-5)
     np.testing.assert_allclose(float(m1["accuracy"]), np.mean(d + np.float64(batch["margin"]) > 0))
     loss4, m4, _ = jax.jit(lambda p, b: accumulate(loss_fn, p, None, b, jax.random.PRNGKey(0),
-                                                   rm.denom(b), 4, with_grad=False))(params, batch)
+                                                   common.pair_denom(b), 4, with_grad=False))(params, batch)
     np.testing.assert_allclose(float(loss4), float(m1["loss"]), rtol=1e-6)
     for k in ("accuracy", "margin", "reward/chosen", "reward/rejected"):
         np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=1e-5, atol=1e-6)

@@ -26,11 +26,6 @@ from easyrl.train.step import TrainState, make_train_step
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EASYRL_CACHE", str(tmp_path_factory.getbasetemp() / "easyrl_cache"))
-
-
 def cfg(out, *overrides):
     return launch.parse_config("sft", ["--config", "configs/sft.py:tiny",
                                        f"--config.output_dir={out}", *overrides])

@@ -1,9 +1,17 @@
-"""Pieces the algorithm files share: iterator arguments and a model-forward wrapper."""
+"""Pieces the algorithm files share: iterator arguments, the hidden-state forward, response
+log-probs, and the preference-pair helpers (the reward model, the DPO family and any other
+pairwise trainer batch chosen and rejected rows the same way)."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
+from easyrl import losses
 from easyrl import model as M
+from easyrl.data.iterator import preference_iterator
+from easyrl.train import setup
+
+SIDES = ("chosen", "rejected")
 
 
 def iter_kwargs(c, split: str) -> dict:
@@ -17,17 +25,52 @@ def fmt(c):
     return c.data.format or None
 
 
-def lm_logits(config, params, batch, prefix: str = "", rng=None):
-    """Logits [B, T, V] for a right-padded / packed batch (uses positions & segments if present).
-    `rng`: LoRA adapter dropout key (training)."""
-    g = lambda k: batch.get(prefix + k)  # noqa: E731
-    return M.forward(config, params, g("input_ids"), g("attention_mask"),
-                     positions=g("positions"), segment_ids=g("segment_ids"), rng=rng)
-
-
 def lm_hidden(config, params, batch, prefix: str = "", rng=None):
-    """Final normed hidden states [B, T, D] of a batch, as `lm_logits` but without the LM head
-    (`losses.lm_head_loss_sums` applies it fused with the cross-entropy)."""
+    """Final normed hidden states [B, T, D] of a right-padded / packed batch (positions and
+    segments when present), without the LM head (`losses.lm_head_loss_sums` applies it fused
+    with the cross-entropy). `rng`: LoRA adapter dropout key (training)."""
     g = lambda k: batch.get(prefix + k)  # noqa: E731
     return M.hidden_states(config, params, g("input_ids"), g("attention_mask"),
                            positions=g("positions"), segment_ids=g("segment_ids"), rng=rng)
+
+
+def response_logps(config, params, input_ids, attention_mask, loss_mask, rng=None):
+    """(summed response log-probs [B], response lengths [B]) of right-padded rows [B, T]."""
+    logits = M.forward(config, params, input_ids, attention_mask, rng=rng)
+    lp = losses.token_logprobs(logits, input_ids)
+    mask = loss_mask.at[:, 0].set(0)  # column 0 has no predictor
+    return losses.masked_sum(lp, mask, axis=-1), jnp.sum(mask, axis=-1).astype(lp.dtype)
+
+
+# ---- preference pairs ----------------------------------------------------------------------
+def pair_inputs(batch: dict):
+    """[2B, T] input_ids and attention_mask: chosen rows first, then rejected rows."""
+    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
+    attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
+    return ids, attn
+
+
+def pair_denom(batch):
+    """Number of pairs in the whole global batch."""
+    return jnp.asarray(batch["chosen_input_ids"].shape[0], jnp.float32)
+
+
+def pair_tokens(batch) -> int:
+    return int(sum(batch[f"{s}_attention_mask"].sum() for s in SIDES))
+
+
+def pair_iterators(c, tokenizer, kind: str = "preference"):
+    """(train, eval or None) preference iterators from data.train / data.eval."""
+    kw = dict(seq_len=c.train.seq_len, template=c.data.template, format=fmt(c),
+              skip_bad_rows=c.data.skip_bad_rows, global_batch_size=c.train.batch_size)
+    train = preference_iterator(setup.data_source(c, kind, "train"), tokenizer, **kw,
+                                **iter_kwargs(c, "train"))
+    src = setup.data_source(c, kind, "eval")
+    ev = None if src is None else preference_iterator(src, tokenizer, **kw, **iter_kwargs(c, "eval"))
+    return train, ev
+
+
+def pair_batch_spec(rows: int, seq_len: int) -> dict:
+    """ShapeDtypeStructs of a global batch of `rows` pairs as `pair_iterators` produce it."""
+    return {f"{side}_{k}": jax.ShapeDtypeStruct((rows, seq_len), jnp.int32) for side in SIDES
+            for k in ("input_ids", "attention_mask", "loss_mask")}

@@ -25,25 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from easyrl import losses, parallel
-from easyrl import model as M
+from easyrl.algorithms.common import (pair_batch_spec, pair_denom, pair_inputs, pair_iterators,
+                                      pair_tokens, response_logps)
+from easyrl.algorithms.registry import Algorithm
 from easyrl.model import lora
-from easyrl.algorithms import rm
 from easyrl.train import loop
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def response_logps(config, params, input_ids, attention_mask, loss_mask, rng=None):
-    """(summed response log-probs [B], response lengths [B]) of right-padded rows [B, T]."""
-    logits = M.forward(config, params, input_ids, attention_mask, rng=rng)
-    lp = losses.token_logprobs(logits, input_ids)
-    mask = loss_mask.at[:, 0].set(0)  # column 0 has no predictor
-    return losses.masked_sum(lp, mask, axis=-1), jnp.sum(mask, axis=-1).astype(lp.dtype)
-
-
 def pair_logps(config, params, batch, rng=None):
     """(logp_chosen, logp_rejected, len_chosen, len_rejected), all [B], from one 2B-row forward."""
-    ids, attn = rm.pair_inputs(batch)
+    ids, attn = pair_inputs(batch)
     mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=0)
     lp, n = response_logps(config, params, ids, attn, mask, rng)
     b = batch["chosen_input_ids"].shape[0]
@@ -84,7 +77,7 @@ def make_loss(config, d, adapters_off_reference: bool = False):
 
 
 # ----------------------------------------------------------------------------- reference
-def frozen_copy(params, mesh):
+def frozen_copy(params):
     """A distinct, identically sharded copy of `params` (the train state is donated)."""
     sh = jax.tree.map(lambda x: x.sharding, params)
     return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh)(params)
@@ -153,7 +146,7 @@ def build_task(env: loop.Env) -> loop.Task:
     c = env.config
     d = c.dpo
     check_config(d)
-    train, ev = rm.iterators(c, env.tokenizer)
+    train, ev = pair_iterators(c, env.tokenizer)
     frozen = None
     adapters_off = False
     if not d.reference_free:
@@ -162,12 +155,23 @@ def build_task(env: loop.Env) -> loop.Task:
         elif env.model_config.lora_rank > 0:
             adapters_off = True  # the frozen base is the reference: no copy of the weights
         else:
-            frozen = frozen_copy(env.params, env.mesh)
+            frozen = frozen_copy(env.params)
     return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config, d, adapters_off),
-                     denom_fn=rm.denom, train_data=train, eval_data=ev, frozen=frozen,
-                     tokens_fn=rm.tokens)
+                     denom_fn=pair_denom, train_data=train, eval_data=ev, frozen=frozen,
+                     tokens_fn=pair_tokens)
 
 
-def train(c) -> dict:
-    check_config(c.dpo)
-    return loop.run(c, build_task, init_kind="causal_lm")
+def batch_spec(c, rows: int) -> dict:
+    """The global batch `pair_iterators` produce (plus the precomputed reference log-probs)."""
+    b = pair_batch_spec(rows, int(c.train.seq_len))
+    if c.dpo.precompute_ref and not c.dpo.reference_free:
+        b.update({k: jax.ShapeDtypeStruct((rows,), jnp.float32) for k in REF_KEYS})
+    return b
+
+
+ALGORITHM = Algorithm(
+    command="dpo", help="direct preference optimization (sigmoid / robust / hinge / IPO)",
+    loop="supervised", order=30, check_config=lambda c: check_config(c.dpo),
+    build_task=build_task, make_loss=lambda c, cfg, adapters_off=False: make_loss(cfg, c.dpo, adapters_off),
+    denom=pair_denom, batch_spec=batch_spec)
+train = ALGORITHM.train

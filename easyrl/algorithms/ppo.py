@@ -1,6 +1,6 @@
-"""PPO with a KL penalty (StackLLaMA, Tulu 2.5): the pure pieces of one iteration.
+"""PPO with a KL penalty (StackLLaMA, Tulu 2.5): an online-RL algorithm (`easyrl.train.rl_loop`).
 
-Per iteration (`ppo_loop.py` wires it):
+Per iteration (the online-RL loop runs it; this file supplies the PPO parts):
   1. rollout: easyrl's jitted sampler on left-padded prompts [B, P] -> responses [B, N];
   2. `score_rollout`: ONE jitted pass gives old log-probs, reference log-probs, values, the
      reward-model score and the entropy;
@@ -17,14 +17,18 @@ copy of the weights is held.
 """
 from __future__ import annotations
 
+import types
+
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 
 from easyrl import losses
+from easyrl.algorithms.registry import Algorithm
 from easyrl import model as M
-from easyrl.model.lora import combine, partition
+from easyrl.rollout import response_logprobs
+from easyrl.model.trainable import combine, partition
 from easyrl.train.optim import global_norm
 
 
@@ -35,14 +39,6 @@ class PPOState:
     value: dict
     policy_opt: object
     value_opt: object
-
-
-def response_logprobs(config, params, tokens, attn, prompt_len: int, temperature: float):
-    """(logprobs [B,N], entropy [B,N]) of the response tokens (positions P.. of `tokens`)."""
-    logits = M.forward(config, params, tokens, attn)
-    lp = losses.token_logprobs(logits, tokens, temperature)[:, prompt_len:]
-    ent = losses.token_entropy(logits, temperature)[:, prompt_len:]
-    return lp, ent
 
 
 def response_values(config, params, tokens, attn, prompt_len: int):
@@ -95,7 +91,7 @@ def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, 
     logprobs, values, advantages, returns ([B, ...]); minibatches are random row subsets.
 
     policy_mask / value_mask (bool pytrees, LoRA): only their True leaves get gradients and
-    updates; the optimizer states cover `lora.partition(params, mask)[0]`."""
+    updates; the optimizer states cover `trainable.partition(params, mask)[0]`."""
 
     def loss_fn(params, fixed, mb):
         policy, value = (combine(t, f) for t, f in zip(params, fixed))
@@ -147,6 +143,148 @@ def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, 
     return update
 
 
-def train(c) -> dict:
-    from easyrl.algorithms.ppo_loop import run
-    return run(c)
+# ----------------------------------------------------------------------------- the iteration
+def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask=None,
+                   state_sharding=None, mesh=None):
+    """PPO's jitted pieces of one online-RL iteration (`rl_loop.Iteration`) for config section
+    `p` (= c.ppo). cfgs: model configs by role (policy, ref, value, reward). With a mesh, the
+    update's output state keeps `state_sharding`."""
+    from easyrl import parallel
+    from easyrl.train.rl_loop import Iteration
+    plen = p.max_prompt_len
+    score = jax.jit(lambda models, tokens, attn, m: score_rollout(
+        cfgs, models, tokens, attn, m, prompt_len=plen, temperature=p.temperature))
+
+    def adv(scored, roll, ctrl):
+        a, ret, stats = advantages(
+            scored, roll["resp_mask"], roll["has_eos"], kl_coef=ctrl["kl_coef"],
+            kl_estimator=p.kl_estimator, gamma=p.gamma, lam=p.lam,
+            missing_eos_penalty=p.missing_eos_penalty or None, whiten=p.whiten_advantages)
+        inputs = dict(tokens=roll["tokens"], attn=roll["attn"], resp_mask=roll["resp_mask"],
+                      logprobs=scored["logprobs"], values=scored["values"], advantages=a,
+                      returns=ret)
+        return inputs, stats
+
+    out_sh = None if mesh is None else (state_sharding, parallel.replicated(mesh))
+    update = jax.jit(make_update(
+        cfgs["policy"], cfgs["value"], policy_tx, value_tx, prompt_len=plen,
+        temperature=p.temperature, ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches,
+        cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
+        ratio_threshold=p.ratio_threshold, target_kl=p.target_kl, policy_mask=policy_mask,
+        value_mask=value_mask), donate_argnums=(0,), out_shardings=out_sh)
+
+    def models(state, frozen):
+        return dict(policy=state.policy, ref=state.policy if frozen["ref"] is None else frozen["ref"],
+                    value=state.value, reward=frozen["reward"])
+
+    return Iteration(models=models, score=score, advantages=jax.jit(adv), update=update,
+                     policy=lambda state: state.policy)
+
+
+# ----------------------------------------------------------------------------- wiring
+def _at(c, path: str, lora_on: bool = True):
+    """A copy of config `c` whose model.path is `path` (to load the reward / value models).
+    The value model gets fresh LoRA adapters like the policy (never the policy's init_from);
+    the reward model (lora_on=False) none: it is not trained."""
+    import ml_collections as mlc
+    from easyrl.train import setup
+    sub = mlc.ConfigDict(c.to_dict())
+    sub.model.path = path
+    if sub.model.get("lora") is not None:
+        if lora_on and sub.model.lora.init_from:  # the policy's adapter shape, fresh weights
+            rt = setup.lora_runtime(c)
+            sub.model.lora.update(rank=rt["lora_rank"], alpha=rt["lora_alpha"],
+                                  targets=rt["lora_targets"])
+        sub.model.lora.init_from = ""
+        sub.model.lora.rank = sub.model.lora.rank if lora_on else 0
+        if not lora_on or not sub.model.lora.rank:
+            sub.model.lora.base_dtype = ""
+    return sub
+
+
+def validate(c, mesh, max_positions: int) -> None:
+    from easyrl import parallel
+    p = c.ppo
+    b = c.train.batch_size
+    if p.num_minibatches <= 0 or b % p.num_minibatches:
+        raise ValueError(f"config ppo.num_minibatches: {p.num_minibatches} must divide train.batch_size={b}")
+    mb = b // p.num_minibatches
+    if mb % parallel.data_parallel_size(mesh):
+        raise ValueError(f"config ppo.num_minibatches: minibatch {mb} is not divisible by the "
+                         f"data-parallel size {parallel.data_parallel_size(mesh)} of mesh {c.mesh!r}")
+    if p.max_prompt_len + p.max_new_tokens > max_positions:
+        raise ValueError(f"config ppo.max_new_tokens: max_prompt_len + max_new_tokens = "
+                         f"{p.max_prompt_len + p.max_new_tokens} exceeds max_position_embeddings={max_positions}")
+    if not c.reward.path:
+        raise ValueError("config reward.path: PPO needs a reward model (an `easyrl rm` run dir or HF folder)")
+    if p.kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"config ppo.kl_estimator: {p.kl_estimator!r}, expected k1 or k3")
+    lo = c.model.get("lora")
+    if lo is not None and lo.dropout > 0:
+        raise ValueError(f"config model.lora.dropout: {lo.dropout}; PPO runs without dropout "
+                         f"(the first minibatch's ratio must be 1), set it to 0")
+
+
+def build(env):
+    """Policy, reference, reward and value models, optimizers and the PPO state (`rl_loop.Online`)."""
+    from easyrl import parallel
+    from easyrl.model.lora import disabled
+    from easyrl.model.trainable import trainable_mask
+    from easyrl.train import setup
+    from easyrl.train.optim import make_optimizer
+    from easyrl.train.rl_loop import Online
+    c, mesh, pcfg = env.config, env.mesh, env.policy_config
+    p = c.ppo
+    rc = _at(c, c.reward.path, lora_on=False)
+    rcfg = setup.model_config(rc)
+    vc = _at(c, c.value.path or c.reward.path)
+    vcfg = setup.model_config(vc)
+    policy = setup.load_params(c, pcfg, "causal_lm", mesh)
+    use_lora = pcfg.lora_rank > 0
+    # LoRA: the reference is the policy with its adapters off (no copy); else a frozen copy
+    ref = None if use_lora else jax.tree.map(jnp.copy, policy)  # own buffers: policy is donated
+    reward = setup.load_params(rc, rcfg, "reward", mesh)
+    value = setup.load_params(vc, vcfg, "value", mesh)
+    pol_mask = trainable_mask(policy) if use_lora else None
+    val_mask = trainable_mask(value) if vcfg.lora_rank > 0 else None
+    n_updates = env.total_steps * p.ppo_epochs * p.num_minibatches
+    policy_tx, _ = make_optimizer(c.optim, n_updates)
+    value_tx, _ = make_optimizer(c.value_optim, n_updates)
+    repl = parallel.replicated(mesh)
+    sh = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+    pol_train = partition(policy, pol_mask)[0]  # optimizer state: trainable leaves only
+    val_train = partition(value, val_mask)[0]
+    pol_opt_sh = parallel.named_shardings(jax.eval_shape(policy_tx.init, pol_train), mesh)
+    val_opt_sh = parallel.named_shardings(jax.eval_shape(value_tx.init, val_train), mesh)
+    state = PPOState(step=jnp.zeros((), jnp.int32), policy=policy, value=value,
+                     policy_opt=jax.jit(policy_tx.init, out_shardings=pol_opt_sh)(pol_train),
+                     value_opt=jax.jit(value_tx.init, out_shardings=val_opt_sh)(val_train))
+    state_sh = PPOState(step=repl, policy=sh(policy), value=sh(value), policy_opt=pol_opt_sh,
+                        value_opt=val_opt_sh)
+    state = jax.device_put(state, state_sh)
+    cfgs = dict(policy=pcfg, ref=disabled(pcfg), value=vcfg, reward=rcfg)
+    it = make_iteration(cfgs, p, policy_tx, value_tx, policy_mask=pol_mask, value_mask=val_mask,
+                        state_sharding=state_sh, mesh=mesh)
+
+    def items(s):
+        return dict(params=s.policy, value=s.value, policy_opt=s.policy_opt, value_opt=s.value_opt)
+
+    def restore(s, a, meta):
+        return s.replace(policy=a["params"], value=a["value"], policy_opt=a["policy_opt"],
+                         value_opt=a["value_opt"], step=jax.device_put(jnp.int32(meta["step"]), repl))
+
+    def after_iteration(ctrl, metrics):
+        if not p.adaptive_kl:
+            return ctrl
+        return dict(ctrl, kl_coef=float(losses.adaptive_kl_update(
+            ctrl["kl_coef"], metrics["objective/kl"], c.train.batch_size, target=p.kl_target,
+            horizon=p.kl_horizon)))
+
+    return Online(state=state, frozen=dict(ref=ref, reward=reward), iteration=it,
+                  ctrl=dict(kl_coef=float(p.kl_coef)), items=items, restore=restore,
+                  after_iteration=after_iteration)
+
+
+ALGORITHM = Algorithm(
+    command="ppo", help="PPO with a KL penalty, rollouts from the jitted sampler", loop="online",
+    order=50, online=types.SimpleNamespace(section="ppo", validate=validate, build=build))

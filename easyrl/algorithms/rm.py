@@ -9,22 +9,15 @@ exports it as a LlamaForSequenceClassification.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from easyrl import losses
 from easyrl import model as M
-from easyrl.algorithms.common import fmt, iter_kwargs
-from easyrl.data.iterator import preference_iterator
-from easyrl.train import loop, setup
-
-SIDES = ("chosen", "rejected")
-
-
-def pair_inputs(batch: dict):
-    """[2B, T] input_ids and attention_mask: chosen rows first, then rejected rows."""
-    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
-    attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], axis=0)
-    return ids, attn
+from easyrl.algorithms.common import (pair_batch_spec, pair_denom, pair_inputs, pair_iterators,
+                                      pair_tokens)
+from easyrl.algorithms.registry import Algorithm
+from easyrl.train import loop
 
 
 def pair_scores(config, params, batch: dict, rng=None):
@@ -46,33 +39,25 @@ def make_loss(config, use_margin: bool = True):
     return loss_fn
 
 
-def denom(batch):
-    """Number of pairs in the whole global batch."""
-    return jnp.asarray(batch["chosen_input_ids"].shape[0], jnp.float32)
-
-
-def tokens(batch) -> int:
-    return int(sum(batch[f"{s}_attention_mask"].sum() for s in SIDES))
-
-
-def iterators(c, tokenizer, kind: str = "preference"):
-    """(train, eval or None) preference iterators from data.train / data.eval."""
-    kw = dict(seq_len=c.train.seq_len, template=c.data.template, format=fmt(c),
-              skip_bad_rows=c.data.skip_bad_rows, global_batch_size=c.train.batch_size)
-    train = preference_iterator(setup.data_source(c, kind, "train"), tokenizer, **kw,
-                                **iter_kwargs(c, "train"))
-    src = setup.data_source(c, kind, "eval")
-    ev = None if src is None else preference_iterator(src, tokenizer, **kw, **iter_kwargs(c, "eval"))
-    return train, ev
+def batch_spec(c, rows: int) -> dict:
+    """The global batch `pair_iterators` produce (with the optional margin)."""
+    b = pair_batch_spec(rows, int(c.train.seq_len))
+    if c.rm.use_margin:
+        b["margin"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
+    return b
 
 
 def build_task(env: loop.Env) -> loop.Task:
     c = env.config
-    train, ev = iterators(c, env.tokenizer)
+    train, ev = pair_iterators(c, env.tokenizer)
     return loop.Task(kind="reward", loss_fn=make_loss(env.model_config, c.rm.use_margin),
-                     denom_fn=denom, train_data=train, eval_data=ev, tokens_fn=tokens)
+                     denom_fn=pair_denom, train_data=train, eval_data=ev, tokens_fn=pair_tokens)
 
 
-def train(c) -> dict:
-    # an HF causal-LM folder as model.path gets a fresh N(0, 1/(D+1)) score head
-    return loop.run(c, build_task, init_kind="reward", init_missing_head=True)
+# an HF causal-LM folder as model.path gets a fresh N(0, 1/(D+1)) score head
+ALGORITHM = Algorithm(
+    command="rm", help="reward model on preference pairs", loop="supervised", kind="reward",
+    order=20, build_task=build_task, init_missing_head=True,
+    make_loss=lambda c, cfg, adapters_off=False: make_loss(cfg, c.rm.use_margin),
+    denom=pair_denom, batch_spec=batch_spec)
+train = ALGORITHM.train

@@ -6,8 +6,9 @@ All N responses of the B prompts go through one forward ([B, N, T] -> [B*N, T]).
 the summed log-prob over its response tokens and its TRUE length (loss-mask count, not the
 padded length). p_i = logp_i / len_i ** rrhf.length_penalty; loss = rrhf.rank_weight *
 sum over pairs (score_i < score_j) relu(p_i - p_j) + mean-token NLL of the best response, each
-averaged over prompts (`easyrl.losses.rrhf_loss`). Loss and metrics are sums over the
-micro-batch's prompts divided by the number of prompts in the global batch.
+averaged over prompts (`easyrl.losses.rrhf_sums`; formulas in docs/algorithms.md). Loss and
+metrics are sums over the micro-batch's prompts divided by the number of prompts in the global
+batch.
 
 Metrics: loss/rank, loss/sft, rank_pairs (ordered pairs per prompt), rank_acc (per-prompt fraction
 of ordered pairs the model already ranks right, averaged over prompts), logps/best and
@@ -15,11 +16,12 @@ logps/worst (mean per-token log-prob of the best- / worst-scored response).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from easyrl import losses
-from easyrl.algorithms.common import fmt, iter_kwargs
-from easyrl.algorithms.dpo import response_logps
+from easyrl.algorithms.common import fmt, iter_kwargs, response_logps
+from easyrl.algorithms.registry import Algorithm
 from easyrl.data.iterator import rrhf_iterator
 from easyrl.train import loop, setup
 
@@ -33,38 +35,14 @@ def response_stats(config, params, batch, rng=None):
     return lp.reshape(b, n), length.reshape(b, n)
 
 
-def _pick(x, scores, valid, best: bool):
-    s = jnp.where(valid, scores, -jnp.inf if best else jnp.inf)
-    i = jnp.argmax(s, axis=-1) if best else jnp.argmin(s, axis=-1)
-    return jnp.take_along_axis(x, i[:, None], axis=-1)[:, 0]
-
-
 def make_loss(config, r):
-    """Loss for config section `r` (= c.rrhf)."""
+    """Loss for config section `r` (= c.rrhf): `losses.rrhf_sums` (per-prompt terms summed over
+    the micro-batch's prompts) / denom (the prompts in the global batch)."""
     def loss_fn(params, frozen, batch, rng, denom):
         lp, length = response_stats(config, params, batch, rng)
-        valid = batch["valid"] > 0
-        scores = batch["scores"]
-        loss, m = losses.rrhf_loss(lp, length, scores, valid, -lp,
-                                   length_penalty=r.length_penalty, rank_weight=r.rank_weight)
-        b = lp.shape[0]
-        # per-prompt quantities, summed over the micro-batch (÷ denom = prompts in the batch)
-        safe = jnp.maximum(length, 1)
-        p = lp / safe ** r.length_penalty
-        pair = valid[:, :, None] & valid[:, None, :] & (scores[:, :, None] < scores[:, None, :])
-        n_pairs = jnp.sum(pair, axis=(1, 2))
-        right = jnp.sum(pair & (p[:, :, None] < p[:, None, :]), axis=(1, 2))
-        has = jnp.any(valid, axis=-1)
-        tok = lp / safe
-        metrics = {
-            "loss/rank": m["loss/rank"] * b / denom,
-            "loss/sft": m["loss/sft"] * b / denom,
-            "rank_pairs": jnp.sum(n_pairs) / denom,
-            "rank_acc": jnp.sum(right / jnp.maximum(n_pairs, 1)) / denom,
-            "logps/best": jnp.sum(jnp.where(has, _pick(tok, scores, valid, True), 0)) / denom,
-            "logps/worst": jnp.sum(jnp.where(has, _pick(tok, scores, valid, False), 0)) / denom,
-        }
-        return loss * b / denom, metrics
+        s = losses.rrhf_sums(lp, length, batch["scores"], batch["valid"] > 0, -lp,
+                             length_penalty=r.length_penalty, rank_weight=r.rank_weight)
+        return s["loss"] / denom, {k: s[k] / denom for k in losses.RRHF_METRICS}
     return loss_fn
 
 
@@ -104,12 +82,28 @@ def check_config(r) -> None:
 
 def build_task(env: loop.Env) -> loop.Task:
     c = env.config
-    check_config(c.rrhf)
     train, ev = iterators(c, env.tokenizer)
     return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config, c.rrhf),
                      denom_fn=denom, train_data=train, eval_data=ev, tokens_fn=tokens)
 
 
-def train(c) -> dict:
-    check_config(c.rrhf)
-    return loop.run(c, build_task, init_kind="causal_lm")
+PLAN_RESPONSES = 4  # responses per prompt the planner assumes when rrhf.num_responses = 0
+
+
+def batch_spec(c, rows: int) -> dict:
+    """The global batch `iterators` produce: N responses per prompt (rrhf.num_responses, or
+    PLAN_RESPONSES when the data decides)."""
+    n, t = int(c.rrhf.num_responses) or PLAN_RESPONSES, int(c.train.seq_len)
+    b = {k: jax.ShapeDtypeStruct((rows, n, t), jnp.int32)
+         for k in ("input_ids", "attention_mask", "loss_mask")}
+    b.update(valid=jax.ShapeDtypeStruct((rows, n), jnp.int32),
+             scores=jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    return b
+
+
+ALGORITHM = Algorithm(
+    command="rrhf", help="rank responses to align with human feedback (RRHF)", loop="supervised",
+    order=40, check_config=lambda c: check_config(c.rrhf), build_task=build_task,
+    make_loss=lambda c, cfg, adapters_off=False: make_loss(cfg, c.rrhf), denom=denom,
+    batch_spec=batch_spec)
+train = ALGORITHM.train

@@ -1,11 +1,13 @@
 """Supervised fine-tuning: token-level mean cross-entropy over completion tokens."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from easyrl import losses, parallel
 from easyrl import model as M
 from easyrl.algorithms.common import fmt, iter_kwargs, lm_hidden
+from easyrl.algorithms.registry import Algorithm
 from easyrl.data.iterator import sft_iterator
 from easyrl.train import loop, setup
 
@@ -39,11 +41,21 @@ def iterators(c, tokenizer):
     return train, ev
 
 
+def batch_spec(c, rows: int) -> dict:
+    """The global batch `iterators` produce, as ShapeDtypeStructs (the planner compiles with it)."""
+    keys = ["input_ids", "attention_mask", "loss_mask"] + (
+        ["positions", "segment_ids"] if c.data.packing else [])
+    return {k: jax.ShapeDtypeStruct((rows, int(c.train.seq_len)), jnp.int32) for k in keys}
+
+
 def build_task(env: loop.Env) -> loop.Task:
     train, ev = iterators(env.config, env.tokenizer)
     return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config), denom_fn=denom,
                      train_data=train, eval_data=ev)
 
 
-def train(c) -> dict:
-    return loop.run(c, build_task, init_kind="causal_lm")
+ALGORITHM = Algorithm(
+    command="sft", help="supervised fine-tuning", loop="supervised", order=10,
+    build_task=build_task, make_loss=lambda c, cfg, adapters_off=False: make_loss(cfg),
+    denom=denom, batch_spec=batch_spec)
+train = ALGORITHM.train

@@ -9,7 +9,7 @@ iterator built from the same data and arguments continues at exactly the next ba
 Builders (``sft_iterator``, ``preference_iterator``, ``rrhf_iterator``, ``prompt_iterator``) load a
 source (see ``formats.load_data``), tokenize with a template, and return a ``BatchIterator`` whose
 ``stats`` dict counts rows, bad rows skipped, truncations and dropped examples. Batch keys and
-shapes are documented in ``easyrl.data.pipeline``.
+shapes are documented in ``easyrl.data.encode``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from easyrl.data import formats, pipeline, templates
+from easyrl.data import encode, formats, templates
+from easyrl.data.tokenizer import pad_id
 
 
 class BatchIterator:
@@ -113,12 +114,12 @@ def sft_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int, tem
     """
     templates.check_template(template)
     loaded = formats.load_data(source, "sft", format, skip_bad_rows, split)
-    examples, stats = pipeline.tokenize_sft(loaded.rows, tokenizer, template, seq_len)
-    groups = pipeline.pack_examples(examples, seq_len) if packing else [[i] for i in range(len(examples))]
+    examples, stats = encode.tokenize_sft(loaded.rows, tokenizer, template, seq_len)
+    groups = encode.pack_examples(examples, seq_len) if packing else [[i] for i in range(len(examples))]
     rows = [[examples[i] for i in g] for g in groups]
     stats["num_packed_rows"] = len(rows)
-    pad = pipeline._pad_id(tokenizer)
-    return _iterator(rows, lambda items: pipeline.collate_sft(items, seq_len, pad), stats, loaded,
+    pad = pad_id(tokenizer)
+    return _iterator(rows, lambda items: encode.collate_sft(items, seq_len, pad), stats, loaded,
                      global_batch_size=global_batch_size, **iter_kw)
 
 
@@ -128,9 +129,9 @@ def preference_iterator(source, tokenizer, *, seq_len: int, global_batch_size: i
     """Preference batches (``chosen_*``/``rejected_*`` [B, T], ``margin`` [B]) for RM and DPO."""
     templates.check_template(template)
     loaded = formats.load_data(source, "preference", format, skip_bad_rows, split)
-    examples, stats = pipeline.tokenize_preference(loaded.rows, tokenizer, template, seq_len)
-    pad = pipeline._pad_id(tokenizer)
-    return _iterator(examples, lambda items: pipeline.collate_preference(items, seq_len, pad), stats,
+    examples, stats = encode.tokenize_preference(loaded.rows, tokenizer, template, seq_len)
+    pad = pad_id(tokenizer)
+    return _iterator(examples, lambda items: encode.collate_preference(items, seq_len, pad), stats,
                      loaded, global_batch_size=global_batch_size, **iter_kw)
 
 
@@ -141,9 +142,9 @@ def rrhf_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int, te
     templates.check_template(template)
     loaded = formats.load_data(source, "rrhf", format, skip_bad_rows, split)
     n = num_responses or max(len(r["responses"]) for r in loaded.rows)
-    examples, stats = pipeline.tokenize_rrhf(loaded.rows, tokenizer, template, seq_len, n)
-    pad = pipeline._pad_id(tokenizer)
-    return _iterator(examples, lambda items: pipeline.collate_rrhf(items, n, seq_len, pad), stats,
+    examples, stats = encode.tokenize_rrhf(loaded.rows, tokenizer, template, seq_len, n)
+    pad = pad_id(tokenizer)
+    return _iterator(examples, lambda items: encode.collate_rrhf(items, n, seq_len, pad), stats,
                      loaded, global_batch_size=global_batch_size, **iter_kw)
 
 
@@ -153,7 +154,7 @@ def prompt_iterator(source, tokenizer, *, max_prompt_len: int, global_batch_size
     """Prompt batches for PPO / generation: LEFT-padded ``input_ids``, ``attention_mask`` [B, P] + ``prompts``."""
     templates.check_template(template)
     loaded = formats.load_data(source, "prompts", format, skip_bad_rows, split)
-    examples, stats = pipeline.tokenize_prompts(loaded.rows, tokenizer, template, max_prompt_len)
-    pad = pipeline._pad_id(tokenizer)
-    return _iterator(examples, lambda items: pipeline.collate_prompts(items, max_prompt_len, pad),
+    examples, stats = encode.tokenize_prompts(loaded.rows, tokenizer, template, max_prompt_len)
+    pad = pad_id(tokenizer)
+    return _iterator(examples, lambda items: encode.collate_prompts(items, max_prompt_len, pad),
                      stats, loaded, global_batch_size=global_batch_size, **iter_kw)

@@ -84,6 +84,14 @@ def _ensure_pad(tok, path: str):
     return tok
 
 
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id (an error when it has none: load it with `load_tokenizer`)."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("tokenizer has no pad token; load it with easyrl.data.load_tokenizer")
+    return int(pad)
+
+
 def load_tokenizer(path: str):
     """Load a tokenizer from a local HF folder or a sentencepiece ``.model`` file (see module doc).
 

@@ -9,6 +9,8 @@ import dataclasses
 import math
 from typing import Any, Optional, Tuple, Union
 
+from easyrl.model.lora import check_targets
+
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
@@ -74,7 +76,6 @@ class LlamaConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
         if self.lora_rank:
-            from easyrl.model.lora import check_targets
             check_targets(self.lora_targets, "lora_targets")
         rs = self.rope_scaling_dict
         if rs is not None:

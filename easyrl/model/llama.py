@@ -100,8 +100,9 @@ def _attend_probs(q: Array, kt: Array, mask: Array) -> Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def _attend_core(q: Array, kt: Array, v: Array, mask: Array) -> Array:
-    """q [B,K,G,T,Dh], kt [B,K,Dh,S] (keys transposed), v [B,K,S,Dh], mask [B,T,S] bool
+def attend_core(q: Array, kt: Array, v: Array, mask: Array) -> Array:
+    """The attention of `attend` and `attend_cached`, in their grouped layouts:
+    q [B,K,G,T,Dh], kt [B,K,Dh,S] (keys transposed), v [B,K,S,Dh], mask [B,T,S] bool
     -> [B,K,G,T,Dh]. Both dots take their operands in canonical [batch, M, K] x [batch, K, N]
     layout, so XLA adds no transposed copies of the scores or the cache around them.
     bf16/f16 inputs take `_attend_lowp` (the same forward with a low-precision backward)."""
@@ -116,7 +117,7 @@ def _attend_core(q: Array, kt: Array, v: Array, mask: Array) -> Array:
 
 @jax.custom_vjp
 def _attend_lowp(q, kt, v, mask):
-    """`_attend_core` in bf16/f16 with a hand-written backward: autodiff of the float32-
+    """`attend_core` in bf16/f16 with a hand-written backward: autodiff of the float32-
     accumulating dots would run all four backward dots in float32 (their cotangents are
     float32); here they take low-precision operands and accumulate in float32, like
     `dense_matmul`. The softmax is recomputed in the backward (flash-attention style: the
@@ -168,21 +169,22 @@ def attend(q: Array, k: Array, v: Array, mask: Array, impl: str = "xla",
         outs = []
         for lo in range(0, t, c):
             hi = min(lo + c, t)
-            outs.append(_attend_core(qt[:, :, :, lo:hi], kt[..., :hi], vt[:, :, :hi],
+            outs.append(attend_core(qt[:, :, :, lo:hi], kt[..., :hi], vt[:, :, :hi],
                                      mask[:, lo:hi, :hi]))
         out = jnp.concatenate(outs, axis=3)
     else:
-        out = _attend_core(qt, kt, vt, mask)
+        out = attend_core(qt, kt, vt, mask)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
-def cache_storage_dtype(dtype):
-    """The dtype a KV cache of float `dtype` is held in: bfloat16 caches on CPU as uint16 bit
+def cache_storage_dtype(dtype, as_bits: bool):
+    """The dtype a KV cache of float `dtype` is held in: with `as_bits`
+    (`platform_tuning.Tuning.kv_cache_as_bits`, set on CPU) a bfloat16 cache as uint16 bit
     patterns. XLA:CPU computes bf16 elementwise ops in float32, and its update of a bf16 cache
     slot became "convert the whole cache to f32, write one slot, convert back": a full copy of
     every layer's cache per decode step. An integer update is a plain in-place write."""
     dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.uint16) if dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else dtype
+    return jnp.dtype(jnp.uint16) if as_bits and dtype == jnp.bfloat16 else dtype
 
 
 def cache_read(cache: Array) -> Array:
@@ -204,7 +206,7 @@ def attend_cached(q: Array, ck: Array, cv: Array, mask: Array) -> Array:
     b, t, h, dh = q.shape
     kh = ck.shape[1]
     q = q.reshape(b, t, kh, h // kh, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
-    out = _attend_core(q, ck, cv, mask)
+    out = attend_core(q, ck, cv, mask)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from easyrl.platform_tuning import wgrad_operands
+
 DENSE_OUT = "dense_out"  # checkpoint name of every dense layer's output (`dense_matmul`)
 
 
@@ -40,7 +42,9 @@ def dense_matmul(x, w):
     - on CPU the weight-gradient dot's operands pass an optimization barrier first, so XLA does
       not fuse the producers of the cotangent (the SwiGLU backward, the residual adds) into
       transposed-layout loops feeding the dot, which ran at a fraction of memory speed:
-      float32 bench_100m train step 10.6 s -> 9.3 s. Other backends fuse freely.
+      float32 bench_100m train step 10.6 s -> 9.3 s. Other backends fuse freely. Which platforms
+      take it: `platform_tuning.Tuning.wgrad_barrier`, picked when the computation is lowered
+      (`platform_tuning.wgrad_operands`).
     """
     return jnp.einsum("...k,kn->...n", x, w, preferred_element_type=_acc(x.dtype)).astype(x.dtype)
 
@@ -54,8 +58,7 @@ def _dense_matmul_bwd(res, g):
     acc = _acc(x.dtype)
     g = g.astype(x.dtype)
     dx = jnp.einsum("...n,kn->...k", g, w, preferred_element_type=acc).astype(x.dtype)
-    if jax.default_backend() == "cpu":
-        x, g = jax.lax.optimization_barrier((x, g))
+    x, g = wgrad_operands(x, g)  # an optimization barrier on CPU (see the docstring)
     if x.ndim >= 3:  # keep one leading batch axis: XLA:CPU runs a [B, T]-contracting bf16 dot
         xs = x.reshape(x.shape[0], -1, x.shape[-1])  # on its fast kernels, a [B*T] one not
         gs = g.reshape(g.shape[0], -1, g.shape[-1])

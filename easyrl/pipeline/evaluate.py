@@ -23,13 +23,12 @@ import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from easyrl import checkpoint, losses, parallel
+from easyrl import checkpoint, parallel, rollout
 from easyrl import model as M
-from easyrl.generate import make_sampler, normalize_eos
-from easyrl.hf import _host
+from easyrl.generate import make_sampler
+from easyrl.parallel import to_host
 
 
 def prompt_source(ec) -> Optional[str]:
@@ -50,12 +49,13 @@ def load_prompts(ec, tokenizer, template: str, mesh):
     """([(global batch of jax arrays, prompt texts of the global batch)], n): the first
     `eval.num_prompts` held-out prompts, left-padded to eval.max_prompt_len, in global batches of
     eval.batch_size (rounded to the data-parallel size; the last batch is filled with repeats)."""
-    from easyrl.data import formats, pipeline, templates
+    from easyrl.data import encode, formats, templates
+    from easyrl.data.tokenizer import pad_id
     src = prompt_source(ec)
     templates.check_template(template)
     rows = formats.load_data(src, "prompts", ec.format or None, False, None).rows
-    examples, _ = pipeline.tokenize_prompts(rows[:ec.num_prompts], tokenizer, template,
-                                            ec.max_prompt_len)
+    examples, _ = encode.tokenize_prompts(rows[:ec.num_prompts], tokenizer, template,
+                                          ec.max_prompt_len)
     n = len(examples)
     if n == 0:
         raise ValueError(f"config eval.prompts: no prompts in {src}")
@@ -65,19 +65,14 @@ def load_prompts(ec, tokenizer, template: str, mesh):
     examples = examples + [examples[-1]] * (-n % bs)
     nproc, pid = jax.process_count(), jax.process_index()
     local = bs // nproc
-    pad = pipeline._pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     batches = []
     for start in range(0, len(examples), bs):
         chunk = examples[start:start + bs]
-        host = pipeline.collate_prompts(chunk[pid * local:(pid + 1) * local], ec.max_prompt_len, pad)
+        host = encode.collate_prompts(chunk[pid * local:(pid + 1) * local], ec.max_prompt_len, pad)
         batch = parallel.to_global_batch({k: host[k] for k in ("input_ids", "attention_mask")}, mesh)
         batches.append((batch, [ex["text"] for ex in chunk]))
     return batches, n
-
-
-def _decode(tok, response, mask):
-    return [tok.decode([int(t) for t, m in zip(row, mrow) if m], skip_special_tokens=True).strip()
-            for row, mrow in zip(response, mask)]
 
 
 def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, template: str, mesh_spec: str,
@@ -97,18 +92,13 @@ def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, templat
     # LoRA runs are evaluated merged: every policy then has the SFT model's config (`scfg`)
     scfg, _, sft_params = checkpoint.load_model(sft_dir, mesh=mesh, merge_lora=True)
     rm = checkpoint.load_model(rm_dir, kind="reward", mesh=mesh) if rm_dir else None
-    eos = normalize_eos(tuple({*normalize_eos(tok.eos_token_id), *normalize_eos(None, scfg)}))
+    eos = rollout.eos_ids(tok, scfg)
     plen = ec.max_prompt_len
-
-    def seq_logp(cfg, params, tokens, attn, mask):
-        logits = M.forward(cfg, params, tokens, attn)
-        lp = losses.token_logprobs(logits, tokens, 1.0)[:, plen:]
-        return jnp.sum(lp * mask, -1)
 
     @jax.jit
     def score(pol, ref, reward, tokens, attn, mask):
-        m = mask.astype(jnp.float32)
-        out = {"kl": seq_logp(scfg, pol, tokens, attn, m) - seq_logp(scfg, ref, tokens, attn, m)}
+        out = {"kl": (rollout.sequence_logprob(scfg, pol, tokens, attn, mask, plen)
+                      - rollout.sequence_logprob(scfg, ref, tokens, attn, mask, plen))}
         if rm is not None:
             out["rm"] = M.score(rm[0], reward, tokens, attn)
         return out
@@ -133,18 +123,16 @@ def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, templat
                 rep = {k: [] for k in acc}
                 for b, (batch, texts) in enumerate(batches):
                     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 * r + b)
-                    roll = sampler(params, batch["input_ids"], batch["attention_mask"], rng)
-                    mask = roll["response_mask"]
-                    attn = jnp.concatenate([batch["attention_mask"], mask], axis=1)
+                    roll = rollout.sample(sampler, params, batch, rng)
                     s = score(params, sft_params, None if rm is None else rm[2], roll["tokens"],
-                              attn, mask)
-                    hm = _host(mask)
-                    resp = _decode(tok, _host(roll["response"]), hm)
+                              roll["attn"], roll["resp_mask"])
+                    hm = to_host(roll["resp_mask"])
+                    resp = rollout.decode(tok, roll["response"], roll["resp_mask"])
                     rep["len"] += hm.sum(-1).tolist()
-                    rep["eos"] += _host(roll["has_eos"]).tolist()
-                    rep["kl"] += np.asarray(_host(s["kl"])).tolist()
+                    rep["eos"] += to_host(roll["has_eos"]).tolist()
+                    rep["kl"] += np.asarray(to_host(s["kl"])).tolist()
                     if rm is not None:
-                        rep["rm"] += np.asarray(_host(s["rm"])).tolist()
+                        rep["rm"] += np.asarray(to_host(s["rm"])).tolist()
                     if rule is not None:
                         rep["true"] += [rule(q, a) for q, a in zip(texts, resp)]
                     bar.update(1)

@@ -22,7 +22,8 @@ def _smooth(y, n):
     return np.convolve(pad, k, mode="valid")
 
 
-def _plt():
+def load_pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -77,7 +78,7 @@ COLORS = ("tab:blue", "tab:green", "tab:purple")
 
 def plot_stage(stage: str, rows: list, out_dir: str) -> Optional[str]:
     """One PNG of a stage's metrics.jsonl rows; returns its file name (None without matplotlib)."""
-    plt = _plt()
+    plt = load_pyplot()
     if plt is None or stage not in PLOTS or not rows:
         return None
     fname, title, panels = PLOTS[stage]
@@ -95,7 +96,7 @@ def plot_stage(stage: str, rows: list, out_dir: str) -> Optional[str]:
 
 def plot_eval(results: dict, out_dir: str) -> Optional[str]:
     """Bar charts of the held-out table: true reward (or RM score) and KL to SFT per policy."""
-    plt = _plt()
+    plt = load_pyplot()
     names = [n for n in POLICIES if n in results] + [n for n in results if n not in POLICIES]
     if plt is None or not names:
         return None
@@ -206,7 +207,7 @@ def write_report(output_dir: str, *, stages: list, stage_info: dict, metrics: di
                      f"{_dur(info.get('seconds'))} | {stage_summary(s, metrics.get(s, []))} |")
     lines.append("")
 
-    have_plt = _plt() is not None
+    have_plt = load_pyplot() is not None
     if evaluation:
         es = eval_settings or {}
         temp = es.get("temperature", 1.0)

@@ -3,7 +3,6 @@ HF exports with model cards -> held-out evaluation -> report.md. See configs/pip
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import shutil
@@ -14,6 +13,9 @@ import jax
 import ml_collections as mlc
 
 from easyrl import checkpoint, parallel
+from easyrl.algorithms import registry
+from easyrl.algorithms.registry import Algorithm
+from easyrl.train.run import say, total_steps
 
 STAGES = ("sft", "rm", "ppo", "dpo", "rrhf")
 POLICIES = ("sft", "ppo", "dpo", "rrhf")
@@ -28,11 +30,6 @@ TITLES = {
 VOLATILE = ("output_dir", "mesh", "distributed", "log", "checkpoint", "eval")
 STAGE_FILE = "pipeline_stage.json"  # written into a stage dir when the stage finished
 OUTPUTS = ("export", "plots", "eval.json", "report.md", "pipeline_config.json")
-
-
-def say(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -74,10 +71,6 @@ def stage_config(c, name: str, stages: list) -> mlc.ConfigDict:
         raise ValueError(f"config {name}.model.path: stage {name} needs a starting model; add "
                          f"sft to stages or set {name}.model.path")
     return s
-
-
-def total_steps(s) -> Optional[int]:
-    return int(s.train.steps) if s.train.steps > 0 else None
 
 
 def _normalize(d):
@@ -219,11 +212,10 @@ def train_stage(i: int, n: int, name: str, s, wired=()) -> dict:
     verb = f"resuming at step {step}{of}" if status == "partial" else f"{steps or 'all'} steps"
     say(f"\n[pipeline {i}/{n}] {name}: {TITLES[name]} ({verb}) -> {s.output_dir}")
     t0 = time.time()
-    mod = importlib.import_module(f"easyrl.algorithms.{name}")
     with _distributed_once():
-        last = mod.train(s)
+        result = registry.get(name).train(s)
     dt = time.time() - t0
-    final = int(last.get("final_step", checkpoint.latest_step(s.output_dir) or 0))
+    final = int(result.final_step)
     prev = (_read_json(os.path.join(s.output_dir, STAGE_FILE)) or {}).get("seconds") or 0.0
     seconds = dt + (prev if status == "partial" else 0.0)
     _write_json(os.path.join(s.output_dir, STAGE_FILE), {"step": final, "seconds": seconds})
@@ -354,8 +346,8 @@ def run(c) -> dict:
     total = time.time() - t_start
     report = None
     if jax.process_index() == 0:
-        from easyrl.pipeline.report import _plt, write_report
-        if _plt() is None:
+        from easyrl.pipeline.report import load_pyplot, write_report
+        if load_pyplot() is None:
             say("[pipeline] matplotlib is not installed: report.md without plots "
                 "(pip install 'easyrl[plots]')")
         write_report(c.output_dir, stages=stages, stage_info=info,
@@ -379,3 +371,8 @@ def _table(results: dict) -> str:
     rows = [f"{n:<8}" + "".join(f"{r[k]:>13.3f}" if k in r else f"{'-':>13}" for k, _ in cols)
             for n, r in results.items()]
     return "\n".join([head, *rows])
+
+
+ALGORITHM = Algorithm(
+    command="pipeline", loop="recipe", order=90, run=run,
+    help="the whole recipe: SFT -> RM -> PPO, DPO, RRHF -> HF exports, eval, report.md")

@@ -5,48 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from easyrl.plan.models import total_steps
-from easyrl.plan.planner import RRHF_DEFAULT_RESPONSES, Planner, Setting
-
-
-def _abstract_batch(c, command: str, rows: int):
-    """ShapeDtypeStructs of one global batch as the trainers' iterators produce it."""
-    S = jax.ShapeDtypeStruct
-    i32, f32 = np.int32, np.float32
-    T = int(c.train.seq_len)
-    if command == "sft":
-        keys = ["input_ids", "attention_mask", "loss_mask"] + (
-            ["positions", "segment_ids"] if c.data.packing else [])
-        return {k: S((rows, T), i32) for k in keys}
-    if command in ("rm", "dpo"):
-        b = {f"{side}_{k}": S((rows, T), i32) for side in ("chosen", "rejected")
-             for k in ("input_ids", "attention_mask", "loss_mask")}
-        if command == "rm" and c.rm.use_margin:
-            b["margin"] = S((rows,), f32)
-        if command == "dpo" and c.dpo.precompute_ref and not c.dpo.reference_free:
-            b.update(ref_chosen_logps=S((rows,), f32), ref_rejected_logps=S((rows,), f32))
-        return b
-    if command == "rrhf":
-        n = int(c.rrhf.num_responses) or RRHF_DEFAULT_RESPONSES
-        b = {k: S((rows, n, T), i32) for k in ("input_ids", "attention_mask", "loss_mask")}
-        b.update(valid=S((rows, n), i32), scores=S((rows, n), f32))
-        return b
-    raise ValueError(f"--compile: no abstract batch for command {command!r}")
-
-
-def _loss_and_denom(c, command: str, cfg, adapters_off_reference: bool = False):
-    import importlib
-    mod = importlib.import_module(f"easyrl.algorithms.{command}")
-    if command == "sft":
-        return mod.make_loss(cfg), mod.denom
-    if command == "rm":
-        return mod.make_loss(cfg, c.rm.use_margin), mod.denom
-    if command == "dpo":
-        from easyrl.algorithms import rm
-        return mod.make_loss(cfg, c.dpo, adapters_off_reference), rm.denom
-    if command == "rrhf":
-        return mod.make_loss(cfg, c.rrhf), mod.denom
-    raise ValueError(command)
+from easyrl.algorithms import registry
+from easyrl.train.run import total_steps
+from easyrl.plan.planner import Planner, Setting
 
 
 def compiled_memory(planner: Planner, s: Setting) -> dict:
@@ -74,14 +35,14 @@ def compiled_memory(planner: Planner, s: Setting) -> dict:
     pcfg = pol.config.replace(remat=s.remat)
     abstract = lambda t, sh: jax.tree.map(  # noqa: E731
         lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), t, sh)
-    # no mesh context: as the trainers (loop.run / ppo_loop.run) compile
+    # no mesh context: as the trainers (easyrl.train.loop / easyrl.train.rl_loop) compile
     if command == "ppo":
         from easyrl.algorithms.ppo import PPOState, make_update
         p = c.ppo
         val = planner.models["value"]
         vcfg = val.config.replace(remat=s.remat)
-        ptx, _ = make_optimizer(c.optim, total_steps(c))
-        vtx, _ = make_optimizer(c.value_optim, total_steps(c))
+        ptx, _ = make_optimizer(c.optim, total_steps(c) or 1)
+        vtx, _ = make_optimizer(c.value_optim, total_steps(c) or 1)
         state = PPOState(step=jax.ShapeDtypeStruct((), np.int32), policy=pol.params,
                          value=val.params, policy_opt=pol.opt_state, value_opt=val.opt_state)
         sh = PPOState(step=repl, policy=shard(pol.params), value=shard(val.params),
@@ -106,15 +67,18 @@ def compiled_memory(planner: Planner, s: Setting) -> dict:
         what = "PPO update (1 epoch)"
     else:
         from easyrl.train.step import TrainState, make_train_step
-        tx, schedule = make_optimizer(c.optim, total_steps(c))
+        tx, schedule = make_optimizer(c.optim, total_steps(c) or 1)
         adapters_off = pol.lora and planner.live_reference  # LoRA: reference = adapters off
-        loss_fn, denom_fn = _loss_and_denom(c, command, pcfg, adapters_off)
+        algo = registry.get(command)
+        if algo.batch_spec is None:
+            raise ValueError(f"--compile: trainer {command!r} has no batch_spec in its registry record")
+        loss_fn, denom_fn = algo.make_loss(c, pcfg, adapters_off), algo.denom
         B = int(c.train.batch_size)
         micro_steps = max(B // s.micro, 1)
         rows = max(B // scale, 1)
         if scale > 1:  # per-device equivalent: the per-device share of the global batch
             micro_steps = max(min(micro_steps, rows), 1)
-        batch = _abstract_batch(c, command, rows)
+        batch = algo.batch_spec(c, rows)
         frozen = planner.models["reference"].params if "reference" in planner.models else None
         z = jax.ShapeDtypeStruct((), np.int32)
         state = TrainState(step=z, params=pol.params, opt_state=pol.opt_state, nonfinite=z,

@@ -63,9 +63,11 @@ f = F/tp, v = V/tp, h = H/tp whenever tp divides them, as the partition rules sh
                                LoRA: the policy with its adapters off), reward and
                                value parameters, policy and value optimizer states; then the peak
                                phase of: rollout = KV cache 2*L*B*(P+N)*K*Dh*a (batch over
-                               dp*fsdp, kv heads over tp, as the sampler pins it) + a prefill
+                               dp*fsdp, kv heads over tp, as the sampler pins it; a bf16 cache
+                               held as uint16 bits on CPU is the same bytes) + a prefill
                                forward + when the decode loop is unrolled (the trainer's
-                               decode="auto" on the CPU backend) a second copy of the decoder-layer
+                               decode="auto" resolves to `platform_tuning.tuning_for(platform)
+                               .decode`: "unrolled" on CPU) a second copy of the decoder-layer
                                weights, their per-device elements x a (`decode_copy_bytes`);
                                scoring = the largest forward-only pass over the rollout
                                batch; update = policy + value gradients and training activations
@@ -92,6 +94,8 @@ from typing import Dict, Optional, Tuple
 
 import jax
 import numpy as np
+
+from easyrl.platform_tuning import tuning_for
 
 GiB = 2 ** 30
 
@@ -187,7 +191,7 @@ def head_bytes_per_token(cfg, kind: str, tp: int, train: bool, fused: bool = Fal
 
 def head_chunk(rows: float, seq: int) -> int:
     """Positions per row in one chunk of the fused LM head, as `algorithms.sft.make_loss` sizes
-    it and `losses._head_scan` clips it: c = min(max(1, LM_HEAD_CHUNK_TOKENS // b), T)."""
+    it and `losses.sft.head_scan` clips it: c = min(max(1, LM_HEAD_CHUNK_TOKENS // b), T)."""
     from easyrl.losses import LM_HEAD_CHUNK_TOKENS
     return int(min(max(1, LM_HEAD_CHUNK_TOKENS // max(int(math.ceil(rows)), 1)), seq))
 
@@ -219,7 +223,8 @@ def activation_bytes(cfg, kind: str, rows: float, seq: int, remat: str, tp: int,
 
 def kv_cache_bytes(cfg, batch: int, seq: int, mesh: dict, dtype=None) -> Tuple[float, float]:
     """(total, per device) bytes of the sampler's KV cache 2 x [L, B, S, K, Dh] (batch over
-    dp*fsdp when divisible, kv heads over tp when divisible, as `generate._cache_sharding`)."""
+    dp*fsdp when divisible, kv heads over tp when divisible, as `generate.make_sampler` pins it
+    on a mesh)."""
     item = np.dtype(dtype or cfg.dtype).itemsize
     total = 2.0 * cfg.num_hidden_layers * batch * seq * cfg.num_key_value_heads * cfg.head_dim * item
     dpf = mesh["dp"] * mesh["fsdp"]
@@ -248,8 +253,8 @@ def decode_copy_tree(params, dtype) -> dict:
 
 def decode_mode(platform: Optional[str]) -> Optional[str]:
     """The sampler's decode loop as `generate.make_sampler(decode="auto")` (the PPO trainer's
-    setting; no config key) resolves it: "unrolled" on the CPU backend, "scan" elsewhere;
-    None when the target platform is unknown."""
+    setting; no config key) resolves it on `platform`: `platform_tuning.tuning_for(platform)
+    .decode` ("unrolled" on CPU, "scan" elsewhere); None when the target platform is unknown."""
     if not platform:
         return None
-    return "unrolled" if platform == "cpu" else "scan"
+    return tuning_for(platform).decode

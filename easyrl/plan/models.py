@@ -2,11 +2,11 @@
 parameters and optimizer state from `jax.eval_shape` (nothing allocated).
 
 LoRA (`model.lora.rank > 0`), as the trainers hold it (`easyrl.train.setup.load_params`,
-`loop.run`, `ppo_loop.run`): the parameters are the real model init with the LoRA config (base
+`easyrl.train.loop`, `easyrl.train.rl_loop`): the parameters are the real model init with the LoRA config (base
 kernels plus `lora_a [L, in, r]` / `lora_b [L, r, out]` on every targeted kernel), the frozen
-leaves in `model.lora.base_dtype` when set; only `lora.trainable_mask` (the adapters, plus the
+leaves in `model.lora.base_dtype` when set; only `trainable.trainable_mask` (the adapters, plus the
 `score` head of a reward / value model) trains, so gradients and the optimizer state cover
-`lora.partition(params, mask)[0]` only. DPO's live reference and PPO's reference are the policy
+`trainable.partition(params, mask)[0]` only. DPO's live reference and PPO's reference are the policy
 with its adapters off: no copy. PPO's value model gets fresh adapters like the policy; the reward
 model none (it is not trained).
 """
@@ -20,6 +20,8 @@ from typing import Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from easyrl.train.run import total_steps
 
 
 @dataclasses.dataclass
@@ -124,15 +126,12 @@ def _tokenizer(c):
         return None
 
 
-def total_steps(c) -> int:
-    return max(int(c.train.steps), 1)
-
-
 def build_models(c, model_preset: Optional[str] = None,
                  reward_preset: Optional[str] = None) -> Dict[str, ModelInfo]:
     """Abstract (eval_shape) params and optimizer states of every model the trainer holds."""
     from easyrl import model as M
     from easyrl.model import lora
+    from easyrl.model.trainable import partition
     from easyrl.train.optim import make_optimizer
     tok = _tokenizer(c)
     pcfg, psrc = resolve_model_config(c, c.model.path, "model.path", model_preset, tok)
@@ -151,7 +150,7 @@ def build_models(c, model_preset: Optional[str] = None,
                 return resolve_model_config(c, path, key, guess_preset(path), hint_why="guessed from the name")
             return resolve_model_config(c, path, key, _preset_name(psrc), hint_why="the policy's preset")
         rcfg, rsrc = other(rpath, "reward.path")
-        rcfg = lora.disabled(rcfg)  # the reward model is not trained: no adapters (ppo_loop._at)
+        rcfg = lora.disabled(rcfg)  # the reward model is not trained: no adapters (easyrl.algorithms.ppo: _at)
         vcfg, vsrc = other(vpath, vkey)
         specs = [("policy", pcfg, "causal_lm", psrc, c.optim)]
         if not use_lora:  # LoRA: the reference is the policy with its adapters off
@@ -175,8 +174,8 @@ def build_models(c, model_preset: Optional[str] = None,
             params, mask = lora_trees(params, bdt)
         trainable = opt = None
         if optim is not None:
-            trainable = lora.partition(params, mask)[0]
-            tx, _ = make_optimizer(optim, total_steps(c))
+            trainable = partition(params, mask)[0]
+            tx, _ = make_optimizer(optim, total_steps(c) or 1)
             opt = jax.eval_shape(tx.init, trainable)
         models[role] = ModelInfo(role, cfg, kind, src, params, opt, trainable, mask, bdt)
     return models
@@ -191,8 +190,8 @@ def live_reference(c) -> bool:
 def lora_trees(params, base_dtype: Optional[str] = None):
     """(params, trainable mask) of a LoRA model as `setup.load_params` holds it: frozen leaves in
     `base_dtype` when given; adapters and the score head in the parameter dtype."""
-    from easyrl.model import lora
-    mask = lora.trainable_mask(params)
+    from easyrl.model.trainable import trainable_mask
+    mask = trainable_mask(params)
     if base_dtype:
         dt = jnp.dtype(base_dtype)
         params = jax.tree.map(lambda x, m: x if m else jax.ShapeDtypeStruct(x.shape, dt),

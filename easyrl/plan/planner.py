@@ -7,14 +7,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from easyrl.plan.memory import (GiB, activation_bytes, count, decode_copy_tree, decode_mode,
+from easyrl.algorithms.rrhf import PLAN_RESPONSES
+from easyrl.plan.memory import (GiB, activation_bytes, count, decode_copy_tree,
                                head_bytes_per_token, head_chunk, kv_cache_bytes,
                                layer_bytes_per_token, per_device_bytes, tree_bytes)
 from easyrl.plan.models import ModelInfo, build_models, live_reference
+from easyrl.platform_tuning import Tuning, tuning_for
 
 DEFAULT_HEADROOM = 0.10
 ROWS_PER_EXAMPLE = {"sft": 1, "rm": 2, "dpo": 2}  # rrhf: rrhf.num_responses; ppo: 1
-RRHF_DEFAULT_RESPONSES = 4
+RRHF_DEFAULT_RESPONSES = PLAN_RESPONSES  # the algorithm's own assumption (its batch_spec)
 # easyrl.train.step.accumulate peels micro-batch 0 off the scan; with 2 micro-steps the scan has
 # length 1 and XLA schedules both micro-batches together (compiled temporaries ~ no accumulation).
 TWO_MICRO_STEPS_OVERLAP = 2
@@ -87,6 +89,8 @@ class Planner:
         self.c, self.models, self.devices = c, models, devices
         self.device_memory, self.headroom = device_memory, headroom
         self.platform, self.platform_source = platform, platform_source  # None: unknown target
+        # the platform settings the trainer's sampler resolves on that platform (None: unknown)
+        self.tuning: Optional[Tuning] = tuning_for(platform) if platform else None
         self.command = c.get("command", "sft")
         self.fused_head = self.command in FUSED_HEAD_COMMANDS
         self.live_reference = live_reference(c)
@@ -111,13 +115,12 @@ class Planner:
 
     def decode_note(self) -> str:
         """The report's line on the sampler's weight copy: counted or not, and why."""
-        mode = decode_mode(self.platform)
-        if mode is None:
+        if self.tuning is None:
             return ("sampler decode: target platform unknown (pass --platform): the trainer's "
                     "decode='auto' runs the scanned layer stack off CPU, so the unrolled loop's "
                     "copy of the decoder weights is NOT counted (--platform cpu counts it)")
         where = self.platform + (f" ({self.platform_source})" if self.platform_source else "")
-        if mode == "unrolled":
+        if self.tuning.decode == "unrolled":
             return (f"sampler decode: 'auto' -> 'unrolled' on {where}: the decoder-layer weights "
                     f"are sliced per layer, a second copy in the compute dtype, counted in the "
                     f"rollout phase")
@@ -205,7 +208,7 @@ class Planner:
             lines.append(Line("prefill activations", prefill, None, f"{P} prompt tokens x {S} keys",
                               "rollout"))
             info.append(self.decode_note())
-            if decode_mode(self.platform) == "unrolled":
+            if self.tuning is not None and self.tuning.decode == "unrolled":
                 if self._decode_copy is None:
                     self._decode_copy = decode_copy_tree(pol.params, pcfg.dtype)
                 lines.append(Line("decoder weights, per-layer copy",
@@ -277,8 +280,9 @@ def make_plan(c, devices: int, device_memory_gib: float, *, headroom: float = DE
               model_preset: Optional[str] = None, reward_preset: Optional[str] = None,
               platform: Optional[str] = None, platform_source: str = ""):
     """(Planner, Plan of the setting as configured). The library entry point. `platform`: the
-    target backend ('cpu', 'gpu', 'tpu'; None: unknown), which decides the sampler's decode loop
-    (PPO: the unrolled loop's weight copy is counted on 'cpu' only)."""
+    target backend ('cpu', 'gpu', 'tpu'; None: unknown), whose `platform_tuning.tuning_for`
+    decides the sampler's decode loop (PPO: the unrolled loop's weight copy is counted on 'cpu'
+    only)."""
     from easyrl.model.config import REMAT_POLICIES
     if c.model.remat not in REMAT_POLICIES:
         raise ValueError(f"config model.remat: {c.model.remat!r}, expected one of {REMAT_POLICIES}")

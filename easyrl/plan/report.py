@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import jax
@@ -14,6 +12,7 @@ from easyrl.plan.memory import GiB, count
 from easyrl.plan.models import ModelInfo
 from easyrl.plan.planner import DEFAULT_HEADROOM, Plan, make_plan
 from easyrl.plan.suggest import min_devices, setting_flags, suggest
+from easyrl.platform_tuning import platform_of
 
 DEFAULT_DEVICE_MEMORY_GIB = 16.0
 COMPILE_MAX_PARAMS = 2e9
@@ -89,29 +88,6 @@ def verdict(plan: Plan) -> str:
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
-class _PassThroughParser(argparse.ArgumentParser):
-    """Collects `--config.KEY=VALUE` / `--config.KEY VALUE` (ml_collections overrides) into
-    `args.config_overrides` instead of rejecting them as unknown options."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        over, rest, i = [], [], 0
-        while i < len(args):
-            a = args[i]
-            if a.startswith("--config."):
-                if "=" not in a and i + 1 < len(args) and not args[i + 1].startswith("--"):
-                    over.extend([a, args[i + 1]])
-                    i += 2
-                    continue
-                over.append(a)
-            else:
-                rest.append(a)
-            i += 1
-        ns, extras = super().parse_known_args(rest, namespace)
-        ns.config_overrides = over
-        return ns, extras
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "plan", help="per-device memory plan of a training config (no model allocated)",
@@ -119,7 +95,9 @@ def add_parser(sub) -> None:
                     "(and for PPO the reference / reward / value models and the KV cache) of a "
                     "trainer config on a mesh, and whether it fits. Extra --config.KEY=VALUE "
                     "arguments override the config as for the trainers.")
-    p.__class__ = _PassThroughParser
+    # what argparse does not know (the --config.KEY=VALUE overrides) reaches args.config_overrides
+    # (easyrl.cli), for the trainers' config parser, which rejects anything else
+    p.set_defaults(accepts_overrides=True)
     p.add_argument("--config", required=True, help="configs/X.py:PRESET (any trainer config)")
     p.add_argument("--devices", type=int, default=None,
                    help="number of devices (default: this machine's jax.device_count())")
@@ -149,7 +127,7 @@ def target_platform(args: argparse.Namespace) -> Tuple[Optional[str], str]:
     if args.platform:
         return args.platform, "--platform"
     if args.devices is None:
-        return jax.default_backend(), "this machine's backend; --devices not given"
+        return platform_of(), "this machine's backend; --devices not given"
     return None, ""
 
 
@@ -164,18 +142,10 @@ def local_device_memory() -> Optional[float]:
 
 
 def load_config(spec: str, overrides: List[str]):
-    """The trainer config from `--config FILE:PRESET` + overrides (errors name the key)."""
-    from easyrl.train.config import load_config_file
-    from easyrl.train.launch import REPO, parse_config
-    path = spec.partition(":")[0]
-    if not os.path.isfile(path) and not os.path.isfile(os.path.join(REPO, path)):
-        raise FileNotFoundError(f"--config: config file {path!r} not found")
-    try:
-        command = load_config_file(spec).get("command", "sft")
-    except (TypeError, AttributeError) as e:  # a broken preset: name it, no deep traceback
-        raise ValueError(f"config file {spec}: get_config failed: {type(e).__name__}: {e}") from e
-    return parse_config(command, ["--config", spec, *overrides])
-
+    """The trainer config from `--config FILE:PRESET` + overrides (errors name the key), parsed
+    as the trainers parse theirs."""
+    from easyrl.train.launch import parse_config
+    return parse_config(None, ["--config", spec, *overrides])
 
 
 def run(args: argparse.Namespace) -> None:

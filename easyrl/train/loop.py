@@ -1,33 +1,29 @@
-"""The one training loop every gradient-based trainer (SFT, RM, DPO, RRHF) shares.
+"""The supervised loop every gradient-based trainer on fixed data shares (SFT, RM, DPO, RRHF).
 
-An algorithm supplies a `Task`: its model kind, its loss (see `easyrl.train.step`), its batches
-and optional frozen arrays (a reference model). The loop owns everything else: mesh, sharded
-state, the jitted step with donated state, checkpoints with exact resume and preemption saves,
-evaluation, metrics and the progress bar.
+An algorithm supplies a `Task` (built from the `Env` by its registry record's `build_task`): its
+model kind, its loss (see `easyrl.train.step`), its batches and optional frozen arrays (a
+reference model). This loop builds the sharded state and the jitted step with donated state, and
+averages metrics over each logging window and runs evaluation; the run scaffold
+(`easyrl.train.run`) owns the mesh, checkpoints with exact resume, preemption, the metrics sinks
+and the progress bar.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
 
-from easyrl import checkpoint, parallel
-from easyrl.model import lora
+from easyrl import parallel
+from easyrl.model.trainable import partition, trainable_mask
+from easyrl.train import setup
 from easyrl.train.config import validate
-from easyrl.train.metrics import MetricsWriter
 from easyrl.train.optim import make_optimizer
-from easyrl.train.runtime import RunControl, init_mesh, say
+from easyrl.train.run import Run, RunResult, say, total_steps
 from easyrl.train.step import TrainState, make_eval_step, make_train_step
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -39,8 +35,6 @@ class Task:
     eval_data: Any = None
     frozen: Any = None  # sharded pytree passed to the loss, not trained
     tokens_fn: Callable = lambda b: int(np.sum(b.get("attention_mask", 0)))
-    eval_hook: Optional[Callable] = None  # (params, step) -> extra metrics dict, at eval time
-    trainable_mask: Any = None  # pytree of bools (LoRA): False leaves get no update/state
 
 
 class NonFiniteError(RuntimeError):
@@ -57,28 +51,21 @@ class Env:
     params: Any
 
 
-def total_steps(c, steps_per_epoch: int) -> int:
-    return int(c.train.steps) if c.train.steps > 0 else int(c.train.epochs * steps_per_epoch)
-
-
-def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
-        init_missing_head: bool = False) -> dict:
-    """Train according to config `c`. Returns the last logged metrics (host floats)."""
-    from easyrl.train import setup
-    mesh = init_mesh(c)
-    validate(c, dp_size=parallel.data_parallel_size(mesh))
+def run(c, algo) -> RunResult:
+    """Train according to config `c` with registry record `algo` (its `kind`, `build_task`,
+    `init_missing_head`)."""
+    r = Run.start(c)
+    mesh = r.mesh
     tokenizer = setup.load_tokenizer(c)
     mcfg = setup.model_config(c, tokenizer)
     validate(c, max_positions=mcfg.max_position_embeddings)
-    params = setup.load_params(c, mcfg, init_kind, mesh, init_missing_head=init_missing_head)
-    task = build_task(Env(c, mesh, tokenizer, mcfg, params))
+    params = setup.load_params(c, mcfg, algo.kind, mesh, init_missing_head=algo.init_missing_head)
+    task = algo.build_task(Env(c, mesh, tokenizer, mcfg, params))
     steps = total_steps(c, task.train_data.steps_per_epoch)
     # LoRA: only the adapters (and a score head) train; the optimizer state covers only them
-    mask = task.trainable_mask
-    if mask is None and mcfg.lora_rank > 0:
-        mask = lora.trainable_mask(params)
+    mask = trainable_mask(params) if mcfg.lora_rank > 0 else None
     tx, schedule = make_optimizer(c.optim, steps)
-    trainable = lora.partition(params, mask)[0]
+    trainable = partition(params, mask)[0]
     micro = c.train.batch_size // (c.train.micro_batch_size or c.train.batch_size)
 
     # ---- state, shardings, jitted steps --------------------------------------------------
@@ -100,84 +87,78 @@ def run(c, build_task: Callable[[Env], Task], *, init_kind: str = "causal_lm",
                       donate_argnums=(0,))
     eval_fn = jax.jit(make_eval_step(task.loss_fn, task.denom_fn))
 
-    # ---- checkpoints: resume ---------------------------------------------------------------
-    out = c.output_dir
-    checkpoint.write_model_config(out, mcfg, task.kind, command=c.command, run_config=c.to_dict())
-    if jax.process_index() == 0:
-        save_run_tokenizer(tokenizer, out)
-    mgr = checkpoint.manager(out, keep=c.checkpoint.keep or None,
-                             async_save=c.checkpoint.async_save)
-    start = mgr.latest_step()
-    if start is not None:
-        restored = mgr.restore(start, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(checkpoint.abstract_like(state.params)),
-            opt_state=ocp.args.StandardRestore(checkpoint.abstract_like(state.opt_state)),
-            meta=ocp.args.JsonRestore()))
-        meta = restored["meta"]
-        state = state.replace(params=restored["params"], opt_state=restored["opt_state"],
-                              step=jax.device_put(jnp.int32(meta["step"]), repl),
-                              nonfinite=jax.device_put(jnp.int32(meta["nonfinite"]), repl),
-                              streak=jax.device_put(jnp.int32(meta["streak"]), repl))
+    # ---- resume ---------------------------------------------------------------------------
+    r.open(mcfg, task.kind, tokenizer)
+    restored = r.restore({"params": state.params, "opt_state": state.opt_state})
+    if restored is not None:
+        arrays, meta = restored
+        put = lambda v: jax.device_put(jnp.int32(v), repl)  # noqa: E731
+        state = state.replace(params=arrays["params"], opt_state=arrays["opt_state"],
+                              step=put(meta["step"]), nonfinite=put(meta["nonfinite"]),
+                              streak=put(meta["streak"]))
         task.train_data.set_state(meta["data"])
-        say(f"resuming from checkpoint at step {start} ({out}/checkpoints/{start})")
-    step = int(start or 0)
-    stats = getattr(task.train_data, "stats", {}) or {}
-    data_metrics = {f"data/{k}": v for k, v in stats.items()
-                    if k.startswith("num_") and isinstance(v, (int, float))}
-    if stats.get("num_bad_rows"):
-        say(f"skipped {stats['num_bad_rows']} bad rows in {stats.get('source')} "
-               f"(data.skip_bad_rows=True)")
-    writer = MetricsWriter(out, c, c.log.tensorboard, c.log.wandb_project, c.log.wandb_name,
-                           resume_step=start)
 
-    def save(at: int, force: bool = False):
-        meta = dict(step=at, nonfinite=int(state.nonfinite), streak=int(state.streak),
-                    data=task.train_data.get_state(), seed=c.seed)
-        mgr.save(at, args=ocp.args.Composite(params=ocp.args.StandardSave(state.params),
-                                             opt_state=ocp.args.StandardSave(state.opt_state),
-                                             meta=ocp.args.JsonSave(meta)), force=force)
-
-    # ---- loop ---------------------------------------------------------------------------------
-    base_rng = jax.random.PRNGKey(c.seed)
-    pending, tokens, t0, last = [], 0, time.time(), {}
-    bar = tqdm(total=steps, initial=step, desc=c.command, disable=jax.process_index() != 0,
-               dynamic_ncols=True)
-    with RunControl(c, mgr, steps, save, closers=(bar, writer)) as control, jax.set_mesh(mesh):
-        while step < steps:
-            local = next(task.train_data)
-            tokens += task.tokens_fn(local)
-            batch = parallel.to_global_batch({k: v for k, v in local.items() if k in batch_sh}, mesh)
-            state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
-            step += 1
-            pending.append(metrics)
-            bar.update(1)
-            is_last = step == steps
-            if step % c.log.every == 0 or is_last:
-                host = jax.device_get(pending)
-                avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                avg["nonfinite"] = float(host[-1]["nonfinite"])
-                streak = int(host[-1]["nonfinite_streak"])
-                avg.pop("nonfinite_streak")
-                dt = time.time() - t0
-                avg["tokens_per_sec"] = tokens * jax.process_count() / max(dt, 1e-9)
-                if task.eval_data is not None and (is_last or (c.eval.every and step % c.eval.every == 0)):
-                    avg.update(_evaluate(eval_fn, state, task, mesh, batch_sh, c, base_rng))
-                    if task.eval_hook is not None:
-                        avg.update(task.eval_hook(state.params, step))
-                writer.write(step, {**avg, **data_metrics})
-                bar.set_postfix(loss=f"{avg['loss']:.4f}", tok_s=f"{avg['tokens_per_sec']:.0f}")
-                last, pending, tokens, t0 = avg, [], 0, time.time()
-                if streak >= c.train.max_nonfinite:
-                    raise NonFiniteError(
-                        f"{streak} consecutive non-finite losses or gradients at step {step} "
-                        f"(train.max_nonfinite={c.train.max_nonfinite}); lower optim.lr or check the data")
-            control.after_step(step)
-    last["final_step"] = step
-    last["_state"] = state
-    return last
+    loop = _Window(c, r, task, state, step_fn, eval_fn, batch_sh, steps)
+    last = r.loop(steps, loop.step, loop.snapshot, postfix=("loss", "tokens_per_sec"),
+                  after_log=loop.check_streak)
+    return RunResult(metrics={**last}, state=loop.state, final_step=steps)
 
 
-def _evaluate(eval_fn, state, task, mesh, batch_sh, c, base_rng) -> dict:
+class _Window:
+    """One step at a time, metrics averaged over each logging window, the checkpoint snapshot."""
+
+    def __init__(self, c, r, task, state, step_fn, eval_fn, batch_sh, steps):
+        self.c, self.r, self.task, self.state = c, r, task, state
+        self.step_fn, self.eval_fn, self.batch_sh, self.steps = step_fn, eval_fn, batch_sh, steps
+        self.base_rng = jax.random.PRNGKey(c.seed)
+        self.pending, self.tokens, self.t0, self.streak = [], 0, time.time(), 0
+        stats = getattr(task.train_data, "stats", {}) or {}
+        self.data_metrics = {f"data/{k}": v for k, v in stats.items()
+                             if k.startswith("num_") and isinstance(v, (int, float))}
+        if stats.get("num_bad_rows"):
+            say(f"skipped {stats['num_bad_rows']} bad rows in {stats.get('source')} "
+                f"(data.skip_bad_rows=True)")
+
+    def step(self, step: int):
+        task, mesh = self.task, self.r.mesh
+        local = next(task.train_data)
+        self.tokens += task.tokens_fn(local)
+        batch = parallel.to_global_batch({k: v for k, v in local.items() if k in self.batch_sh},
+                                         mesh)
+        self.state, metrics = self.step_fn(self.state, batch,
+                                           jax.random.fold_in(self.base_rng, step))
+        self.pending.append(metrics)
+        done = step + 1
+        if not self.r.log_due(done, self.steps):
+            return None
+        host = jax.device_get(self.pending)
+        avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        avg["nonfinite"] = float(host[-1]["nonfinite"])
+        self.streak = int(host[-1]["nonfinite_streak"])
+        avg.pop("nonfinite_streak")
+        avg["tokens_per_sec"] = self.tokens * jax.process_count() / max(time.time() - self.t0, 1e-9)
+        c = self.c
+        if task.eval_data is not None and (done == self.steps or (c.eval.every and done % c.eval.every == 0)):
+            avg.update(evaluate(self.eval_fn, self.state, task, mesh, self.batch_sh, c,
+                                self.base_rng))
+        self.pending, self.tokens, self.t0 = [], 0, time.time()
+        return {**avg, **self.data_metrics}
+
+    def check_streak(self, step: int, metrics: dict) -> None:
+        if self.streak >= self.c.train.max_nonfinite:
+            raise NonFiniteError(
+                f"{self.streak} consecutive non-finite losses or gradients at step {step} "
+                f"(train.max_nonfinite={self.c.train.max_nonfinite}); lower optim.lr or check the data")
+
+    def snapshot(self):
+        s = self.state
+        return ({"params": s.params, "opt_state": s.opt_state},
+                dict(nonfinite=int(s.nonfinite), streak=int(s.streak),
+                     data=self.task.train_data.get_state()))
+
+
+def evaluate(eval_fn, state, task, mesh, batch_sh, c, base_rng) -> dict:
+    """`eval/` metrics over the eval iterator (or its first `eval.max_batches` batches)."""
     it = task.eval_data
     n = it.steps_per_epoch if not c.eval.max_batches else min(c.eval.max_batches, it.steps_per_epoch)
     sums, total = {}, 0.0
@@ -191,14 +172,3 @@ def _evaluate(eval_fn, state, task, mesh, batch_sh, c, base_rng) -> dict:
             sums[k] = sums.get(k, 0.0) + float(v) * float(denom)
         total += float(denom)
     return {f"eval/{k}": v / max(total, 1e-9) for k, v in sums.items()}
-
-
-def save_run_tokenizer(tokenizer, out: str) -> None:
-    """The run's tokenizer in `<out>/tokenizer` (exports and `generate` pick it up)."""
-    from easyrl.convert import TOKENIZER_SUBDIR
-    from easyrl.data.tokenizer import save_tokenizer
-    d = os.path.join(out, TOKENIZER_SUBDIR)
-    if not os.path.isdir(d):
-        save_tokenizer(tokenizer, d)
-
-

@@ -1,5 +1,7 @@
 """Metric sinks: metrics.jsonl (always), TensorBoard (when installed), W&B (when configured).
-Only process 0 writes."""
+Only process 0 writes. metrics.jsonl holds every row as logged (`step` and all values, lists
+included); TensorBoard and W&B receive the same scalars: every real-number value of the row
+(ints, floats, bools as 0/1) other than `step`, which is their x-axis, not a metric."""
 from __future__ import annotations
 
 import json
@@ -18,6 +20,19 @@ def to_python(metrics: dict) -> dict:
     for k, v in metrics.items():
         v = np.asarray(v)
         out[k] = v.item() if v.ndim == 0 else v.tolist()
+    return out
+
+
+def scalars(row: dict) -> dict:
+    """The row's scalar metrics as the TensorBoard / W&B sinks receive them (`step` left out)."""
+    out = {}
+    for k, v in row.items():
+        if k == "step":
+            continue
+        if isinstance(v, bool):
+            out[k] = int(v)
+        elif isinstance(v, (int, float)):
+            out[k] = v
     return out
 
 
@@ -41,7 +56,17 @@ class MetricsWriter:
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+                tb_dir = os.path.join(output_dir, "tensorboard")
+                purge = None
+                if resume_step is not None:
+                    # TensorBoard drops the earlier event files' points at steps >= purge_step
+                    # (they will be redone), as metrics.jsonl drops its rows
+                    purge = int(resume_step) + 1
+                elif os.path.isdir(tb_dir):  # a fresh run: no stale curves, as metrics.jsonl
+                    for name in os.listdir(tb_dir):
+                        if name.startswith("events.out.tfevents."):
+                            os.remove(os.path.join(tb_dir, name))
+                self._tb = SummaryWriter(tb_dir, purge_step=purge)
             except ImportError:
                 pass
         if wandb_project:
@@ -56,12 +81,12 @@ class MetricsWriter:
         row = {"step": int(step), **to_python(metrics)}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        sc = scalars(row)
         if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in sc.items():
+                self._tb.add_scalar(k, v, row["step"])
         if self._wandb is not None:
-            self._wandb.log(row, step=step)
+            self._wandb.log(sc, step=row["step"])
 
     def close(self) -> None:
         if self._tb is not None:

@@ -39,11 +39,10 @@ def decay_mask(params):
         lambda p, _: not path_str(p).endswith(("scale", "bias")), params)
 
 
-def make_optimizer(optim, total_steps: int, trainable_mask=None):
-    """optax chain from the `optim` config section. Returns (optimizer, schedule).
-
-    `trainable_mask` (pytree of bools) freezes the False leaves: no update and no optimizer state.
-    """
+def make_optimizer(optim, total_steps: int):
+    """optax chain from the `optim` config section. Returns (optimizer, schedule). A frozen
+    subset (LoRA) is handled by initializing it on the trainable leaves only
+    (`easyrl.model.trainable.partition`)."""
     schedule = make_schedule(optim.lr, optim.schedule, total_steps, optim.warmup,
                              optim.get("min_lr_ratio", 0.0))
     parts = []
@@ -51,11 +50,7 @@ def make_optimizer(optim, total_steps: int, trainable_mask=None):
         parts.append(optax.clip_by_global_norm(optim.clip))
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                              weight_decay=optim.weight_decay, mask=decay_mask))
-    tx = optax.chain(*parts)
-    if trainable_mask is not None:
-        labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask)
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-    return tx, schedule
+    return optax.chain(*parts), schedule
 
 
 def global_norm(tree) -> jax.Array:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from easyrl.model.lora import combine, partition
+from easyrl.model.trainable import combine, partition
 from easyrl.parallel import BATCH
 from easyrl.train.optim import global_norm
 
@@ -97,7 +97,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     gradient and counts it.
 
     `trainable_mask` (bool pytree like the params, e.g. LoRA's): gradients, the update and the
-    optimizer state (`tx` initialized on `lora.partition(params, mask)[0]`) cover only the True
+    optimizer state (`tx` initialized on `trainable.partition(params, mask)[0]`) cover only the True
     leaves; the rest is passed through untouched."""
     def step(state: TrainState, batch: dict, rng):
         denom = jnp.maximum(denom_fn(batch).astype(jnp.float32), 1.0)

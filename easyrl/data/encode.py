@@ -39,13 +39,6 @@ def _new_stats(num_rows: int) -> dict:
             "num_dropped_identical": 0}
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        raise ValueError("tokenizer has no pad token; load it with easyrl.data.load_tokenizer")
-    return int(pad)
-
-
 # ----------------------------------------------------------------------------- SFT
 def tokenize_sft_row(row: dict, tokenizer, template: str) -> Example:
     """Canonical SFT row -> (ids, loss_mask) before truncation (BOS included when the tokenizer has one)."""

@@ -1,0 +1,57 @@
+"""Rollouts and what every consumer of them shares: the online-RL loop, the pipeline's held-out
+evaluation and the PPO benchmark all sample, score and decode through these functions.
+
+    roll = sample(sampler, params, prompts, rng)     # tokens, attn, resp_mask, response, has_eos
+    lp, ent = response_logprobs(cfg, params, roll["tokens"], roll["attn"], P, T)
+    texts = decode(tokenizer, roll["response"], roll["resp_mask"])
+
+Shapes: prompts [B, P] (left-padded), responses [B, N], tokens / attn [B, P + N].
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from easyrl import losses, parallel
+from easyrl import model as M
+from easyrl.generate import normalize_eos
+
+
+def eos_ids(tokenizer, config) -> tuple:
+    """Every id that ends a response: the tokenizer's EOS and the model config's EOS ids."""
+    return normalize_eos(tuple({*normalize_eos(tokenizer.eos_token_id),
+                                *normalize_eos(None, config)}))
+
+
+def sample(sampler, params, prompts: dict, rng) -> dict:
+    """One rollout of `sampler` (`easyrl.generate.make_sampler`) from prompts
+    {input_ids, attention_mask} [B, P]: tokens [B, P+N], attn [B, P+N] (prompt mask then the
+    response mask), resp_mask [B, N], response [B, N], has_eos [B]."""
+    roll = sampler(params, prompts["input_ids"], prompts["attention_mask"], rng)
+    mask = roll["response_mask"]
+    return dict(tokens=roll["tokens"], attn=jnp.concatenate([prompts["attention_mask"], mask], axis=1),
+                resp_mask=mask, response=roll["response"], has_eos=roll["has_eos"])
+
+
+def decode(tokenizer, response, mask) -> list:
+    """Response texts [B] (masked tokens only, special tokens skipped, stripped), on every host."""
+    response, mask = parallel.to_host(response), parallel.to_host(mask)
+    return [tokenizer.decode([int(t) for t, m in zip(row, mrow) if m],
+                             skip_special_tokens=True).strip()
+            for row, mrow in zip(response, mask)]
+
+
+def response_logprobs(config, params, tokens, attn, prompt_len: int, temperature: float = 1.0):
+    """(logprobs [B,N], entropy [B,N]) of the response tokens (positions P.. of `tokens`), from
+    logits / temperature as the sampler draws them."""
+    logits = M.forward(config, params, tokens, attn)
+    lp = losses.token_logprobs(logits, tokens, temperature)[:, prompt_len:]
+    ent = losses.token_entropy(logits, temperature)[:, prompt_len:]
+    return lp, ent
+
+
+def sequence_logprob(config, params, tokens, attn, resp_mask, prompt_len: int,
+                     temperature: float = 1.0):
+    """Summed response log-prob [B] over the response mask."""
+    lp, _ = response_logprobs(config, params, tokens, attn, prompt_len, temperature)
+    return jnp.sum(lp * resp_mask.astype(jnp.float32), -1)
+
