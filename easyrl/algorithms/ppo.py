@@ -288,3 +288,4 @@ def build(env):
 ALGORITHM = Algorithm(
     command="ppo", help="PPO with a KL penalty, rollouts from the jitted sampler", loop="online",
     order=50, online=types.SimpleNamespace(section="ppo", validate=validate, build=build))
+train = ALGORITHM.train
