@@ -72,5 +72,7 @@ def pair_iterators(c, tokenizer, kind: str = "preference"):
 
 def pair_batch_spec(rows: int, seq_len: int) -> dict:
     """ShapeDtypeStructs of a global batch of `rows` pairs as `pair_iterators` produce it."""
-    return {f"{side}_{k}": jax.ShapeDtypeStruct((rows, seq_len), jnp.int32) for side in SIDES
-            for k in ("input_ids", "attention_mask", "loss_mask")}
+    b = {f"{side}_{k}": jax.ShapeDtypeStruct((rows, seq_len), jnp.int32) for side in SIDES
+         for k in ("input_ids", "attention_mask", "loss_mask")}
+    b["margin"] = jax.ShapeDtypeStruct((rows,), jnp.float32)  # 0 where the data has none
+    return b

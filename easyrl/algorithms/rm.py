@@ -9,7 +9,6 @@ exports it as a LlamaForSequenceClassification.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from easyrl import losses
@@ -39,14 +38,6 @@ def make_loss(config, use_margin: bool = True):
     return loss_fn
 
 
-def batch_spec(c, rows: int) -> dict:
-    """The global batch `pair_iterators` produce (with the optional margin)."""
-    b = pair_batch_spec(rows, int(c.train.seq_len))
-    if c.rm.use_margin:
-        b["margin"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
-    return b
-
-
 def build_task(env: loop.Env) -> loop.Task:
     c = env.config
     train, ev = pair_iterators(c, env.tokenizer)
@@ -59,5 +50,5 @@ ALGORITHM = Algorithm(
     command="rm", help="reward model on preference pairs", loop="supervised", kind="reward",
     order=20, build_task=build_task, init_missing_head=True,
     make_loss=lambda c, cfg, adapters_off=False: make_loss(cfg, c.rm.use_margin),
-    denom=pair_denom, batch_spec=batch_spec)
+    denom=pair_denom, batch_spec=lambda c, rows: pair_batch_spec(rows, int(c.train.seq_len)))
 train = ALGORITHM.train

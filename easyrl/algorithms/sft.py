@@ -43,8 +43,7 @@ def iterators(c, tokenizer):
 
 def batch_spec(c, rows: int) -> dict:
     """The global batch `iterators` produce, as ShapeDtypeStructs (the planner compiles with it)."""
-    keys = ["input_ids", "attention_mask", "loss_mask"] + (
-        ["positions", "segment_ids"] if c.data.packing else [])
+    keys = ("input_ids", "attention_mask", "loss_mask", "positions", "segment_ids")  # packed or not
     return {k: jax.ShapeDtypeStruct((rows, int(c.train.seq_len)), jnp.int32) for k in keys}
 
 
