@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import os
 import signal
-import time
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -184,14 +183,3 @@ def save_run_tokenizer(tokenizer, out: str) -> None:
     if not os.path.isdir(d):
         save_tokenizer(tokenizer, d)
 
-
-class Timer:
-    """Wall-clock phases of one step: `t.mark("time/rollout")` after each phase."""
-
-    def __init__(self):
-        self.t, self.times = time.time(), {}
-
-    def mark(self, name: str) -> None:
-        now = time.time()
-        self.times[name] = now - self.t
-        self.t = now
