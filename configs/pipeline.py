@@ -59,6 +59,12 @@ Presets
                   on the Tulu 2.5 preference mixture -> PPO (KL 0.05, temperature 0.7, 1024/1024,
                   Tulu chat format). Stages sft,rm,ppo.
 
+A real preset composes stage presets (RECIPES below) sized for one machine: their HARDWARE
+entries (configs/<stage>.py) agree and so do their meshes, which the preset's top-level `mesh` is
+(the pipeline copies it into every stage, so each stage runs as its own preset would):
+stackllama_7b on 8x A100 80GB with dp:1,fsdp:-1,tp:1 (fsdp 8), tulu25_13b on TPU v3-256 with
+dp:1,fsdp:-1,tp:8 (fsdp 32). tests/test_plan.py plans every stage of them on that hardware.
+
 Running a real-model preset on a pod (README):
 
     # 1. the base model as a local HF folder (download it once, on every host or shared storage)
@@ -89,6 +95,12 @@ from easyrl.train.config import load_config_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 STAGES = ("sft", "rm", "ppo", "dpo", "rrhf")
+# real presets: stage -> the configs/<stage>.py preset it runs
+RECIPES = {
+    "stackllama_7b": dict(sft="stackllama_7b", rm="stackllama_7b", ppo="stackllama_7b",
+                          dpo="stackllama2_7b"),
+    "tulu25_13b": dict(sft="tulu2_13b", rm="tulu25_13b", ppo="tulu25_13b"),
+}
 
 
 def stage(spec: str) -> mlc.ConfigDict:
@@ -97,6 +109,8 @@ def stage(spec: str) -> mlc.ConfigDict:
 
 
 def get_config(preset: str = "tiny"):
+    if preset != "tiny" and preset not in RECIPES:
+        raise ValueError(f"unknown pipeline preset {preset!r}: tiny, {', '.join(RECIPES)}")
     c = mlc.ConfigDict()
     c.command = "pipeline"
     c.output_dir = "runs/pipeline"
@@ -127,25 +141,18 @@ def get_config(preset: str = "tiny"):
         c.dpo.optim.lr = 3e-4
         c.rrhf = stage("rrhf.py:tiny")
         c.eval.update(max_prompt_len=c.ppo.ppo.max_prompt_len, max_new_tokens=c.ppo.ppo.max_new_tokens)
-    elif preset == "stackllama_7b":
-        c.output_dir = "runs/stackllama_7b"
+    else:
+        c.output_dir = f"runs/{preset}"
         c.stages = "sft,rm,ppo"
-        c.sft = stage("sft.py:stackllama_7b")
-        c.rm = stage("rm.py:stackllama_7b")
-        c.ppo = stage("ppo.py:stackllama_7b")
-        c.dpo = stage("dpo.py:stackllama2_7b")
+        for name, p in RECIPES[preset].items():
+            c[name] = stage(f"{name}.py:{p}")
+        c.mesh = c.sft.mesh  # the stages' own mesh (they all carry the same)
+    if preset == "stackllama_7b":
         c.eval.update(prompts="/path/to/stack-exchange-paired/heldout_prompts.jsonl", format="prompt",
                       num_prompts=512, batch_size=64, max_prompt_len=512, max_new_tokens=128,
                       temperature=1.0, num_samples=1, true_reward="")
     elif preset == "tulu25_13b":
-        c.output_dir = "runs/tulu25_13b"
-        c.stages = "sft,rm,ppo"
-        c.sft = stage("sft.py:tulu2_13b")
-        c.rm = stage("rm.py:tulu25_13b")
-        c.ppo = stage("ppo.py:tulu25_13b")
         c.eval.update(prompts="/path/to/tulu/heldout_prompts.jsonl", format="", num_prompts=512,
                       batch_size=64, max_prompt_len=1024, max_new_tokens=1024, temperature=1.0,
                       num_samples=1, true_reward="")
-    else:
-        raise ValueError(f"unknown pipeline preset {preset!r}: tiny, stackllama_7b, tulu25_13b")
     return c

@@ -7,13 +7,30 @@ tiny         the bundled synthetic task end to end (policy from `easyrl sft`, RM
 tulu25_13b   Tulu 2.5 PPO 13B (model card): lr 1e-6, batch 64, Adam(0.9, 0.999, 1e-8), linear
              schedule with 10% warmup, 1 epoch, KL 0.05, temperature 0.7, prompt/response
              1024/1024, gamma 1, lambda 0.95, clip 0.2 (policy and value), vf_coef 0.1,
-             `<|user|>\\n{prompt}\\n<|assistant|>\\n` prompts (tulu template)
+             `<|user|>\\n{prompt}\\n<|assistant|>\\n` prompts (tulu template). Hardware: TPU
+             v3-256, 256 devices x 16 GiB (the Tulu 2.5 pods). mesh dp:1,fsdp:-1,tp:8 (fsdp 32;
+             the Tulu pipeline's one mesh, set by SFT's 8192-token rows), ppo.num_minibatches 1 (one
+             minibatch of 64 rollouts, as the card's batch), remat full: `easyrl plan` peak 7.58
+             GiB per device vs 14.40 GiB usable (its first suggestion on that mesh; the old
+             fsdp:256 mesh cannot split 64 rows; on the whole pod it also finds fsdp:64,tp:4 with
+             remat dots_no_batch, 11.56 GiB)
 stackllama_7b StackLLaMA: `Question: {q}\\n\\nAnswer: ` prompts, adaptive KL (init 0.2, target 6,
-             horizon 10000), lr 1.4e-5, batch 64 (TRL example settings)
+             horizon 10000), lr 1.4e-5, batch 64 (TRL example settings). Hardware: 8x A100 80GB
+             (TRL's StackLLaMA runs). mesh dp:1,fsdp:-1,tp:1 (fsdp 8), 4 minibatches of 16,
+             remat dots: `easyrl plan` peak 46.61 GiB per device vs 72.00 GiB usable
+
+HARDWARE (below) is what each real-model preset is sized for, one entry per preset:
+`python -m easyrl plan --config configs/ppo.py:PRESET` plans on it when --devices is not given,
+and tests/test_plan.py checks that the preset's mesh / minibatch / remat fit it.
 """
 import ml_collections as mlc
 
 from easyrl.train.config import base_config
+
+HARDWARE = {
+    "tulu25_13b": dict(devices=256, device_memory_gib=16, platform="tpu", name="TPU v3-256"),
+    "stackllama_7b": dict(devices=8, device_memory_gib=80, platform="gpu", name="8x A100 80GB"),
+}
 
 
 def get_config(preset: str = "tiny"):
@@ -42,7 +59,8 @@ def get_config(preset: str = "tiny"):
         c.value_optim.update(lr=1e-3, schedule="constant", warmup=0, clip=1.0)
         c.log.every = 1
     elif preset == "tulu25_13b":
-        c.model.update(path="/path/to/tulu2-13b", dtype="bfloat16", remat="dots")
+        c.mesh = "dp:1,fsdp:-1,tp:8"  # fsdp 32 on HARDWARE's TPU v3-256
+        c.model.update(path="/path/to/tulu2-13b", dtype="bfloat16", remat="full")
         c.reward.path = "/path/to/tulu2.5-rm-13b"
         c.data.update(train="allenai/tulu-2.5-preference-data", split="ultrafeedback_mean_aspects",
                       format="messages", template="tulu")
@@ -54,6 +72,7 @@ def get_config(preset: str = "tiny"):
         c.value_optim.update(lr=1e-6, schedule="linear", warmup=0.1)
         c.checkpoint.update(every=50, keep=2)
     elif preset == "stackllama_7b":
+        c.mesh = "dp:1,fsdp:-1,tp:1"  # fsdp 8 on HARDWARE's 8x A100 80GB
         c.model.update(path="/path/to/stackllama-sft-7b", dtype="bfloat16", remat="dots")
         c.reward.path = "/path/to/stackllama-rm-7b"
         c.data.update(train="lvwerra/stack-exchange-paired", split="train", format="prompt",

@@ -21,19 +21,38 @@ stackllama_7b   StackLLaMA reward model (TRL examples/research_projects/stack_ll
                 `data/evaluation` parquet folders (`huggingface-cli download
                 lvwerra/stack-exchange-paired --repo-type dataset --local-dir DIR`);
                 data.columns maps question/response_j/response_k to prompt/chosen/rejected
-                (response_j is the preferred answer).
+                (response_j is the preferred answer). Hardware: 8x A100 80GB (TRL's StackLLaMA
+                runs). mesh dp:1,fsdp:-1,tp:1 (fsdp 8), micro-batch 8 pairs, remat dots: `easyrl
+                plan` peak 20.86 GiB per device vs 72.00 GiB usable.
 stackllama_7b_lora  the same as TRL ran it: LoRA r 8, alpha 32, dropout 0.1 on q/v (peft's
-                LLaMA default), bf16 frozen base, score head trained in full.
+                LLaMA default), bf16 frozen base, score head trained in full. Same hardware and
+                setting: peak 8.07 GiB per device vs 72.00 GiB usable.
 tulu25_13b      Tulu 2.5 13B RM (allenai/tulu-v2.5-13b-preference-mix-rm model card): from
                 allenai/tulu-2-13b, allenai/tulu-2.5-preference-data split
                 `preference_big_mixture` (use `ultrafeedback_mean_aspects` for the UF RM), lr 1e-6,
                 Adam (0.9, 0.999, eps 1e-8), linear schedule with 3% warmup, 1 epoch, total batch
                 512, Tulu format `<|user|>\\n{prompt}\\n<|assistant|>\\n`. Max length 2048 is our
-                choice (not stated on the card).
+                choice (not stated on the card). Hardware: TPU v3-256, 256 devices x 16 GiB (the
+                Tulu 2.5 pods). mesh dp:1,fsdp:-1,tp:8 (fsdp 32; the Tulu pipeline's one mesh, set
+                by SFT's 8192-token rows), micro-batch 32 pairs (16 accumulation steps), remat
+                dots_no_batch: `easyrl plan` peak 8.44 GiB per device vs 14.40 GiB usable (its
+                first suggestion on that mesh; on the whole pod it also finds fsdp:256 with
+                micro-batch 512 and remat full, 10.52 GiB).
+
+HARDWARE (below) is what each real-model preset is sized for, one entry per preset:
+`python -m easyrl plan --config configs/rm.py:PRESET` plans on it when --devices is not given,
+and tests/test_plan.py checks that the preset's mesh / micro-batch / remat fit it.
 """
 import ml_collections as mlc
 
 from easyrl.train.config import base_config
+
+A100_8 = dict(devices=8, device_memory_gib=80, platform="gpu", name="8x A100 80GB")
+HARDWARE = {
+    "stackllama_7b": A100_8,
+    "stackllama_7b_lora": A100_8,
+    "tulu25_13b": dict(devices=256, device_memory_gib=16, platform="tpu", name="TPU v3-256"),
+}
 
 
 def get_config(preset: str = "tiny"):
@@ -46,6 +65,7 @@ def get_config(preset: str = "tiny"):
         c.eval.update(every=100, max_batches=0)
         c.checkpoint.async_save = False
     elif preset == "stackllama_7b":
+        c.mesh = "dp:1,fsdp:-1,tp:1"  # fsdp 8 on HARDWARE's 8x A100 80GB
         c.model.update(path="/path/to/llama-7b-sft", dtype="bfloat16", remat="dots")
         c.data.update(train="/path/to/stack-exchange-paired/data/reward",
                       eval="/path/to/stack-exchange-paired/data/evaluation",
@@ -60,10 +80,11 @@ def get_config(preset: str = "tiny"):
         c = get_config("stackllama_7b")
         c.model.lora.update(rank=8, alpha=32.0, dropout=0.1, targets="q|v", base_dtype="bfloat16")
     elif preset == "tulu25_13b":
-        c.model.update(path="/path/to/tulu-2-13b", dtype="bfloat16", remat="dots")
+        c.mesh = "dp:1,fsdp:-1,tp:8"  # fsdp 32 on HARDWARE's TPU v3-256
+        c.model.update(path="/path/to/tulu-2-13b", dtype="bfloat16", remat="dots_no_batch")
         c.data.update(train="allenai/tulu-2.5-preference-data", split="preference_big_mixture",
                       eval="", format="", template="tulu")
-        c.train.update(epochs=1, batch_size=512, micro_batch_size=16, seq_len=2048)
+        c.train.update(epochs=1, batch_size=512, micro_batch_size=32, seq_len=2048)
         c.optim.update(lr=1e-6, schedule="linear", weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8)
         c.optim.warmup = 0.03  # a ratio of the run (< 1); >= 1 would be steps
         c.checkpoint.update(every=200, keep=2)

@@ -23,11 +23,21 @@ wombat_7b  Wombat-7B (GanjinZero/RRHF train_wombat7b.sh): from Alpaca-7B (model.
            Alpaca format ("Below is an instruction ... ### Response:") since easyrl has no
            Alpaca template (the `plain` template adds nothing), and the rows written with
            `prompt`/`responses`/`scores` columns. Responses per prompt: 4 here is our guess from
-           the four sources; set rrhf.num_responses to what your data holds.
+           the four sources; set rrhf.num_responses to what your data holds. Hardware: 8x A100
+           80GB (Wombat's 8 GPUs). mesh dp:1,fsdp:-1,tp:1 (fsdp 8), micro-batch 8 prompts (x 4
+           responses), remat dots: `easyrl plan` peak 27.50 GiB per device vs 72.00 GiB usable.
+
+HARDWARE (below) is what each real-model preset is sized for, one entry per preset:
+`python -m easyrl plan --config configs/rrhf.py:PRESET` plans on it when --devices is not given,
+and tests/test_plan.py checks that the preset's mesh / micro-batch / remat fit it.
 """
 import ml_collections as mlc
 
 from easyrl.train.config import base_config
+
+HARDWARE = {
+    "wombat_7b": dict(devices=8, device_memory_gib=80, platform="gpu", name="8x A100 80GB"),
+}
 
 
 def get_config(preset: str = "tiny"):
@@ -40,6 +50,7 @@ def get_config(preset: str = "tiny"):
         c.eval.update(every=100, max_batches=0)
         c.checkpoint.async_save = False
     elif preset == "wombat_7b":
+        c.mesh = "dp:1,fsdp:-1,tp:1"  # fsdp 8 on HARDWARE's 8x A100 80GB
         c.model.update(path="/path/to/alpaca-7b", dtype="bfloat16", remat="dots")
         c.data.update(train="/path/to/wombat_train.jsonl", eval="", format="rrhf",
                       template="plain")

@@ -30,17 +30,31 @@ def write_model_config(run_dir: str, config: LlamaConfig, kind: str, **extra) ->
     if jax.process_index() != 0:
         return
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
-        json.dump({"kind": kind, "model": config.to_json_dict(), **extra}, f, indent=2)
+    write_json_atomic(os.path.join(run_dir, CONFIG_FILE),
+                      {"kind": kind, "model": config.to_json_dict(), **extra})
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write `obj` as JSON to `path` through a temporary file and a rename: a reader (or a rerun
+    after a kill) sees the old file or the new one, never a torn one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_model_config(run_dir: str) -> Tuple[LlamaConfig, str, dict]:
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing (not an easyrl checkpoint or run directory)")
-    with open(path) as f:
-        d = json.load(f)
-    return LlamaConfig.from_json_dict(d["model"]), d.get("kind", "causal_lm"), d
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return LlamaConfig.from_json_dict(d["model"]), d.get("kind", "causal_lm"), d
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable easyrl config ({type(e).__name__}: {e})") from None
 
 
 def is_checkpoint(path: str) -> bool:

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from easyrl.algorithms import registry
+from easyrl.train.run import NonFiniteError
 
 # command -> (module with add_parser(subparsers), one-line help)
 COMMANDS = {
@@ -35,9 +36,12 @@ def main(argv=None) -> None:
         from easyrl.train import launch
         try:
             launch.main(argv[0], argv[1:])
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError) as e:  # bad config or input: one line
             print(f"easyrl {argv[0]}: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except NonFiniteError as e:  # the run stopped: its last checkpoint is finite
+            print(f"easyrl {argv[0]}: stopped: {e}", file=sys.stderr)
+            sys.exit(1)
         return
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)

@@ -7,8 +7,6 @@ import argparse
 import os
 from typing import Optional
 
-import jax
-
 from easyrl import checkpoint, hf
 from easyrl.peft import save_peft
 
@@ -62,12 +60,11 @@ def easyrl_to_peft(ckpt: str, out: str, base_model: Optional[str] = None, dtype=
         raise ValueError(f"{run_dir}: not a LoRA checkpoint (model.lora.rank = 0); export full "
                          f"weights with `easyrl convert easyrl-to-hf`")
     config, kind, params = checkpoint.load_model(ckpt)
-    save_peft(out, config, params, kind=kind, base_model=base_model or base_model_of(run_dir),
-              dtype=dtype)
     if tokenizer is None and os.path.isdir(os.path.join(run_dir, TOKENIZER_SUBDIR)):
         tokenizer = os.path.join(run_dir, TOKENIZER_SUBDIR)
-    if tokenizer is not None and jax.process_index() == 0:
-        hf.save_tokenizer_files(tokenizer, out)
+    # one atomic write: the adapter and its tokenizer files appear together
+    save_peft(out, config, params, kind=kind, base_model=base_model or base_model_of(run_dir),
+              dtype=dtype, tokenizer=tokenizer)
 
 
 def parse_size(s: str) -> int:

@@ -8,7 +8,9 @@ DIR is a Hugging Face model folder or an easyrl checkpoint / run directory (its 
 from `<dir>/tokenizer/` when present, else from `--tokenizer`). Each input line is a JSON object
 with `prompt` (a string) or `messages` (a list of {"role", "content"}); each output line holds
 `prompt`, `response` (decoded text without special tokens) and `response_ids` (the generated ids
-up to and including the first EOS). Temperature 0 is greedy decoding.
+up to and including the first EOS). `--temperature 0` is greedy decoding (argmax; --top_p and
+--top_k do not apply). Every prompt's tokens plus --max_new_tokens must fit in the model's
+max_position_embeddings, else an error names the prompt's line.
 """
 from __future__ import annotations
 
@@ -29,32 +31,29 @@ LENGTH_BUCKET = 16  # prompt lengths are padded up to a multiple of this (fewer 
 # ---- input ----------------------------------------------------------------------------------
 def read_prompts(path: str) -> List[Tuple[int, dict]]:
     """[(line number, row)] from a JSONL prompt file; a clear error names the file and line."""
+    from easyrl.data.reading import iter_jsonl
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: prompt file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'prompt' or "
-                                 f"'messages', got {type(row).__name__}")
-            if isinstance(row.get("prompt"), str):
-                pass
-            elif isinstance(row.get("messages"), list) and row["messages"]:
-                for m in row["messages"]:
-                    if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                            and isinstance(m.get("content"), str)):
-                        raise ValueError(f"{path}:{lineno}: bad message {m!r} (expected "
-                                         f"{{'role': ..., 'content': '...'}})")
-            else:
-                raise ValueError(f"{path}:{lineno}: row has no 'prompt' (string) or 'messages' "
-                                 f"(non-empty list); keys: {sorted(row)}")
-            rows.append((lineno, row))
+    for lineno, row, err in iter_jsonl(path):  # invalid UTF-8 / JSON: the line and column
+        if err:
+            raise ValueError(f"{path}:{lineno}: {err}")
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with 'prompt' or "
+                             f"'messages', got {type(row).__name__}")
+        if isinstance(row.get("prompt"), str):
+            pass
+        elif isinstance(row.get("messages"), list) and row["messages"]:
+            for m in row["messages"]:
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content"), str)):
+                    raise ValueError(f"{path}:{lineno}: bad message {m!r} (expected "
+                                     f"{{'role': ..., 'content': '...'}})")
+        else:
+            raise ValueError(f"{path}:{lineno}: row has no 'prompt' (string) or 'messages' "
+                             f"(non-empty list); keys: {sorted(row)}")
+        rows.append((lineno, row))
     if not rows:
         raise ValueError(f"{path}: no prompts found")
     return rows
@@ -120,14 +119,43 @@ def left_pad(batch_ids, batch_size: int, pad_id: int, bucket: int = LENGTH_BUCKE
     return ids, mask
 
 
+def check_out(out: str) -> None:
+    """--out must be a file path whose folder is (or can be made) a folder."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a folder; give the JSONL file to write, e.g. "
+                         f"{os.path.join(out, 'generations.jsonl')}")
+    p = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ValueError(f"--out {out}: {p} is a file, not a folder")
+
+
+def check_lengths(rows, prompt_ids, max_new_tokens: int, max_positions: int, path: str) -> None:
+    """Every prompt + max_new_tokens within the model's max_position_embeddings."""
+    over = [(lineno, len(ids)) for (lineno, _), ids in zip(rows, prompt_ids)
+            if len(ids) + max_new_tokens > max_positions]
+    if over:
+        lineno, n = over[0]
+        more = f" ({len(over) - 1} more prompts too long)" if len(over) > 1 else ""
+        raise ValueError(f"{path}:{lineno}: prompt of {n} tokens + --max_new_tokens "
+                         f"{max_new_tokens} = {n + max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings={max_positions}{more}; shorten the prompt "
+                         f"or lower --max_new_tokens")
+
+
 # ---- command --------------------------------------------------------------------------------
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="sample responses for a JSONL file of prompts")
+    p = sub.add_parser("generate", help="sample responses for a JSONL file of prompts",
+                       description="Sample responses for a JSONL file of prompts with the KV-cache "
+                                   "sampler. --temperature 0 is greedy decoding (argmax; --top_p "
+                                   "and --top_k do not apply).")
     p.add_argument("--model", required=True, help="Hugging Face folder or easyrl checkpoint/run dir")
     p.add_argument("--prompts", required=True, help="JSONL: one {'prompt': ...} or {'messages': [...]} per line")
     p.add_argument("--out", required=True, help="JSONL to write: prompt, response, response_ids")
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (default 1.0); --temperature 0 is greedy decoding")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--template", default="plain", help="tulu | stackllama | plain | chat")
@@ -150,10 +178,16 @@ def run(args: argparse.Namespace) -> None:
     check_template(args.template)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    check_out(args.out)
     rows = read_prompts(args.prompts)
     mesh = parallel.create_mesh(args.mesh) if args.mesh else None
     config, params, tok = load_model_and_tokenizer(args.model, args.tokenizer, mesh, args.dtype)
     prompt_ids = encode_prompts(rows, tok, args.template, args.prompts)
+    check_lengths(rows, prompt_ids, args.max_new_tokens, config.max_position_embeddings, args.prompts)
 
     eos = set()
     for e in (tok.eos_token_id, config.eos_token_id):

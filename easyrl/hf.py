@@ -7,10 +7,12 @@ generation_config.json and safetensors shards, one tensor in host memory at a ti
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 from typing import Dict, Optional, Tuple
 
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easyrl import model as M
-from easyrl.model.config import LlamaConfig
+from easyrl.model.config import LlamaConfig, check_hf_config
 from easyrl.parallel import PARTITION_RULES, named_shardings, path_str, to_host
 from easyrl.st_io import SafetensorsFile, write_streaming
 
@@ -39,6 +41,14 @@ NAME_MAP = (
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|lm_head\.weight|score\.weight)$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+# what an export (this module, easyrl.peft, the pipeline's model card) or transformers'
+# save_pretrained puts in a model folder: only a folder holding nothing else is replaced
+EXPORT_FILES = re.compile(
+    r"(config\.json|generation_config\.json|README\.md|model(-\d+-of-\d+)?\.safetensors|"
+    r"model\.safetensors\.index\.json|pytorch_model(-\d+-of-\d+)?\.bin|"
+    r"pytorch_model\.bin\.index\.json|adapter_config\.json|adapter_model\.safetensors|"
+    r"vocab\.(json|txt)|merges\.txt|spiece\.model|tokenizer[\w.-]*|[\w-]*\.jinja|"
+    + "|".join(map(re.escape, TOKENIZER_FILES)) + ")")
 ARCHITECTURES = {"causal_lm": "LlamaForCausalLM", "reward": "LlamaForSequenceClassification",
                  "value": "LlamaForSequenceClassification"}
 
@@ -68,9 +78,14 @@ class _TensorIndex:
             if os.path.exists(ip):
                 try:
                     with open(ip) as f:
-                        self.where = dict(json.load(f)["weight_map"])
-                except (OSError, ValueError, KeyError) as e:
+                        wm = json.load(f)["weight_map"]
+                except (OSError, ValueError, KeyError, TypeError) as e:
                     raise ValueError(f"{ip}: unreadable weight index ({e})") from e
+                if not isinstance(wm, dict):
+                    raise ValueError(f"{ip}: weight_map is a {type(wm).__name__}, expected an object")
+                for name, fname in wm.items():
+                    _check_inside(ip, name, fname)
+                self.where = dict(wm)
                 return
         for single in ("model.safetensors", "pytorch_model.bin"):
             fp = os.path.join(folder, single)
@@ -91,11 +106,26 @@ class _TensorIndex:
     def get(self, name: str) -> np.ndarray:
         return self._open(self.where[name]).get(name)
 
+    def is_float(self, name: str) -> bool:
+        return self._open(self.where[name]).is_float(name)
+
     def file_of(self, name: str) -> str:
         return os.path.join(self.folder, self.where[name])
 
     def shape(self, name: str):
         return tuple(self._open(self.where[name]).shape(name))
+
+
+def _check_inside(index_path: str, name, fname) -> None:
+    """A weight-index entry must name a file inside the model folder: a relative path that does
+    not climb out (`..`). Symlinks are not resolved (the Hugging Face cache links into blobs/)."""
+    if not isinstance(fname, str) or not fname:
+        raise ValueError(f"{index_path}: weight_map[{name!r}] = {fname!r}: expected a file name")
+    norm = os.path.normpath(fname)
+    if os.path.isabs(fname) or norm == ".." or norm.startswith(".." + os.sep) or \
+            (os.altsep and norm.startswith(".." + os.altsep)) or os.path.splitdrive(fname)[0]:
+        raise ValueError(f"{index_path}: weight_map[{name!r}] = {fname!r} points outside the "
+                         f"model folder; refusing to read it")
 
 
 class _BinFile:
@@ -116,6 +146,9 @@ class _BinFile:
     def shape(self, name):
         return tuple(self._sd[name].shape)
 
+    def is_float(self, name):
+        return self._sd[name].is_floating_point()
+
     def get(self, name):
         t = self._sd[name]
         return (t.float() if t.dtype == self._torch.bfloat16 else t).numpy()
@@ -129,9 +162,11 @@ def read_config(folder: str) -> dict:
         raise FileNotFoundError(f"{cp}: missing config.json (not a Hugging Face model folder?)")
     try:
         with open(cp) as f:
-            return json.load(f)
+            cfg = json.load(f)
     except ValueError as e:
         raise ValueError(f"{cp}: invalid JSON ({e})") from e
+    check_hf_config(cfg, cp)
+    return cfg
 
 
 def load(path: str, kind: str = "causal_lm", dtype=None, *, mesh=None, rules=PARTITION_RULES,
@@ -146,7 +181,7 @@ def load(path: str, kind: str = "causal_lm", dtype=None, *, mesh=None, rules=PAR
     hf_cfg = read_config(path)
     if dtype is not None:
         runtime["param_dtype"] = jnp.dtype(dtype).name
-    config = LlamaConfig.from_hf(hf_cfg, **runtime)
+    config = LlamaConfig.from_hf(hf_cfg, source=os.path.join(path, "config.json"), **runtime)
     index = _TensorIndex(path)
     shapes = M.param_shapes(config, kind)
     if mesh is not None:
@@ -176,6 +211,9 @@ def load(path: str, kind: str = "causal_lm", dtype=None, *, mesh=None, rules=PAR
             if got != want_hf:
                 raise ValueError(f"{index.file_of(n)}: tensor {n!r} has shape {got}, expected "
                                  f"{want_hf} from config.json")
+            if not index.is_float(n):  # e.g. quantized int8 weights: a cast would be garbage
+                raise ValueError(f"{index.file_of(n)}: tensor {n!r} is not floating point "
+                                 f"(easyrl loads float weights only)")
             used.add(n)
 
         def read(n):
@@ -241,10 +279,13 @@ def hf_config_dict(config: LlamaConfig, kind: str, dtype, pad_token_id=None) -> 
 
 
 def save(path: str, config: LlamaConfig, params, kind: str = "causal_lm", tokenizer=None,
-         dtype=None, max_shard_size: int = 5 * 2**30, extra_config: Optional[dict] = None) -> None:
+         dtype=None, max_shard_size: int = 5 * 2**30, extra_config: Optional[dict] = None,
+         generation: Optional[dict] = None) -> None:
     """Write an HF folder that `AutoModelForCausalLM` / `AutoModelForSequenceClassification`
-    `.from_pretrained` loads. `tokenizer`: an HF tokenizer object or a folder to copy files from.
-    Streams one tensor at a time; shards above `max_shard_size` bytes with an index."""
+    `.from_pretrained` loads. `tokenizer`: an HF tokenizer object or a folder to copy files from;
+    `generation`: extra generation_config.json entries. Streams one tensor at a time; shards
+    above `max_shard_size` bytes with an index. Atomic (`export_folder`): the folder appears, or
+    replaces an older export, only once complete; every process calls it, process 0 writes."""
     if kind not in ARCHITECTURES:
         raise ValueError(f"unknown kind {kind!r}; expected one of {tuple(ARCHITECTURES)}")
     flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -277,15 +318,19 @@ def save(path: str, config: LlamaConfig, params, kind: str = "causal_lm", tokeni
         cur.append(e)
         size += nbytes
     shards.append(cur)
-    writer = jax.process_index() == 0
-    if writer:
-        os.makedirs(path, exist_ok=True)
+    with export_folder(path) as tmp:
+        _write_folder(tmp, config, flat, shards, kind, dtype, tokenizer, extra_config, generation)
+
+
+def _write_folder(path, config, flat, shards, kind, dtype, tokenizer, extra_config,
+                  generation) -> None:
+    """The files of `save` into folder `path` (None on processes other than 0)."""
     total, weight_map = 0, {}
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(os.path.join(path, fname), shard, flat, dtype)
+        total += write_safetensors(os.path.join(path, fname) if path else os.devnull, shard, flat, dtype)
         weight_map.update({e[0]: fname for e in shard})
-    if not writer:
+    if path is None:
         return
     if len(shards) > 1:
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
@@ -296,11 +341,67 @@ def save(path: str, config: LlamaConfig, params, kind: str = "causal_lm", tokeni
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": cfg.get("eos_token_id"),
-           "pad_token_id": cfg.get("pad_token_id")}
+           "pad_token_id": cfg.get("pad_token_id"), **(generation or {})}
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
     if tokenizer is not None:
         save_tokenizer_files(tokenizer, path)
+
+
+@contextlib.contextmanager
+def export_folder(path: str):
+    """Write an export atomically: yields a fresh temporary folder beside `path` (None on
+    processes other than 0, which write nothing) and, once the block completes, renames it to
+    `path`, replacing an older export there only then. An exception (or a kill) leaves `path` as
+    it was; the temporary folder is removed on an exception (a kill leaves a hidden
+    `.<name>.tmp-*` beside it). `path`, when it exists, must be a folder holding only files an
+    export writes (EXPORT_FILES): a folder with anything else is refused before anything is
+    written, so an export never deletes unrelated files. With several processes a refusal is
+    raised after the block (process 0 still takes part in its gathers, writing nothing)."""
+    if jax.process_index() != 0:
+        yield None
+        return
+    try:
+        tmp = _temp_beside(path)
+    except Exception:
+        if jax.process_count() > 1:
+            yield None
+        raise
+    try:
+        yield tmp
+        target = os.path.abspath(path)
+        if os.path.lexists(target):
+            old = tmp + ".old"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _temp_beside(path: str) -> str:
+    """A new empty folder beside `path`, once `path` is checked to be replaceable."""
+    target = os.path.abspath(path)
+    if os.path.lexists(target):
+        if not os.path.isdir(target):
+            raise FileExistsError(f"{path}: exists and is not a folder; refusing to export there")
+        foreign = sorted(n for n in os.listdir(target) if not EXPORT_FILES.fullmatch(n))
+        if foreign:
+            raise ValueError(f"{path}: holds files an export does not write ({foreign[:3]}"
+                             f"{' ...' if len(foreign) > 3 else ''}); export into a new or empty "
+                             f"folder (an export replaces the whole folder)")
+    parent, base = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(tmp)
+    return tmp
 
 
 def save_tokenizer_files(tokenizer, path: str) -> None:

@@ -71,9 +71,11 @@ def peft_config(config, kind: str = "causal_lm", base_model: Optional[str] = Non
 
 
 def save_peft(out: str, config, params, kind: str = "causal_lm", base_model: Optional[str] = None,
-              dtype=None) -> None:
-    """Write a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
-    Streams one tensor at a time; every process must call it, process 0 writes."""
+              dtype=None, tokenizer=None) -> None:
+    """Write a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, and the
+    files of `tokenizer`, see `hf.save_tokenizer_files`). Streams one tensor at a time; every
+    process must call it, process 0 writes. Atomic (`hf.export_folder`): the folder appears,
+    or replaces an older export, only once complete."""
     if config.lora_rank <= 0 or not has_adapters(params):
         raise ValueError("the model has no LoRA adapters (model.lora.rank = 0); export full "
                          "weights with `easyrl convert easyrl-to-hf` instead")
@@ -92,13 +94,14 @@ def save_peft(out: str, config, params, kind: str = "causal_lm", base_model: Opt
                                 True))
     if kind != "causal_lm":
         entries.append((PEFT_PREFIX + _hf_name("score/kernel"), "score/kernel", None, True))
-    writer = jax.process_index() == 0
-    if writer:
-        os.makedirs(out, exist_ok=True)
-    hf.write_safetensors(os.path.join(out, ADAPTER_WEIGHTS), entries, flat, dtype)
-    if writer:
-        with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
-            json.dump(peft_config(config, kind, base_model), f, indent=2)
+    with hf.export_folder(out) as tmp:  # None on processes other than 0
+        hf.write_safetensors(os.path.join(tmp, ADAPTER_WEIGHTS) if tmp else os.devnull, entries, flat,
+                             dtype)
+        if tmp is not None:
+            with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+                json.dump(peft_config(config, kind, base_model), f, indent=2)
+            if tokenizer is not None:
+                hf.save_tokenizer_files(tokenizer, tmp)
 
 
 def read_peft_config(folder: str) -> dict:

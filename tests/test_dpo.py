@@ -160,7 +160,7 @@ def test_cli_dpo_precomputed_on_8_devices(cache, tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "easyrl", "dpo", "--config", "configs/dpo.py:tiny",
            "--config.train.steps=2", f"--config.output_dir={out}", "--config.dpo.precompute_ref=true",
-           f"--config.data.train={small_pairs(tmp_path)}",
+           f"--config.data.train={small_pairs(tmp_path)}", "--config.data.eval_fraction=0.5",
            "--config.eval.max_batches=2", "--config.log.tensorboard=false"]
     env = dict(os.environ)
     env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

@@ -412,10 +412,16 @@ def test_tulu25_13b_on_256_devices_plans_on_cpu_without_allocating(tmp_path):
                  "policy gradients", "policy activations"):
         assert name in stdout
     assert "llama2_13b" in stdout
-    assert re.search(r"verdict: (FITS|does NOT fit)", stdout)
-    # the default mesh fsdp=256 cannot split a minibatch of 64: the planner says so and finds a mesh
-    assert "not divisible by dp*fsdp=256" in stdout
-    assert re.search(r"--config\.mesh=dp:\d+,fsdp:\d+,tp:\d+", stdout)
+    assert "mesh dp:1,fsdp:32,tp:8" in stdout and "verdict: FITS" in stdout  # the preset's setting
+
+
+def test_an_indivisible_mesh_is_refused_and_a_fitting_one_suggested(capsys):
+    """The base config's mesh fsdp=256 cannot split tulu25_13b's PPO minibatch of 64: the planner
+    says so and finds a mesh."""
+    out = run_cli(capsys, "--config", "configs/ppo.py:tulu25_13b", "--devices", "256",
+                  "--device-memory", "16", "--config.mesh=dp:1,fsdp:-1,tp:1")
+    assert "not divisible by dp*fsdp=256" in out and "verdict: does NOT fit" in out
+    assert re.search(r"--config\.mesh=dp:\d+,fsdp:\d+,tp:\d+", out)
 
 
 def _suggested(out: str):
@@ -454,6 +460,97 @@ def test_remat_orders_activation_memory():
     act = {r: planner.estimate(plan.Setting(cur.mesh, cur.micro, r)).line("activations").per_device
            for r in ("none", "dots", "dots_no_batch", "full")}
     assert act["none"] > act["dots"] > act["dots_no_batch"] > act["full"]
+
+
+# ---- every real-model preset fits the hardware it documents ------------------------------------
+TRAINER_CONFIGS = ("sft", "rm", "dpo", "rrhf", "ppo")
+
+
+def _config_module(name: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"easyrl_test_configs_{name}",
+                                                  os.path.join(REPO, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _presets(name: str) -> list:
+    """Every preset of configs/<name>.py, as its unknown-preset error lists them."""
+    try:
+        _config_module(name).get_config("no-such-preset")
+    except ValueError as e:
+        return [x.strip() for x in str(e).split(":", 1)[1].split(",")]
+    raise AssertionError(f"configs/{name}.py accepts any preset name")
+
+
+REAL_PRESETS = [f"{name}.py:{p}" for name in TRAINER_CONFIGS for p in _presets(name) if p != "tiny"]
+
+
+def _fits_documented_hardware(c, hw, what: str):
+    """Plan `c` on `hw` (HARDWARE entry) and fail with the planner's verdict and suggestions."""
+    planner, p = plan.make_plan(c, hw["devices"], hw["device_memory_gib"], platform=hw["platform"])
+    # the architecture came from the placeholder path's name (7B / 13B), not the tiny fallback
+    small = {r: m.num_params for r, m in planner.models.items() if m.num_params < 6e9}
+    assert not small, f"{what}: models planned from a small preset {small}; name a 7b/13b path"
+    if not p.fits:
+        cur = planner.current()
+        sugg = [f"{plan.setting_flags(q, cur, p.command, int(c.train.batch_size))} (peak "
+                f"{plan.human(q.peak)})" for q in plan.suggest(planner)]
+        pytest.fail(f"{what} does not fit {hw['name']} ({hw['devices']} x "
+                    f"{hw['device_memory_gib']} GiB): {plan.verdict(p)}; the planner suggests: "
+                    f"{'; '.join(sugg) or 'nothing on these devices'}")
+    return p
+
+
+@pytest.mark.parametrize("spec", REAL_PRESETS)
+def test_every_preset_fits_its_documented_hardware(spec):
+    """Every real-model preset names its hardware (HARDWARE[preset] in its config file, quoted in
+    the docstring) and its mesh / micro-batch (PPO: minibatch) / remat fit it by the analytic
+    planner, as `easyrl plan --config configs/<spec>` with no --devices prints."""
+    name, _, preset = spec.partition(":")
+    mod = _config_module(name[:-3])
+    hw = getattr(mod, "HARDWARE", {}).get(preset)
+    assert hw is not None, f"configs/{spec}: no HARDWARE[{preset!r}] (the hardware it is sized for)"
+    assert plan.documented_hardware(f"configs/{spec}") == hw
+    assert set(hw) == set(plan.HARDWARE_KEYS) and hw["platform"] in ("cpu", "gpu", "tpu"), hw
+    assert hw["name"] in " ".join(mod.__doc__.split()), f"configs/{name}: quote {hw['name']!r}"
+    p = _fits_documented_hardware(plan.load_config(f"configs/{spec}", []), hw, f"configs/{spec}")
+    print(f"{spec} on {hw['name']}: mesh {p.setting.mesh_spec()}, micro {p.setting.micro}, remat "
+          f"{p.setting.remat}: {plan.verdict(p)}")
+
+
+@pytest.mark.parametrize("preset", sorted(_config_module("pipeline").RECIPES))
+def test_pipeline_presets_run_every_stage_on_one_machine(preset):
+    """A real pipeline preset's stages are presets sized for the same hardware, carrying the same
+    mesh, and each fits that hardware as the pipeline runs it (its top-level mesh copied in)."""
+    from easyrl.pipeline import run as P
+    from easyrl.train.config import load_config_file
+    recipe = _config_module("pipeline").RECIPES[preset]
+    c = load_config_file(f"configs/pipeline.py:{preset}")
+    hws = {n: plan.documented_hardware(f"configs/{n}.py:{p}") for n, p in recipe.items()}
+    assert None not in hws.values() and len({tuple(sorted(h.items())) for h in hws.values()}) == 1, hws
+    for name, p in recipe.items():
+        assert c[name].to_dict() == load_config_file(f"configs/{name}.py:{p}").to_dict(), name
+        assert c[name].mesh == c.mesh, name
+        s = P.stage_config(c, name, [name])  # as the pipeline runs it, less the path wiring
+        _fits_documented_hardware(s, hws[name], f"pipeline {preset} stage {name} ({p})")
+
+
+def test_plan_without_devices_uses_the_documented_hardware(capsys):
+    out = run_cli(capsys, "--config", "configs/ppo.py:tulu25_13b", "--no-suggest")
+    assert "hardware: TPU v3-256 (256 x 16 GiB, tpu), the preset's documented hardware" in out
+    assert "devices: 256 x 16.0 GiB, mesh dp:1,fsdp:32,tp:8" in out
+    assert "'auto' -> 'scan' on tpu (TPU v3-256, the preset's documented hardware)" in out
+    assert "verdict: FITS" in out
+    # --devices plans other hardware (and nothing of the preset's), --platform wins over it
+    out = run_cli(capsys, "--config", "configs/ppo.py:tulu25_13b", "--devices", "512",
+                  "--device-memory", "32", "--no-suggest")
+    assert "hardware:" not in out and "devices: 512 x 32.0 GiB, mesh dp:1,fsdp:64,tp:8" in out
+    out = run_cli(capsys, "--config", "configs/ppo.py:tulu25_13b", "--platform", "cpu",
+                  "--no-suggest")
+    assert "devices: 256 x 16.0 GiB" in out and "'auto' -> 'unrolled' on cpu (--platform)" in out
+    assert plan.documented_hardware("configs/ppo.py:tiny") is None
 
 
 # ---- compiled memory analysis ----------------------------------------------------------------

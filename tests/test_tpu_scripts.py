@@ -26,9 +26,9 @@ LIBTPU_DEFAULT = (
     "--xla_tpu_overlap_compute_collective_tc=true "
     "--xla_enable_async_all_gather=true")
 PPO_ARGS = ["ppo", "--config", "configs/ppo.py:tulu25_13b",
-            "--config.output_dir=gs://BUCKET/runs/ppo", "--config.mesh=dp:1,fsdp:-1,tp:1"]
+            "--config.output_dir=gs://BUCKET/runs/ppo", "--config.mesh=dp:1,fsdp:-1,tp:8"]
 PPO_EASYRL = ("python3 -m easyrl ppo --config configs/ppo.py:tulu25_13b "
-              "--config.output_dir=gs://BUCKET/runs/ppo --config.mesh=dp:1,fsdp:-1,tp:1")
+              "--config.output_dir=gs://BUCKET/runs/ppo --config.mesh=dp:1,fsdp:-1,tp:8")
 
 # Settings of env.sh a test environment must not inherit from the caller's shell.
 SETTINGS = ["PROJECT", "ZONE", "TPU_NAME", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "SERVICE_ACCOUNT",

@@ -17,7 +17,7 @@ Everything from COMMAND on is passed to easyrl untouched.
 
 Example:
   $PROG ppo --config configs/ppo.py:tulu25_13b \\
-      --config.output_dir=gs://BUCKET/runs/ppo --config.mesh=dp:1,fsdp:-1,tp:1
+      --config.output_dir=gs://BUCKET/runs/ppo --config.mesh=dp:1,fsdp:-1,tp:8
 
 Options:
   --run-name NAME   log folder name (default: COMMAND-YYYYmmdd-HHMMSS)

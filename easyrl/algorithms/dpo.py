@@ -29,6 +29,7 @@ from easyrl.algorithms.common import (pair_batch_spec, pair_denom, pair_inputs, 
                                       pair_tokens, response_logps)
 from easyrl.algorithms.registry import Algorithm
 from easyrl.model import lora
+from easyrl.model.trainable import adapters, combine, strip
 from easyrl.train import loop
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -54,12 +55,16 @@ def objective(d, pc, pr, rc, rr, lc, lr, denom):
     return jnp.sum(per_pair) / denom, {k: v * b / denom for k, v in means.items()}
 
 
-def make_loss(config, d, adapters_off_reference: bool = False):
+def make_loss(config, d, adapters_off_reference: bool = False, frozen_adapters: bool = False):
     """Loss for config section `d` (= c.dpo). The reference comes from the batch
-    (precompute_ref), from `frozen` (live), from the policy's own parameters with the LoRA
-    adapters off (`adapters_off_reference`: no copy of the weights) or is 0 (reference_free)."""
-    if adapters_off_reference and config.lora_rank <= 0:
-        raise ValueError("adapters_off_reference needs a LoRA model (model.lora.rank > 0)")
+    (precompute_ref), from `frozen` (live: a copy of the initial policy), from the policy's own
+    parameters with the LoRA adapters off (`adapters_off_reference`: no copy of the weights),
+    from its base with the frozen initial adapters in `frozen` (`frozen_adapters`: LoRA
+    continuing model.lora.init_from; a copy of the adapter leaves only) or is 0
+    (reference_free). The reference is the initial policy in every mode."""
+    if (adapters_off_reference or frozen_adapters) and config.lora_rank <= 0:
+        raise ValueError("adapters_off_reference / frozen_adapters need a LoRA model "
+                         "(model.lora.rank > 0)")
     ref_config = lora.disabled(config)
 
     def loss_fn(params, frozen, batch, rng, denom):
@@ -68,6 +73,9 @@ def make_loss(config, d, adapters_off_reference: bool = False):
             rc = rr = None
         elif d.precompute_ref:
             rc, rr = (batch[k].astype(pc.dtype) for k in REF_KEYS)
+        elif frozen_adapters:
+            ref = combine(frozen, strip(params))
+            rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(config, ref, batch))
         elif adapters_off_reference:
             rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(ref_config, params, batch))
         else:
@@ -152,11 +160,15 @@ def build_task(env: loop.Env) -> loop.Task:
     if not d.reference_free:
         if d.precompute_ref:
             precompute_reference(env, (train, ev))
+        elif env.model_config.lora_rank > 0 and c.model.lora.init_from:
+            frozen = frozen_copy(adapters(env.params))  # the initial adapter, kept as it was
         elif env.model_config.lora_rank > 0:
             adapters_off = True  # the frozen base is the reference: no copy of the weights
         else:
             frozen = frozen_copy(env.params)
-    return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config, d, adapters_off),
+    frozen_adapters = env.model_config.lora_rank > 0 and frozen is not None
+    return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config, d, adapters_off,
+                                                         frozen_adapters),
                      denom_fn=pair_denom, train_data=train, eval_data=ev, frozen=frozen,
                      tokens_fn=pair_tokens)
 

@@ -17,10 +17,12 @@ Batches
              strings (message prompts: the template-rendered text).
 
 Truncation: SFT examples are cut on the right to T (examples left with no target are dropped and
-counted). Preference / RRHF keep the responses and cut the prompt from the LEFT (keeping BOS); a
-response longer than the room left is cut on the right. Preference pairs whose chosen and rejected
-sequences are identical after truncation are dropped and counted. Prompts longer than P are cut
-from the left (keeping BOS).
+counted: ``num_dropped_no_target``, of which ``num_dropped_long_prompt`` had targets only past T).
+Preference / RRHF keep the responses and cut the prompt from the LEFT (keeping BOS); a response
+longer than the room left is cut on the right. Preference pairs whose chosen and rejected sequences
+are identical are dropped and counted (``num_dropped_identical``, of which
+``num_dropped_identical_truncated`` became identical only by the truncation); an empty response is
+just EOS (``num_empty_responses``). Prompts longer than P are cut from the left (keeping BOS).
 """
 
 from __future__ import annotations
@@ -55,10 +57,11 @@ def tokenize_sft_row(row: dict, tokenizer, template: str) -> Example:
 def tokenize_sft(rows: Sequence[dict], tokenizer, template: str, seq_len: int
                  ) -> tuple[list[Example], dict]:
     """Tokenize and right-truncate SFT rows to ``seq_len`` -> (examples, stats)."""
-    stats = _new_stats(len(rows))
+    stats = dict(_new_stats(len(rows)), num_dropped_long_prompt=0)
     out = []
     for row in rows:
         ids, mask = tokenize_sft_row(row, tokenizer, template)
+        had_target = any(mask[1:])
         if len(ids) > seq_len:
             ids, mask = ids[:seq_len], mask[:seq_len]
             stats["num_truncated"] += 1
@@ -66,6 +69,7 @@ def tokenize_sft(rows: Sequence[dict], tokenizer, template: str, seq_len: int
             mask = [0] + mask[1:]
         if not any(mask):
             stats["num_dropped_no_target"] += 1
+            stats["num_dropped_long_prompt"] += int(had_target)
             continue
         out.append((ids, mask))
     stats["num_examples"] = len(out)
@@ -143,14 +147,16 @@ def _prompt_and_answers(row: dict, answers: Sequence[str], tokenizer, template: 
 def tokenize_preference(rows: Sequence[dict], tokenizer, template: str, seq_len: int
                         ) -> tuple[list[dict], dict]:
     """Preference rows -> examples ``{chosen, chosen_mask, rejected, rejected_mask, margin}``."""
-    stats = _new_stats(len(rows))
+    stats = dict(_new_stats(len(rows)), num_dropped_identical_truncated=0, num_empty_responses=0)
     out = []
     for row in rows:
-        p, (c, r) = _prompt_and_answers(row, [row["chosen"], row["rejected"]], tokenizer, template)
-        p, (c, r), cut = fit_prompt_responses(p, [c, r], seq_len, tokenizer.bos_token_id)
+        stats["num_empty_responses"] += sum(not row[k].strip() for k in ("chosen", "rejected"))
+        p, (c0, r0) = _prompt_and_answers(row, [row["chosen"], row["rejected"]], tokenizer, template)
+        p, (c, r), cut = fit_prompt_responses(p, [c0, r0], seq_len, tokenizer.bos_token_id)
         stats["num_truncated"] += int(cut)
         if c == r:
             stats["num_dropped_identical"] += 1
+            stats["num_dropped_identical_truncated"] += int(c0 != r0)
             continue
         out.append({"chosen": p + c, "chosen_mask": [0] * len(p) + [1] * len(c),
                     "rejected": p + r, "rejected_mask": [0] * len(p) + [1] * len(r),

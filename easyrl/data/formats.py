@@ -1,18 +1,23 @@
 """Load rows from local files or HF datasets, detect their format, validate them.
 
-Sources (``load_rows``): a local ``.jsonl`` / ``.json`` / ``.parquet`` file, a local folder or hub
-dataset name (``"name"``, ``"name:split"``, or a dict of ``datasets.load_dataset`` kwargs such as
-``{"path": "Anthropic/hh-rlhf", "split": "test", "data_dir": ...}``), a ``datasets.Dataset``, or
-an in-memory list of dicts. JSON / JSON lines are parsed here (line by line for ``.jsonl``) so that
-a bad line is reported with its 1-based line number; parquet, folders and hub names go through
-``datasets.load_dataset`` (offline: local files or the local cache only).
+Sources (``load_rows``, in ``easyrl.data.reading``): a local ``.jsonl`` / ``.json`` / ``.parquet``
+file, a local folder or hub dataset name (``"name"``, ``"name:split"``, or a dict of
+``datasets.load_dataset`` kwargs such as ``{"path": "Anthropic/hh-rlhf", "split": "test",
+"data_dir": ...}``), a ``datasets.Dataset``, or an in-memory list of dicts. JSON / JSON lines are
+parsed there (line by line for ``.jsonl``) so that a bad line (invalid UTF-8 or JSON) is reported
+with its 1-based line number and column; parquet, folders and hub names go through ``datasets``
+(offline: local files or the local cache only). A ``reading.Source`` from the trainer config also
+names its config key in every message (``data.train foo.jsonl: line 3: ...``) and may select one
+part of a deterministic held-out split (``data.eval_fraction``).
 
 Formats (``FORMATS``; a row is normalized to the canonical dict on the right):
   SFT         ``messages``          {"messages": [{"role","content"}...]}      loss on assistant turns
               ``prompt_completion`` {"prompt": str|messages, "completion": str}
               ``text``              {"text": str}                              loss on all tokens
   preference  ``preference``        {"prompt", "chosen", "rejected", "margin"} (explicit; chosen/
-                                    rejected are strings or message lists; margin optional -> 0.0)
+                                    rejected are strings or message lists; margin optional -> 0.0,
+                                    must be finite; an empty (or blank) response is kept as "" and
+                                    trains as just EOS, as in TRL; a missing one is a bad row)
               ``implicit_preference`` Anthropic-HH style whole conversations ``chosen``/``rejected``
                                     (strings ``"\\n\\nHuman: ..\\n\\nAssistant: .."`` or message lists):
                                     prompt = shared text up to and including the last
@@ -28,9 +33,13 @@ Bad rows raise ``DataError`` naming the file and the row (``line N`` for JSON li
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import math
 from typing import Any, Iterable
+
+from easyrl.data.reading import DataError, apply_holdout, load_rows, source_info, tag
+
+__all__ = ["FORMATS", "KINDS", "DataError", "Loaded", "detect_format", "load_data", "load_rows",
+           "normalize_row", "parse_columns", "rename_columns", "split_implicit"]
 
 KINDS = ("sft", "preference", "rrhf", "prompts")
 FORMATS = {
@@ -43,71 +52,23 @@ _ROLES = ("system", "user", "assistant")
 _ASSISTANT_TAG = "Assistant:"
 
 
-class DataError(ValueError):
-    """A bad data row or source; the message names the file and row."""
-
-
 class BadRow(ValueError):
     """Internal: reason a single row is invalid."""
 
 
 @dataclasses.dataclass
 class Loaded:
-    """Validated rows: ``rows`` (canonical dicts), their ``format``, ``num_bad`` skipped rows."""
+    """Validated rows: ``rows`` (canonical dicts), their ``format``, ``num_bad`` skipped rows;
+    ``where``: the source as messages name it (with its config key); ``names``: config keys of
+    the iterator arguments (``reading.SourceInfo.names``)."""
 
     rows: list[dict]
     format: str
     num_bad: int
     source: str
     bad_examples: list[str] = dataclasses.field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- reading
-def _read_jsonl(path: str) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
-    """-> ([(location, row)], [(location, error)]); blank lines are ignored."""
-    rows, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"line {i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                bad.append((f"line {i}", f"invalid JSON ({e.msg} at column {e.colno})"))
-    return rows, bad
-
-
-def _read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if text.lstrip().startswith("{"):
-            return _read_jsonl(path)  # JSON lines in a .json file
-        raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if data and len(lists) == len(data) and len({len(v) for v in lists}) == 1:  # columnar
-            n = len(lists[0])
-            data = [{k: v[i] for k, v in data.items()} for i in range(n)]
-        else:  # a single row
-            data = [data]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects")
-    return [(f"row {i}", r) for i, r in enumerate(data, start=1)], []
-
-
-def _read_datasets(spec: dict, label: str):
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(**spec)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"could not load dataset {label}: {type(e).__name__}: {e}") from e
-    if isinstance(ds, datasets.DatasetDict):
-        raise DataError(f"dataset {label}: pick a split (one of {list(ds)}), e.g. '{label}:train'")
-    return [(f"row {i}", r) for i, r in enumerate(ds, start=1)], []
+    where: str = ""
+    names: dict = dataclasses.field(default_factory=dict)
 
 
 def parse_columns(spec: str) -> dict:
@@ -147,43 +108,6 @@ def rename_columns(raw: list, columns: dict, label: str) -> list:
             r = {columns.get(k, k): v for k, v in r.items() if k not in columns.values() or k in columns}
         out.append((loc, r))
     return out
-
-
-def load_rows(source, split: str | None = None) -> tuple[str, list[tuple[str, Any]], list[tuple[str, str]]]:
-    """Read raw rows -> ``(label, [(location, row)], [(location, json_error)])``."""
-    try:
-        import datasets
-        if isinstance(source, datasets.Dataset):
-            return "<dataset>", [(f"row {i}", r) for i, r in enumerate(source, start=1)], []
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(source, (list, tuple)):
-        return "<rows>", [(f"row {i}", r) for i, r in enumerate(source, start=1)], []
-    if isinstance(source, dict):
-        spec = dict(source)
-        path = spec.get("path")
-        if isinstance(path, str) and os.path.isfile(path):
-            return load_rows(path)
-        spec.setdefault("split", split or "train")
-        return (str(path),) + _read_datasets(spec, str(path))
-    source = os.fspath(source)
-    if os.path.isfile(source):
-        ext = source.lower().rsplit(".", 1)[-1]
-        if ext == "jsonl":
-            return (source,) + _read_jsonl(source)
-        if ext == "json":
-            return (source,) + _read_json(source)
-        if ext == "parquet":
-            return (source,) + _read_datasets({"path": "parquet", "data_files": source, "split": "train"}, source)
-        raise DataError(f"{source}: unsupported file type .{ext} (use .jsonl, .json or .parquet)")
-    if os.path.isdir(source):
-        return (source,) + _read_datasets({"path": source, "split": split or "train"}, source)
-    name, sep, sp = source.rpartition(":")
-    if not (sep and name and sp and "/" not in sp):
-        name, sp = source, split or "train"
-    if name.startswith((".", "/", "~")) or name.lower().endswith((".jsonl", ".json", ".parquet")):
-        raise DataError(f"data file not found: {name}")
-    return (source,) + _read_datasets({"path": name, "split": sp}, source)
 
 
 # ----------------------------------------------------------------------------- detection
@@ -244,8 +168,9 @@ def _prompt(row: dict, allow_empty: bool = True):
     return _text(row, "prompt", allow_empty=allow_empty)
 
 
-def _response(row: dict, key: str) -> str:
-    """A chosen/rejected/completion value: a string or messages ending in an assistant turn."""
+def _response(row: dict, key: str, allow_empty: bool = False) -> str:
+    """A chosen/rejected/completion value: a string or messages ending in an assistant turn.
+    ``allow_empty``: a blank response is "" (chosen / rejected: it trains as just EOS)."""
     v = _field(row, key)
     if isinstance(v, list):
         msgs = _messages(v, key)
@@ -255,6 +180,8 @@ def _response(row: dict, key: str) -> str:
     elif not isinstance(v, str):
         raise BadRow(f"field {key!r} must be a string or a message list")
     if not v.strip():
+        if allow_empty:
+            return ""
         raise BadRow(f"field {key!r} is empty")
     return v
 
@@ -287,9 +214,7 @@ def _implicit(row: dict) -> dict:
         prompt, cr, rr = split_implicit(c, r)
     else:
         raise BadRow("chosen and rejected must both be strings or both message lists")
-    for k, v in (("chosen", cr), ("rejected", rr)):
-        if not v.strip():
-            raise BadRow(f"{k} response is empty")
+    cr, rr = (v if v.strip() else "" for v in (cr, rr))  # empty responses train as just EOS
     return {"prompt": prompt, "chosen": cr, "rejected": rr, "margin": _margin(row)}
 
 
@@ -298,9 +223,12 @@ def _margin(row: dict) -> float:
     if m is None:
         return 0.0
     try:
-        return float(m)
+        m = float(m)
     except (TypeError, ValueError):
         raise BadRow(f"field 'margin' must be a number, got {m!r}") from None
+    if not math.isfinite(m):
+        raise BadRow(f"field 'margin' must be a finite number, got {m}")
+    return m
 
 
 def normalize_row(row: Any, fmt: str) -> dict:
@@ -318,8 +246,8 @@ def normalize_row(row: Any, fmt: str) -> dict:
         return {"text": _text(row, "text")}
     if fmt == "preference":
         p = _prompt(row)
-        return {"prompt": p, "chosen": _response(row, "chosen"), "rejected": _response(row, "rejected"),
-                "margin": _margin(row)}
+        return {"prompt": p, "chosen": _response(row, "chosen", allow_empty=True),
+                "rejected": _response(row, "rejected", allow_empty=True), "margin": _margin(row)}
     if fmt == "implicit_preference":
         return _implicit(row)
     if fmt == "rrhf":
@@ -354,13 +282,18 @@ def load_data(source, kind: str, format: str | None = None, skip_bad_rows: bool 
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; known: {', '.join(KINDS)}")
     columns = {}
+    info = source_info(source)
     if isinstance(source, dict) and "columns" in source:
-        source = dict(source)
-        columns = source.pop("columns") or {}
-        if not source.get("split"):
-            source.pop("split", None)
+        spec = dict(source)
+        columns = spec.pop("columns") or {}
+        if not spec.get("split"):
+            spec.pop("split", None)
+        source = tag(spec, info.key, info.holdout, info.names)
     label, raw, bad_json = load_rows(source, split)
-    raw = rename_columns(raw, columns, label)
+    where = info.where(label)
+    if info.holdout:
+        raw, bad_json = apply_holdout(raw, bad_json, info, where)
+    raw = rename_columns(raw, columns, where)
     if format is None:
         cols: set[str] = set()
         for _, r in raw[:1000]:
@@ -369,7 +302,7 @@ def load_data(source, kind: str, format: str | None = None, skip_bad_rows: bool 
         try:
             format = detect_format(cols, kind)
         except ValueError as e:
-            raise DataError(f"{label}: {e}") from None
+            raise DataError(f"{where}: {e}") from None
     elif format not in FORMATS[kind]:
         raise ValueError(f"format {format!r} is not a {kind} format; choose from {FORMATS[kind]}")
     errors = list(bad_json)
@@ -384,11 +317,11 @@ def load_data(source, kind: str, format: str | None = None, skip_bad_rows: bool 
             errors.append((loc, str(e)))
     if errors:
         errors.sort(key=lambda x: int(x[0].split()[-1]))
-        msgs = [f"{label}: {loc}: {why}" for loc, why in errors]
+        msgs = [f"{where}: {loc}: {why}" for loc, why in errors]
         if not skip_bad_rows:
             more = f" (and {len(msgs) - 1} more bad rows)" if len(msgs) > 1 else ""
             raise DataError(msgs[0] + more)
     if not rows:
-        raise DataError(f"{label}: no valid rows")
+        raise DataError(f"{where}: no valid rows")
     return Loaded(rows=rows, format=format, num_bad=len(errors), source=label, bad_examples=[
-        f"{label}: {loc}: {why}" for loc, why in errors[:5]])
+        f"{where}: {loc}: {why}" for loc, why in errors[:5]], where=where, names=dict(info.names))

@@ -8,18 +8,23 @@ iterator built from the same data and arguments continues at exactly the next ba
 
 Builders (``sft_iterator``, ``preference_iterator``, ``rrhf_iterator``, ``prompt_iterator``) load a
 source (see ``formats.load_data``), tokenize with a template, and return a ``BatchIterator`` whose
-``stats`` dict counts rows, bad rows skipped, truncations and dropped examples. Batch keys and
-shapes are documented in ``easyrl.data.encode``.
+``stats`` dict counts rows, bad rows skipped, truncations and dropped examples. Rows dropped while
+tokenizing (a prompt that leaves no target within ``seq_len``, chosen == rejected) give ONE warning
+line naming the source, the counts and the reasons; a source left with less than one global batch
+is a ``DataError`` saying the same. Batch keys and shapes are documented in ``easyrl.data.encode``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from easyrl.data import encode, formats, templates
 from easyrl.data.tokenizer import pad_id
+
+log = logging.getLogger(__name__)
 
 
 class BatchIterator:
@@ -99,8 +104,37 @@ class BatchIterator:
         return self.steps_per_epoch
 
 
-def _iterator(items, collate, stats, loaded, *, global_batch_size, **kw) -> BatchIterator:
+def drop_reasons(stats: dict, seq_len: str) -> list[tuple[int, str]]:
+    """[(count, reason)] of the examples tokenizing dropped (``seq_len``: e.g. "train.seq_len=64")."""
+    long = stats.get("num_dropped_long_prompt", 0)
+    cut = stats.get("num_dropped_identical_truncated", 0)
+    out = [(long, f"prompt longer than {seq_len}"),
+           (stats.get("num_dropped_no_target", 0) - long, "no target tokens"),
+           (stats.get("num_dropped_identical", 0) - cut, "chosen == rejected"),
+           (cut, f"chosen == rejected after truncation to {seq_len}")]
+    return [(n, why) for n, why in out if n]
+
+
+def _iterator(items, collate, stats, loaded, *, global_batch_size, seq_len=None,
+              unit="examples", **kw) -> BatchIterator:
     stats = dict(stats, num_bad_rows=loaded.num_bad, format=loaded.format, source=loaded.source)
+    where, names = loaded.where or loaded.source, loaded.names
+    reasons = drop_reasons(stats, f"{names.get('seq_len', 'seq_len')}={seq_len}")
+    dropped = sum(n for n, _ in reasons)
+    summary = (f"dropped {dropped} of {stats['num_rows']} rows ("
+               + ", ".join(f"{n} {why}" for n, why in reasons) + ")") if dropped else ""
+    if len(items) < global_batch_size:
+        bad = (f"; {loaded.num_bad} bad rows skipped" if loaded.num_bad else "")
+        if not items:
+            raise formats.DataError(f"{where}: no examples left" + (f": {summary}" if summary else "")
+                                    + bad)
+        batch = f"{names['global_batch_size']}=" if "global_batch_size" in names else ""
+        n = len(items)
+        raise formats.DataError(f"{where}: {n} {unit[:-1] if n == 1 else unit}, fewer than one global "
+                                f"batch ({batch}{global_batch_size})"
+                                + (f": {summary}" if summary else "") + bad)
+    if summary and kw.get("process_index", 0) == 0:
+        log.warning("%s: %s", where, summary)
     return BatchIterator(items, collate, global_batch_size, stats=stats, **kw)
 
 
@@ -120,7 +154,8 @@ def sft_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int, tem
     stats["num_packed_rows"] = len(rows)
     pad = pad_id(tokenizer)
     return _iterator(rows, lambda items: encode.collate_sft(items, seq_len, pad), stats, loaded,
-                     global_batch_size=global_batch_size, **iter_kw)
+                     global_batch_size=global_batch_size, seq_len=seq_len,
+                     unit="packed rows" if packing else "examples", **iter_kw)
 
 
 def preference_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int,
@@ -132,7 +167,7 @@ def preference_iterator(source, tokenizer, *, seq_len: int, global_batch_size: i
     examples, stats = encode.tokenize_preference(loaded.rows, tokenizer, template, seq_len)
     pad = pad_id(tokenizer)
     return _iterator(examples, lambda items: encode.collate_preference(items, seq_len, pad), stats,
-                     loaded, global_batch_size=global_batch_size, **iter_kw)
+                     loaded, global_batch_size=global_batch_size, seq_len=seq_len, **iter_kw)
 
 
 def rrhf_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int, template: str = "plain",
@@ -145,7 +180,7 @@ def rrhf_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int, te
     examples, stats = encode.tokenize_rrhf(loaded.rows, tokenizer, template, seq_len, n)
     pad = pad_id(tokenizer)
     return _iterator(examples, lambda items: encode.collate_rrhf(items, n, seq_len, pad), stats,
-                     loaded, global_batch_size=global_batch_size, **iter_kw)
+                     loaded, global_batch_size=global_batch_size, seq_len=seq_len, **iter_kw)
 
 
 def prompt_iterator(source, tokenizer, *, max_prompt_len: int, global_batch_size: int,

@@ -20,6 +20,77 @@ _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "lora_rank", "l
                    "lora_dropout", "lora_targets")
 LORA_TARGETS_ALL = "q|k|v|o|gate|up|down"
 
+# config.json keys easyrl reads, by type: required, optional (null = default), per rope type
+_REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "max_position_embeddings")
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim")
+_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+SUPPORTED_ACTS = ("silu", "swish")  # the same function in transformers
+_ROPE_KEYS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings")}
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_hf_config(hf, source: str = "config") -> None:
+    """Raise a one-line ValueError naming `source` (the config.json path) and the key, when a key
+    easyrl depends on is missing, of the wrong type or a value easyrl would not honour."""
+    def bad(key, want, missing=False):
+        if missing:
+            raise ValueError(f"{source}: missing key {key!r} ({want})")
+        raise ValueError(f"{source}: key {key!r} = {hf[key]!r}: {want}")
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{source}: unsupported architecture: model_type={model_type!r} "
+                         f"(easyrl supports {SUPPORTED_MODEL_TYPES})")
+    for k in _REQUIRED_INTS + _OPTIONAL_INTS:
+        if hf.get(k) is None:
+            if k in _REQUIRED_INTS:
+                bad(k, "easyrl needs it: a positive int", missing=True)
+        elif not (_int(hf[k]) and hf[k] > 0):
+            bad(k, "expected a positive int")
+    for k in _POSITIVE_FLOATS:
+        if hf.get(k) is not None and not (_num(hf[k]) and hf[k] > 0):
+            bad(k, "expected a positive number")
+    if hf.get("initializer_range") is not None and not (_num(hf["initializer_range"])
+                                                        and hf["initializer_range"] >= 0):
+        bad("initializer_range", "expected a non-negative number")
+    for k in _BOOLS:
+        if hf.get(k) is not None and not isinstance(hf[k], bool):
+            bad(k, "expected true or false")
+    for k in ("bos_token_id", "pad_token_id"):
+        if hf.get(k) is not None and not _int(hf[k]):
+            bad(k, "expected an int or null")
+    eos = hf.get("eos_token_id")
+    if eos is not None and not (_int(eos) or (isinstance(eos, list) and eos
+                                              and all(_int(t) for t in eos))):
+        bad("eos_token_id", "expected an int, a list of ints or null")
+    if hf.get("hidden_act") is not None and hf["hidden_act"] not in SUPPORTED_ACTS:
+        bad("hidden_act", f"easyrl's MLP computes silu (supported: {SUPPORTED_ACTS})")
+    for k in ("rope_scaling", "rope_parameters"):
+        rs = hf.get(k)
+        if rs is None:
+            continue
+        if not isinstance(rs, dict):
+            bad(k, "expected an object or null")
+        if k == "rope_parameters" and rs.get("rope_theta") is not None and \
+                not (_num(rs["rope_theta"]) and rs["rope_theta"] > 0):
+            bad(k, "rope_theta: expected a positive number")
+        rs = {a: v for a, v in rs.items() if v is not None}
+        for rk in _ROPE_KEYS.get(rs.get("rope_type", rs.get("type")), ()):
+            if not (_num(rs.get(rk)) and rs[rk] > 0):
+                bad(k, f"{rk}: expected a positive number")
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -107,12 +178,10 @@ class LlamaConfig:
 
     # ---- Hugging Face --------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf: dict, **runtime) -> "LlamaConfig":
-        """Build from a Hugging Face config dict (config.json); `runtime` sets dtype, remat, ..."""
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported architecture: model_type={model_type!r} "
-                             f"(easyrl supports {SUPPORTED_MODEL_TYPES})")
+    def from_hf(cls, hf: dict, *, source: str = "config", **runtime) -> "LlamaConfig":
+        """Build from a Hugging Face config dict (config.json, checked by `check_hf_config`;
+        `source` names it in errors); `runtime` sets dtype, remat, ..."""
+        check_hf_config(hf, source)
         rope_theta = hf.get("rope_theta")
         rope_scaling = hf.get("rope_scaling")
         params = hf.get("rope_parameters")  # transformers >= 5 layout

@@ -29,8 +29,6 @@ def export(name: str, run_dir: str, out: str, *, mesh=None, generation: Optional
     """Write `out` (HF folder with weights, tokenizer, generation_config) from run dir `run_dir`.
     With `mesh` the parameters are restored sharded (a 13B model need not fit one device); every
     process must call this, process 0 writes."""
-    import jax
-
     from easyrl import hf
     from easyrl.convert import TOKENIZER_SUBDIR
     kind = "reward" if name == "rm" else "causal_lm"
@@ -38,17 +36,11 @@ def export(name: str, run_dir: str, out: str, *, mesh=None, generation: Optional
     # adapters alone
     config, _, params = checkpoint.load_model(run_dir, kind=kind, mesh=mesh, merge_lora=True)
     tok = os.path.join(run_dir, TOKENIZER_SUBDIR)
-    hf.save(out, config, params, kind=kind, tokenizer=tok if os.path.isdir(tok) else None)
+    hf.save(out, config, params, kind=kind, tokenizer=tok if os.path.isdir(tok) else None,
+            generation=generation if kind == "causal_lm" else None)
     if checkpoint.read_model_config(checkpoint.resolve(run_dir)[0])[0].lora_rank:
         from easyrl.convert import easyrl_to_peft
         easyrl_to_peft(run_dir, out + "_peft")
-    if generation and kind == "causal_lm" and jax.process_index() == 0:
-        path = os.path.join(out, "generation_config.json")
-        with open(path) as f:
-            gen = json.load(f)
-        gen.update(generation)
-        with open(path, "w") as f:
-            json.dump(gen, f, indent=2)
 
 
 def model_card(name: str, run_dir: str, out: str, *, metrics: dict, evaluation: Optional[dict],

@@ -15,7 +15,7 @@ import ml_collections as mlc
 from easyrl import checkpoint, parallel
 from easyrl.algorithms import registry
 from easyrl.algorithms.registry import Algorithm
-from easyrl.train.run import say, total_steps
+from easyrl.train.run import config_diff, normalize, say, total_steps
 
 STAGES = ("sft", "rm", "ppo", "dpo", "rrhf")
 POLICIES = ("sft", "ppo", "dpo", "rrhf")
@@ -73,28 +73,6 @@ def stage_config(c, name: str, stages: list) -> mlc.ConfigDict:
     return s
 
 
-def _normalize(d):
-    return json.loads(json.dumps(d, sort_keys=True, default=str))
-
-
-def config_diff(stored: dict, wanted: dict, prefix: str = "", ignore=(), defaults=None) -> list:
-    """['key: old -> new'] over keys that matter for the trained weights. A key the stored config
-    lacks (a run made before easyrl added it) counts as its default from `defaults`."""
-    out = []
-    defaults = defaults if isinstance(defaults, dict) else {}
-    for k in sorted(set(stored) | set(wanted)):
-        if (not prefix and k in VOLATILE) or f"{prefix}{k}" in ignore:
-            continue
-        a, b = stored.get(k, "<missing>"), wanted.get(k, "<missing>")
-        if a == "<missing>" and k in defaults:
-            a = defaults[k]
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_diff(a, b, f"{prefix}{k}.", ignore, defaults.get(k))
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
 def stage_status(name: str, s, wired=()) -> tuple:
     """('new' | 'partial' | 'done', latest step). Raises if the run dir holds a different config."""
     d = s.output_dir
@@ -106,9 +84,9 @@ def stage_status(name: str, s, wired=()) -> tuple:
         with open(cfg_path) as f:
             stored = json.load(f).get("run_config", {})
         from easyrl.train.config import base_config
-        defaults = _normalize(base_config(s.command).to_dict())
-        diff = config_diff(_normalize(stored), _normalize(s.to_dict()), ignore=wired,
-                           defaults=defaults)
+        defaults = normalize(base_config(s.command).to_dict())
+        diff = config_diff(normalize(stored), normalize(s.to_dict()),
+                           ignore=VOLATILE + tuple(wired), defaults=defaults)
         if diff:
             raise ValueError(
                 f"stage {name}: {d} was trained with a different config ({'; '.join(diff[:4])}"
@@ -250,7 +228,7 @@ def evaluation(c, stages, info) -> Optional[dict]:
         return None
     rm = stage_dir(c, "rm") if "rm" in stages else (c.ppo.reward.path if "ppo" in c else "")
     rm = rm if rm and checkpoint.is_checkpoint(rm) else None
-    settings = dict(_normalize(c.eval.to_dict()), seed=c.seed, sft=fingerprint(sft),
+    settings = dict(normalize(c.eval.to_dict()), seed=c.seed, sft=fingerprint(sft),
                     rm=fingerprint(rm))
     path = os.path.join(c.output_dir, "eval.json")
     old = _read_json(path) or {}
@@ -293,10 +271,7 @@ def exports(c, stages, ev) -> dict:
         if state.get(name, {}).get("checkpoint") == fp and os.path.exists(os.path.join(out, "config.json")):
             say(f"[pipeline] export {name}: reusing {out}")
         else:
-            say(f"[pipeline] export {name}: {out}")
-            if jax.process_index() == 0 and os.path.isdir(out):
-                shutil.rmtree(out)
-            _sync(f"easyrl-pipeline-export-{name}")
+            say(f"[pipeline] export {name}: {out}")  # replaces an older export atomically
             gen = {"max_new_tokens": int(c.eval.max_new_tokens)}
             E.export(name, run_dir, out, mesh=parallel.create_mesh(c.mesh), generation=gen)
             state[name] = {"step": step, "checkpoint": fp, "source": os.path.abspath(run_dir)}
@@ -334,7 +309,7 @@ def run(c) -> dict:
         clean(c, redo)
     if jax.process_index() == 0:
         os.makedirs(c.output_dir, exist_ok=True)
-    _write_json(os.path.join(c.output_dir, "pipeline_config.json"), _normalize(c.to_dict()))
+    _write_json(os.path.join(c.output_dir, "pipeline_config.json"), normalize(c.to_dict()))
     say(f"[pipeline] stages {' -> '.join(stages)} in {os.path.abspath(c.output_dir)}")
 
     info = {}

@@ -1,6 +1,7 @@
 """`easyrl plan`: per-device memory of a training config on a mesh, without allocating the model.
 
     python -m easyrl plan --config configs/ppo.py:tulu25_13b --devices 256 --device-memory 16
+    python -m easyrl plan --config configs/ppo.py:tulu25_13b   # on the preset's HARDWARE entry
     python -m easyrl plan --config configs/sft.py:tiny --config.mesh=dp:2,fsdp:4 --devices 8 --compile
 
 Shapes come from `jax.eval_shape` (parameters: `easyrl.model.param_shapes`; optimizer state:
@@ -17,6 +18,11 @@ else one guessed from the path's name (`13b` -> llama2_13b, `llama-3...8b` -> ll
 else `model.preset`. PPO's reward / value models likewise (`--reward-preset`). With no
 model.path the trainer's random-init preset is used with the tokenizer's vocabulary, as training
 would.
+
+Hardware: --devices / --device-memory / --platform; without --devices, the preset's documented
+hardware when its config file has one (a module-level `HARDWARE = {preset: dict(devices=...,
+device_memory_gib=..., platform=..., name=...)}`, as configs/*.py give every real-model preset),
+else this machine's devices.
 
 SFT fuses the LM head with its cross-entropy in chunks (no [B, T, V] logits; the other trainers
 build full logits), and PPO's rollout counts the unrolled decode loop's second copy of the
@@ -41,8 +47,9 @@ from easyrl.plan.memory import (GiB, activation_bytes, count, decode_copy_bytes,
 from easyrl.plan.models import ModelInfo, build_models, guess_preset, resolve_model_config
 from easyrl.plan.planner import (DEFAULT_HEADROOM, FUSED_HEAD_COMMANDS, Line, Plan, Planner,
                                  Setting, make_plan)
-from easyrl.plan.report import (COMPILE_MAX_PARAMS, DEFAULT_DEVICE_MEMORY_GIB, add_parser,
-                                format_plan, human, load_config, run, verdict)
+from easyrl.plan.report import (COMPILE_MAX_PARAMS, DEFAULT_DEVICE_MEMORY_GIB, HARDWARE_KEYS,
+                                add_parser, documented_hardware, format_plan, human, load_config,
+                                run, verdict)
 from easyrl.plan.suggest import candidate_meshes, min_devices, setting_flags, suggest
 
 __all__ = [
@@ -53,5 +60,6 @@ __all__ = [
     "layer_bytes_per_token", "lora_bytes_per_token", "per_device_bytes", "tree_bytes",
     "FUSED_HEAD_COMMANDS", "Line", "Plan", "Planner", "Setting", "make_plan",
     "candidate_meshes", "min_devices", "setting_flags", "suggest", "compiled_memory",
-    "add_parser", "format_plan", "human", "load_config", "run", "verdict",
+    "add_parser", "format_plan", "human", "load_config", "run", "verdict", "HARDWARE_KEYS",
+    "documented_hardware",
 ]

@@ -100,9 +100,11 @@ def add_parser(sub) -> None:
     p.set_defaults(accepts_overrides=True)
     p.add_argument("--config", required=True, help="configs/X.py:PRESET (any trainer config)")
     p.add_argument("--devices", type=int, default=None,
-                   help="number of devices (default: this machine's jax.device_count())")
+                   help="number of devices (default: the preset's documented hardware, its config "
+                        "file's HARDWARE[PRESET], if any, else this machine's jax.device_count())")
     p.add_argument("--device-memory", type=float, default=None,
-                   help="GiB per device (default: the local device's memory if known, else 16)")
+                   help="GiB per device (default: the documented hardware's when --devices is not "
+                        "given, else the local device's memory if known, else 16)")
     p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
                    help="fraction of device memory kept free (default 0.1)")
     p.add_argument("--model-preset", default=None,
@@ -112,8 +114,8 @@ def add_parser(sub) -> None:
     p.add_argument("--platform", choices=PLATFORMS, default=None,
                    help="backend the run targets (PPO: the sampler's decode='auto' unrolls its "
                         "layers, holding a second copy of the decoder weights, on cpu only; "
-                        "default: this machine's backend when --devices is not given, else "
-                        "unknown and the copy is not counted)")
+                        "default without --devices: the preset's documented hardware's, else "
+                        "this machine's backend; with --devices: unknown, the copy not counted)")
     p.add_argument("--compile", action="store_true",
                    help=f"also compile the train step and print XLA's memory analysis (models "
                         f"under {COMPILE_MAX_PARAMS / 1e9:g}B parameters)")
@@ -121,11 +123,50 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def target_platform(args: argparse.Namespace) -> Tuple[Optional[str], str]:
-    """(platform, why) of the run being planned: --platform; else, with no --devices (the plan
-    is of this machine's devices), this machine's backend; else (None, ''): unknown."""
+HARDWARE_KEYS = ("devices", "device_memory_gib", "platform", "name")
+
+
+def documented_hardware(spec: str) -> Optional[dict]:
+    """The hardware the preset of `--config FILE:PRESET` is sized for: the config file's
+    module-level `HARDWARE[PRESET]` (devices, device_memory_gib, platform, name), None when the
+    file has no entry for it (tiny presets)."""
+    import importlib.util
+    import inspect
+    import os
+
+    from easyrl.train import config as config_module
+    path, _, preset = spec.partition(":")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(config_module.__file__))))
+    found = next((p for p in (path, os.path.join(root, path)) if os.path.isfile(p)), None)
+    if found is None:
+        return None
+    mod_spec = importlib.util.spec_from_file_location(f"easyrl_hardware_{abs(hash(found))}", found)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    table = getattr(mod, "HARDWARE", None)
+    if not isinstance(table, dict):
+        return None
+    if not preset:  # get_config's default preset
+        param = inspect.signature(mod.get_config).parameters.get("preset")
+        preset = param.default if param is not None else ""
+    hw = table.get(preset)
+    if hw is None:
+        return None
+    missing = [k for k in HARDWARE_KEYS if k not in hw]
+    if missing:
+        raise ValueError(f"{found}: HARDWARE[{preset!r}] lacks {', '.join(missing)}")
+    return dict(hw)
+
+
+def target_platform(args: argparse.Namespace,
+                    hardware: Optional[dict] = None) -> Tuple[Optional[str], str]:
+    """(platform, why) of the run being planned: --platform; else, with no --devices, the
+    preset's documented hardware's, else (the plan is of this machine's devices) this machine's
+    backend; else (None, ''): unknown."""
     if args.platform:
         return args.platform, "--platform"
+    if args.devices is None and hardware:
+        return hardware["platform"], f"{hardware['name']}, the preset's documented hardware"
     if args.devices is None:
         return platform_of(), "this machine's backend; --devices not given"
     return None, ""
@@ -150,17 +191,25 @@ def load_config(spec: str, overrides: List[str]):
 
 def run(args: argparse.Namespace) -> None:
     c = load_config(args.config, args.config_overrides)
-    devices = args.devices or jax.device_count()
+    # no --devices: the hardware the preset documents (its config file's HARDWARE), if any
+    hw = documented_hardware(args.config) if args.devices is None else None
+    devices = args.devices or (hw["devices"] if hw else jax.device_count())
     mem = args.device_memory
     mem_note = ""
-    if mem is None:
+    if mem is None and hw:
+        mem = float(hw["device_memory_gib"])
+    elif mem is None:
         local = local_device_memory()
         mem = local / GiB if local else DEFAULT_DEVICE_MEMORY_GIB
         mem_note = " (local device)" if local else " (default; pass --device-memory)"
-    platform, why = target_platform(args)
+    platform, why = target_platform(args, hw)
     planner, plan = make_plan(c, devices, mem, headroom=args.headroom,
                               model_preset=args.model_preset, reward_preset=args.reward_preset,
                               platform=platform, platform_source=why)
+    if hw:
+        print(f"hardware: {hw['name']} ({hw['devices']} x {hw['device_memory_gib']:g} GiB, "
+              f"{hw['platform']}), the preset's documented hardware (HARDWARE in its config "
+              f"file; --devices / --device-memory / --platform plan other hardware)")
     print(format_plan(plan, planner.models, args.config) + ("" if not mem_note else
                                                              f"\n  device memory {mem:.1f} GiB{mem_note}"))
     print(verdict(plan))

@@ -6,6 +6,7 @@ checked by `validate` before anything is compiled, and errors name the config ke
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import Optional
 
@@ -43,6 +44,10 @@ def base_config(command: str) -> mlc.ConfigDict:
         train=SYNTHETIC, eval=SYNTHETIC, split="", format="", template="plain",
         packing=False, shuffle=True, skip_bad_rows=False,
         columns="",  # rename source columns: "question:prompt,response_j:chosen,response_k:rejected"
+        # > 0: evaluate on this fraction of data.train's rows, never trained on (a deterministic
+        # split by seed, like datasets' test_size); data.eval must then be "" or "synthetic".
+        # Without it, data.eval="synthetic" evaluates only when data.train is synthetic too.
+        eval_fraction=0.0,
     ))
     c.train = mlc.ConfigDict(dict(
         steps=0, epochs=0, batch_size=32, micro_batch_size=0, seq_len=64, max_nonfinite=10,
@@ -51,7 +56,8 @@ def base_config(command: str) -> mlc.ConfigDict:
         lr=1e-3, schedule="cosine", warmup=0.0, min_lr_ratio=0.0, weight_decay=0.0,
         b1=0.9, b2=0.999, eps=1e-8, clip=1.0,
     ))
-    c.checkpoint = mlc.ConfigDict(dict(every=0, keep=2, async_save=True))
+    # allow_changes: resume a run dir whose stored run config differs (else an error naming keys)
+    c.checkpoint = mlc.ConfigDict(dict(every=0, keep=2, async_save=True, allow_changes=False))
     c.log = mlc.ConfigDict(dict(every=10, tensorboard=True, wandb_project="", wandb_name=""))
     c.eval = mlc.ConfigDict(dict(every=0, max_batches=0))
     c.distributed = mlc.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))
@@ -98,7 +104,14 @@ def validate(c: mlc.ConfigDict, *, dp_size: Optional[int] = None,
     if max_positions is not None:
         need(t.seq_len <= max_positions, "train.seq_len",
              f"{t.seq_len} exceeds the model's max_position_embeddings={max_positions}")
-    need(c.optim.lr >= 0, "optim.lr", "must be >= 0")
+    for key in ("optim", "value_optim"):
+        if c.get(key) is not None:
+            lr = c[key].lr
+            need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0, f"{key}.lr",
+                 f"must be a finite number >= 0, got {lr!r}")
+    need(t.get("max_nonfinite", 0) >= 0, "train.max_nonfinite",
+         f"must be >= 0 (0 = never stop for non-finite steps), got {t.get('max_nonfinite')}")
+    _validate_output_dir(c)
     validate_lora(c)
     if c.data.get("columns"):
         from easyrl.data.formats import parse_columns
@@ -106,6 +119,14 @@ def validate(c: mlc.ConfigDict, *, dp_size: Optional[int] = None,
             parse_columns(c.data.columns)
         except ValueError as e:
             raise ValueError(f"config data.columns: {e}") from None
+    frac = c.data.get("eval_fraction", 0.0)
+    need(isinstance(frac, (int, float)) and 0.0 <= frac < 1.0, "data.eval_fraction",
+         f"must be in [0, 1), got {frac!r}")
+    if frac > 0:
+        need(c.data.train, "data.eval_fraction", "holds out part of data.train, which is empty")
+        need(c.data.eval in ("", SYNTHETIC), "data.eval_fraction",
+             f"{frac} holds out part of data.train for evaluation, and data.eval={c.data.eval!r} "
+             f"is set too: keep one (data.eval='' or data.eval_fraction=0)")
     for key in ("data.train", "data.eval"):
         v = c.data.get(key.split(".")[1], "")
         if v and v != SYNTHETIC and _is_local(v) and not v.startswith("gs://"):
@@ -114,6 +135,19 @@ def validate(c: mlc.ConfigDict, *, dp_size: Optional[int] = None,
     for key, v in (("model.path", c.model.path), ("tokenizer.path", c.tokenizer.path)):
         if v and not v.startswith("gs://") and not os.path.exists(os.path.expanduser(v)):
             raise FileNotFoundError(f"config {key}: {v!r} not found")
+
+
+def _validate_output_dir(c: mlc.ConfigDict) -> None:
+    """output_dir (local) must be a folder or not exist yet, under a folder."""
+    out = c.get("output_dir") or ""
+    if not out or out.startswith("gs://"):
+        return
+    p = os.path.abspath(os.path.expanduser(out))
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    if os.path.exists(p) and not os.path.isdir(p):
+        where = "" if p == os.path.abspath(os.path.expanduser(out)) else f": {p!r}"
+        raise ValueError(f"config output_dir: {out!r}{where} is a file, not a folder")
 
 
 def validate_lora(c: mlc.ConfigDict) -> None:

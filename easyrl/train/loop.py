@@ -22,7 +22,7 @@ from easyrl.model.trainable import partition, trainable_mask
 from easyrl.train import setup
 from easyrl.train.config import validate
 from easyrl.train.optim import make_optimizer
-from easyrl.train.run import Run, RunResult, say, total_steps
+from easyrl.train.run import DivergenceWatch, NonFiniteError, Run, RunResult, say, total_steps
 from easyrl.train.step import TrainState, make_eval_step, make_train_step
 
 
@@ -35,10 +35,6 @@ class Task:
     eval_data: Any = None
     frozen: Any = None  # sharded pytree passed to the loss, not trained
     tokens_fn: Callable = lambda b: int(np.sum(b.get("attention_mask", 0)))
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass
@@ -99,8 +95,9 @@ def run(c, algo) -> RunResult:
         task.train_data.set_state(meta["data"])
 
     loop = _Window(c, r, task, state, step_fn, eval_fn, batch_sh, steps)
-    last = r.loop(steps, loop.step, loop.snapshot, postfix=("loss", "tokens_per_sec"),
-                  after_log=loop.check_streak)
+    if restored is not None:
+        loop.restore(restored[1].get("window"))
+    last = r.loop(steps, loop.step, loop.snapshot, postfix=("loss", "tokens_per_sec"))
     return RunResult(metrics={**last}, state=loop.state, final_step=steps)
 
 
@@ -111,7 +108,8 @@ class _Window:
         self.c, self.r, self.task, self.state = c, r, task, state
         self.step_fn, self.eval_fn, self.batch_sh, self.steps = step_fn, eval_fn, batch_sh, steps
         self.base_rng = jax.random.PRNGKey(c.seed)
-        self.pending, self.tokens, self.t0, self.streak = [], 0, time.time(), 0
+        self.pending, self.tokens, self.t0 = [], 0, time.time()
+        self.watch = DivergenceWatch()
         stats = getattr(task.train_data, "stats", {}) or {}
         self.data_metrics = {f"data/{k}": v for k, v in stats.items()
                              if k.startswith("num_") and isinstance(v, (int, float))}
@@ -120,7 +118,7 @@ class _Window:
                 f"(data.skip_bad_rows=True)")
 
     def step(self, step: int):
-        task, mesh = self.task, self.r.mesh
+        task, mesh, c = self.task, self.r.mesh, self.c
         local = next(task.train_data)
         self.tokens += task.tokens_fn(local)
         batch = parallel.to_global_batch({k: v for k, v in local.items() if k in self.batch_sh},
@@ -129,32 +127,42 @@ class _Window:
                                            jax.random.fold_in(self.base_rng, step))
         self.pending.append(metrics)
         done = step + 1
+        if c.train.max_nonfinite > 0:  # checked every step (0: never stop for non-finite steps)
+            streak = int(metrics["nonfinite_streak"])
+            if streak >= c.train.max_nonfinite:
+                raise NonFiniteError(
+                    f"{streak} consecutive steps with a non-finite loss, gradient or update at "
+                    f"step {done} (skipped, train.max_nonfinite={c.train.max_nonfinite}); lower "
+                    f"optim.lr or check the data. The last checkpoint holds finite weights.")
         if not self.r.log_due(done, self.steps):
             return None
         host = jax.device_get(self.pending)
+        for i, m in enumerate(host):
+            self.watch.observe(done - len(host) + i + 1, loss=m["loss"], grad_norm=m["grad_norm"])
         avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         avg["nonfinite"] = float(host[-1]["nonfinite"])
-        self.streak = int(host[-1]["nonfinite_streak"])
         avg.pop("nonfinite_streak")
         avg["tokens_per_sec"] = self.tokens * jax.process_count() / max(time.time() - self.t0, 1e-9)
-        c = self.c
         if task.eval_data is not None and (done == self.steps or (c.eval.every and done % c.eval.every == 0)):
             avg.update(evaluate(self.eval_fn, self.state, task, mesh, self.batch_sh, c,
                                 self.base_rng))
         self.pending, self.tokens, self.t0 = [], 0, time.time()
         return {**avg, **self.data_metrics}
 
-    def check_streak(self, step: int, metrics: dict) -> None:
-        if self.streak >= self.c.train.max_nonfinite:
-            raise NonFiniteError(
-                f"{self.streak} consecutive non-finite losses or gradients at step {step} "
-                f"(train.max_nonfinite={self.c.train.max_nonfinite}); lower optim.lr or check the data")
-
     def snapshot(self):
+        """The state to checkpoint, and in the meta the logging window so far (a resumed run's
+        next row averages the same steps as an uninterrupted run's)."""
         s = self.state
+        window = [{k: [np.asarray(v).item(), np.asarray(v).dtype.str] for k, v in m.items()}
+                  for m in jax.device_get(self.pending)]
         return ({"params": s.params, "opt_state": s.opt_state},
                 dict(nonfinite=int(s.nonfinite), streak=int(s.streak),
-                     data=self.task.train_data.get_state()))
+                     data=self.task.train_data.get_state(), window=window))
+
+    def restore(self, window) -> None:
+        """The logging window of a checkpoint's meta (exact values and dtypes)."""
+        self.pending = [{k: np.asarray(v, dtype=np.dtype(dt)) for k, (v, dt) in m.items()}
+                        for m in (window or [])]
 
 
 def evaluate(eval_fn, state, task, mesh, batch_sh, c, base_rng) -> dict:

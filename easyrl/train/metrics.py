@@ -36,6 +36,42 @@ def scalars(row: dict) -> dict:
     return out
 
 
+def read_jsonl_rows(path: str) -> list:
+    """The rows of a jsonl file easyrl appended to. A torn LAST line (a kill mid-write) is
+    dropped with a warning; a bad line elsewhere is an error naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            rows.append(json.loads(ln))
+        except ValueError as e:
+            if all(not x.strip() for x in lines[i + 1:]):
+                log.warning("%s: line %d is torn (the run was killed while writing it); dropped",
+                            path, i + 1)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e})") from None
+    return rows
+
+
+def restart_jsonl(path: str, resume_step: Optional[int]) -> None:
+    """A per-step jsonl log (metrics, samples) at the start of a run: resuming from a checkpoint
+    at `resume_step` keeps the rows up to it (later ones will be redone, a torn last line is
+    dropped); a fresh run (None) starts the file anew."""
+    if not os.path.exists(path):
+        return
+    if resume_step is None:
+        os.remove(path)
+        return
+    keep = [r for r in read_jsonl_rows(path) if r.get("step", 0) <= resume_step]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     def __init__(self, output_dir: str, config=None, tensorboard: bool = True,
                  wandb_project: str = "", wandb_name: str = "", resume_step: Optional[int] = None):
@@ -45,14 +81,7 @@ class MetricsWriter:
         if not self.active:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
-            # drop lines logged after the checkpoint we resume from (they will be redone)
-            with open(self.path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
-        elif resume_step is None and os.path.exists(self.path):
-            os.remove(self.path)
+        restart_jsonl(self.path, resume_step)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -96,6 +125,4 @@ class MetricsWriter:
 
 
 def read_metrics(output_dir: str) -> list:
-    path = os.path.join(output_dir, "metrics.jsonl")
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+    return read_jsonl_rows(os.path.join(output_dir, "metrics.jsonl"))

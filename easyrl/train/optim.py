@@ -55,3 +55,9 @@ def make_optimizer(optim, total_steps: int):
 
 def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def all_finite(tree) -> jax.Array:
+    """True when no leaf holds a NaN or inf (a norm could overflow on large finite values)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)

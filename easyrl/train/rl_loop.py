@@ -30,7 +30,10 @@ from easyrl.data.iterator import prompt_iterator
 from easyrl.generate import make_sampler
 from easyrl.train import setup
 from easyrl.train.config import SYNTHETIC
+from easyrl.train.metrics import restart_jsonl
 from easyrl.train.run import Run, RunResult, total_steps
+
+SAMPLES = "samples.jsonl"  # prompts, responses and scores every ppo.samples_every steps
 
 
 @dataclasses.dataclass
@@ -121,6 +124,8 @@ def run(c, algo) -> RunResult:
         built.state = built.restore(built.state, arrays, meta)
         built.ctrl = {k: float(meta[k]) for k in built.ctrl}
         prompts.set_state(meta["data"])
+    if jax.process_index() == 0:  # samples of steps after the checkpoint will be redone
+        restart_jsonl(os.path.join(r.out, SAMPLES), r.start_step if restored is not None else None)
     loop = _Loop(c, s, r, built, sampler, prompts, tok)
     last = r.loop(steps, loop.step, loop.snapshot, postfix=("objective/scores", "objective/kl"))
     return RunResult(metrics=last, state=built.state, final_step=steps)
@@ -156,7 +161,7 @@ class _Loop:
                 [self.true_reward(q, a) for q, a in zip(local["prompts"], texts)]))
         if want_samples and jax.process_index() == 0:
             scores = parallel.to_host(scored["scores"])
-            with open(os.path.join(self.r.out, "samples.jsonl"), "a") as f:
+            with open(os.path.join(self.r.out, SAMPLES), "a") as f:
                 for q, a, sc in list(zip(local["prompts"], texts, scores))[:s.num_samples]:
                     f.write(json.dumps({"step": done, "prompt": q, "response": a,
                                         "score": float(sc)}) + "\n")

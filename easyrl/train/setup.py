@@ -28,31 +28,64 @@ def load_tokenizer(c):
     return _load(path or synthetic_tokenizer_path())
 
 
+# config keys of the iterator arguments, named in data messages
+DATA_NAMES = {"seq_len": "train.seq_len", "global_batch_size": "train.batch_size",
+              "eval_fraction": "data.eval_fraction"}
+
+
+def _synthetic_file(kind: str, split: str) -> str:
+    from easyrl.data import synthetic
+    d = os.path.join(cache_dir(), f"synthetic-v{synthetic.VERSION}")
+    path = os.path.join(d, f"{kind}_{split}.jsonl")
+    if not os.path.exists(path):
+        tmp = f"{d}.tmp{os.getpid()}"
+        synthetic.write_dataset(tmp)
+        os.makedirs(d, exist_ok=True)
+        for f in os.listdir(tmp):
+            os.replace(os.path.join(tmp, f), os.path.join(d, f))
+        os.rmdir(tmp)
+    return path
+
+
 def data_source(c, kind: str, split: str):
-    """`data.train` / `data.eval`: a local file, a hub `name` (with data.split), or 'synthetic'.
-    kind: sft | preference | rrhf | prompts."""
-    v = c.data.train if split == "train" else c.data.eval
+    """`data.train` / `data.eval`: a local file or folder, a hub `name` (with data.split), or
+    'synthetic'; kind: sft | preference | rrhf | prompts. A `data.Source` (a str, or a dict spec
+    with data.columns) that names its config key in data messages.
+
+    Evaluation follows the training data: with data.eval_fraction > 0 the eval split is that
+    fraction of data.train's rows (a deterministic split by `seed`; the train split is the rest);
+    else data.eval, except that the bundled synthetic eval set goes only with synthetic training
+    data (data.eval='synthetic' with another data.train: no evaluation, said in one line)."""
+    from easyrl.data.reading import tag
+    frac = float(c.data.get("eval_fraction", 0.0) or 0.0)
+    train = c.data.get("train", "")
+    holdout = None
+    if split == "train" or frac > 0:
+        key, v = "data.train", train
+        if frac > 0:
+            holdout = (frac, int(c.get("seed", 0)), "train" if split == "train" else "eval")
+            split = "train"
+    else:
+        key, v = "data.eval", c.data.eval
+        if v == SYNTHETIC and train and train != SYNTHETIC:
+            from easyrl.train.run import say
+            say(f"data.eval: no evaluation: the bundled synthetic eval set only goes with the "
+                f"synthetic training data, and data.train={train!r} (set data.eval to an eval "
+                f"file, or data.eval_fraction to hold out part of data.train)")
+            return None
     if not v:
         return None
     if v == SYNTHETIC:
-        from easyrl.data import synthetic
-        d = os.path.join(cache_dir(), f"synthetic-v{synthetic.VERSION}")
-        path = os.path.join(d, f"{kind}_{split}.jsonl")
-        if not os.path.exists(path):
-            tmp = f"{d}.tmp{os.getpid()}"
-            synthetic.write_dataset(tmp)
-            os.makedirs(d, exist_ok=True)
-            for f in os.listdir(tmp):
-                os.replace(os.path.join(tmp, f), os.path.join(d, f))
-            os.rmdir(tmp)
-        return path
-    if c.data.get("columns"):  # a source spec: formats.load_data renames the columns
+        src = _synthetic_file(kind, split)
+    elif c.data.get("columns"):  # a source spec: formats.load_data renames the columns
         from easyrl.data.formats import parse_columns
-        return {"path": v, "split": c.data.get("split") or None,
-                "columns": parse_columns(c.data.columns)}
-    if c.data.get("split") and not os.path.exists(v):
-        return f"{v}:{c.data.split}"
-    return v
+        src = {"path": v, "split": c.data.get("split") or None,
+               "columns": parse_columns(c.data.columns)}
+    elif c.data.get("split") and not os.path.exists(v):
+        src = f"{v}:{c.data.split}"
+    else:
+        src = v
+    return tag(src, key, holdout, DATA_NAMES)
 
 
 def lora_runtime(c) -> dict:

@@ -20,7 +20,7 @@ import optax
 
 from easyrl.model.trainable import combine, partition
 from easyrl.parallel import BATCH
-from easyrl.train.optim import global_norm
+from easyrl.train.optim import all_finite, global_norm
 
 
 @flax.struct.dataclass
@@ -93,8 +93,8 @@ def accumulate(loss_fn, params, frozen, batch, rng, denom, micro_steps: int, wit
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule,
                     denom_fn: Callable, micro_steps: int = 1, trainable_mask=None):
-    """step(state, batch, rng) -> (state, metrics). Skips the update on a non-finite loss or
-    gradient and counts it.
+    """step(state, batch, rng) -> (state, metrics). Skips the update (parameters and optimizer
+    state unchanged) on a non-finite loss, gradient, update or new parameter, and counts it.
 
     `trainable_mask` (bool pytree like the params, e.g. LoRA's): gradients, the update and the
     optimizer state (`tx` initialized on `trainable.partition(params, mask)[0]`) cover only the True
@@ -106,9 +106,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
             lambda tp, frozen, mb, r, d: loss_fn(combine(tp, fixed), frozen, mb, r, d))
         loss, metrics, grads = accumulate(fn, train, state.frozen, batch, rng, denom, micro_steps)
         gnorm = global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, train)
         new_train = optax.apply_updates(train, updates)
+        # a non-finite loss, gradient, update (e.g. optim.lr=inf) or new parameter skips the step
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & all_finite(updates) & all_finite(new_train)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         bad = (~ok).astype(jnp.int32)
         new_state = state.replace(step=state.step + 1,
