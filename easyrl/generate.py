@@ -5,9 +5,11 @@
     out["tokens"] [B, P+N]   prompt (as given) followed by the response
     out["response"] [B, N]   sampled ids; pad_token_id after a row's first EOS
     out["response_mask"] [B, N] int32: 1 on generated tokens up to and including the first EOS
-    out["logprobs"] [B, N] float32: log softmax(logits / T) at the sampled token (T = 1 when
-                     greedy), taken BEFORE top-k / top-p filtering, so it equals what a scoring
-                     pass over `tokens` computes at the same temperature; 0 where the mask is 0
+    out["logprobs"] [B, N] float32: log-prob of the sampled token under the distribution it
+                     was drawn from: softmax(logits / T) over the top-k / top-p kept tokens
+                     (T = 1, unfiltered, when greedy), so it equals what a scoring pass over
+                     `tokens` computes with the same temperature, top_k and top_p
+                     (`rollout.response_logprobs`); 0 where the mask is 0
     out["has_eos"] [B] bool
 
 Layout: one KV cache of length S = P + N per layer, keys [B, K, Dh, S] (transposed) and values
@@ -40,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easyrl.losses.common import keep_mask
 from easyrl.model import positions_from_mask
 from easyrl.model.config import LlamaConfig
 from easyrl.model.llama import (Llama, cache_storage_dtype, forward_unrolled, lm_head_apply,
@@ -76,40 +79,41 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p):
 # ---- sampling -------------------------------------------------------------------------------
 def filter_logits(scaled: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Top-k then top-p (nucleus) filtering of temperature-scaled logits [B, V]: dropped entries
-    become -inf. Nucleus keeps the smallest set of most likely tokens whose (renormalized after
-    top-k) probability sums to >= top_p; the most likely token is always kept."""
-    neg = jnp.finfo(scaled.dtype).min
-    v = scaled.shape[-1]
-    if 0 < top_k < v:
-        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]
-        scaled = jnp.where(scaled < kth, neg, scaled)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(scaled, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each sorted entry
-        keep = before < top_p
-        keep = keep.at[..., 0].set(True)
-        # the smallest kept logit is the threshold (the kept set is a prefix of the sorted order)
-        thresh = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        scaled = jnp.where(scaled < thresh, neg, scaled)
-    return scaled
+    become the dtype's lowest finite value. Exactly Hugging Face's `TopKLogitsWarper` then
+    `TopPLogitsWarper` (min_tokens_to_keep=1), see `losses.common.keep_mask`: top-k keeps the
+    ties of the k-th logit; nucleus keeps the smallest prefix of the tokens in descending (stable)
+    order whose (renormalized after top-k) probability sums to >= top_p, so tokens tied with the
+    cut-off logit are not all kept ([.4, .2, .2, .2], top_p = 0.5: two); the most likely token is
+    always kept."""
+    keep = keep_mask(scaled, top_k, top_p)
+    if keep is None:
+        return scaled
+    return jnp.where(keep, scaled, jnp.finfo(scaled.dtype).min)
 
 
 def sample_logits(logits: jax.Array, rng, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> Tuple[jax.Array, jax.Array]:
     """logits [B, V] float32 -> (token [B] int32, logprob [B] float32).
 
-    Greedy when temperature == 0. The logprob is log softmax(logits / T) at the token, before
-    top-k / top-p filtering (T = 1 when greedy)."""
+    Greedy when temperature == 0: the logprob is log softmax(logits) (T = 1, no filtering).
+    Otherwise the token is drawn from softmax(logits / T) restricted to the top-k / top-p kept
+    tokens, and the logprob is that of the distribution actually sampled from: log softmax over
+    the kept tokens (`losses.common.filtered_logprobs`; with top_k = 0 and top_p = 1, plain
+    log softmax(logits / T))."""
     logits = logits.astype(jnp.float32)
     if temperature == 0:
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         logp = jax.nn.log_softmax(logits, axis=-1)
     else:
         scaled = logits / jnp.float32(temperature)
-        logp = jax.nn.log_softmax(scaled, axis=-1)
-        filtered = filter_logits(scaled, top_k, top_p)
-        tok = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+        keep = keep_mask(scaled, top_k, top_p)
+        if keep is None:
+            logp = jax.nn.log_softmax(scaled, axis=-1)
+            tok = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+        else:
+            filtered = jnp.where(keep, scaled, -jnp.inf)
+            logp = jax.nn.log_softmax(filtered, axis=-1)  # -inf off the kept set, never drawn
+            tok = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
     lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
     return tok, lp
 

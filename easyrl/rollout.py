@@ -1,8 +1,9 @@
 """Rollouts and what every consumer of them shares: the online-RL loop, the pipeline's held-out
 evaluation and the PPO benchmark all sample, score and decode through these functions.
 
-    roll = sample(sampler, params, prompts, rng)     # tokens, attn, resp_mask, response, has_eos
-    lp, ent = response_logprobs(cfg, params, roll["tokens"], roll["attn"], P, T)
+    roll = sample(sampler, params, prompts, rng)     # tokens, attn, resp_mask, response, has_eos,
+                                                     # logprobs (the sampler's)
+    lp, ent = response_logprobs(cfg, params, roll["tokens"], roll["attn"], P, T, top_k, top_p)
     texts = decode(tokenizer, roll["response"], roll["resp_mask"])
 
 Shapes: prompts [B, P] (left-padded), responses [B, N], tokens / attn [B, P + N].
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from easyrl import losses, parallel
 from easyrl import model as M
 from easyrl.generate import normalize_eos
+from easyrl.losses.common import filtered_logprobs
 
 
 def eos_ids(tokenizer, config) -> tuple:
@@ -25,11 +27,13 @@ def eos_ids(tokenizer, config) -> tuple:
 def sample(sampler, params, prompts: dict, rng) -> dict:
     """One rollout of `sampler` (`easyrl.generate.make_sampler`) from prompts
     {input_ids, attention_mask} [B, P]: tokens [B, P+N], attn [B, P+N] (prompt mask then the
-    response mask), resp_mask [B, N], response [B, N], has_eos [B]."""
+    response mask), resp_mask [B, N], response [B, N], has_eos [B], logprobs [B, N] (the
+    sampler's: of the filtered distribution it drew from, 0 off the mask)."""
     roll = sampler(params, prompts["input_ids"], prompts["attention_mask"], rng)
     mask = roll["response_mask"]
     return dict(tokens=roll["tokens"], attn=jnp.concatenate([prompts["attention_mask"], mask], axis=1),
-                resp_mask=mask, response=roll["response"], has_eos=roll["has_eos"])
+                resp_mask=mask, response=roll["response"], has_eos=roll["has_eos"],
+                logprobs=roll["logprobs"])
 
 
 def decode(tokenizer, response, mask) -> list:
@@ -40,11 +44,21 @@ def decode(tokenizer, response, mask) -> list:
             for row, mrow in zip(response, mask)]
 
 
-def response_logprobs(config, params, tokens, attn, prompt_len: int, temperature: float = 1.0):
+def response_logprobs(config, params, tokens, attn, prompt_len: int, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0):
     """(logprobs [B,N], entropy [B,N]) of the response tokens (positions P.. of `tokens`), from
-    logits / temperature as the sampler draws them."""
+    logits / temperature as the sampler draws them.
+
+    top_k / top_p (the sampler's): the log-probs are those of the FILTERED distribution the
+    sampler drew from (log softmax over the kept tokens, `losses.common.filtered_logprobs`);
+    the entropy is always that of the unfiltered logits / temperature. top_k = 0, top_p = 1
+    (the default): the plain log softmax, bit-identical to the unfiltered path."""
     logits = M.forward(config, params, tokens, attn)
-    lp = losses.token_logprobs(logits, tokens, temperature)[:, prompt_len:]
+    if top_k == 0 and top_p >= 1.0:
+        lp = losses.token_logprobs(logits, tokens, temperature)[:, prompt_len:]
+    else:  # only the response positions: the filter sorts over the vocabulary
+        lp = filtered_logprobs(logits[:, prompt_len - 1:-1], tokens[:, prompt_len:], temperature,
+                               top_k, top_p)
     ent = losses.token_entropy(logits, temperature)[:, prompt_len:]
     return lp, ent
 

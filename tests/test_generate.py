@@ -66,11 +66,15 @@ def peaked(config, params, prompt, ppl=16.0):
     return scaled
 
 
-def rescore(config, params, out, prompt_mask, temperature):
-    """log softmax(forward logits / T) at the response tokens, from one full forward pass."""
+def rescore(config, params, out, prompt_mask, temperature, top_k=0, top_p=1.0):
+    """log softmax(forward logits / T) at the response tokens, from one full forward pass
+    (with top_k / top_p: over the tokens the filter keeps)."""
+    from easyrl.losses.common import filtered_logprobs
     p = prompt_mask.shape[1]
     full_mask = jnp.concatenate([jnp.asarray(prompt_mask), out["response_mask"]], axis=1)
     logits = forward(config, params, out["tokens"], full_mask)[:, p - 1:-1]
+    if top_k or top_p < 1.0:
+        return np.asarray(filtered_logprobs(logits, out["response"], temperature, top_k, top_p))
     logp = jax.nn.log_softmax(logits / temperature, axis=-1)
     return np.asarray(jnp.take_along_axis(logp, out["response"][..., None], axis=-1)[..., 0])
 
@@ -99,21 +103,24 @@ def test_greedy_matches_transformers_left_padded(tiny, decode):
 
 @pytest.mark.parametrize("decode", ["unrolled", "scan"])
 def test_logprobs_match_scoring_pass(tiny, decode):
-    """Sampled with temperature + top-k + top-p: logprobs are the unfiltered log softmax(logits/T)
-    a scoring pass over the final tokens computes (masked positions are 0)."""
+    """Sampled with temperature + top-k + top-p: logprobs are those of the distribution sampled
+    from (log softmax(logits/T) over the kept tokens), as a scoring pass over the final tokens
+    with the same filter computes them (masked positions are 0); not the unfiltered ones."""
     _, _, config, params = tiny
     ids, mask = left_padded([6, 2, 4, 5], config.vocab_size, seed=1)
     t = 0.8
     out = generate(config, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(3),
                    max_new_tokens=N_NEW, temperature=t, top_k=40, top_p=0.9,
                    eos_token_id=(7, 11, 13, 17), pad_token_id=0, decode=decode)
-    want = rescore(config, params, out, mask, t)
+    want = rescore(config, params, out, mask, t, top_k=40, top_p=0.9)
     m = np.asarray(out["response_mask"]) > 0
     got = np.asarray(out["logprobs"])
     err = np.max(np.abs(np.where(m, got - want, 0.0)))
     print(f"max |logprob - scoring pass| = {err:.2e} (tolerance {LOGP_TOL})")
     assert err < LOGP_TOL, err
     assert np.all(got[~m] == 0.0)
+    unfiltered = rescore(config, params, out, mask, t)
+    assert np.all(np.where(m, got - unfiltered, 1.0) > 1e-3)  # the filter renormalizes
 
 
 @pytest.mark.parametrize("decode", ["unrolled", "scan"])
@@ -393,3 +400,99 @@ def test_cli_missing_prompt_file(cli_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run_cli(["--model", folder, "--prompts", missing, "--out", str(tmp_path / "o.jsonl")], capsys)
     assert f"{missing}: prompt file not found" in capsys.readouterr().err
+
+
+# ---- CLI: clear errors (issue 15) -----------------------------------------------------------
+def test_cli_prompt_beyond_max_position_embeddings(cli_model, tmp_path, capsys):
+    folder, tok = cli_model  # max_position_embeddings=256
+    prompts = tmp_path / "long.jsonl"
+    long = "sort: " + "a " * 100
+    prompts.write_text(json.dumps({"prompt": "sort: b a"}) + "\n\n" + json.dumps({"prompt": long}) + "\n")
+    n = len(tokenize_prompt_ids(long, tok))
+    with pytest.raises(SystemExit) as e:
+        _run_cli(["--model", folder, "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+                  "--max_new_tokens", "200"], capsys)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"easyrl generate: error: {prompts}:3: prompt of {n} tokens + "
+                          f"--max_new_tokens 200 = {n + 200} exceeds the model's "
+                          f"max_position_embeddings=256"), err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def tokenize_prompt_ids(text, tok):
+    from easyrl.data.templates import tokenize_prompt
+    return tokenize_prompt("plain", text, tok)
+
+
+def test_cli_out_is_a_folder(cli_model, tmp_path, capsys):
+    folder, _ = cli_model
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "sort: b a"}\n')
+    for out in (tmp_path, prompts / "o.jsonl"):
+        with pytest.raises(SystemExit) as e:
+            _run_cli(["--model", folder, "--prompts", str(prompts), "--out", str(out),
+                      "--max_new_tokens", "2"], capsys)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"easyrl generate: error: --out {out}:") and err.count("\n") == 1, err
+
+
+def test_cli_help_documents_greedy(capsys):
+    from easyrl import cli
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--temperature 0 is greedy decoding" in out, out
+
+
+# ---- top-k / top-p exactly as transformers' warpers (issue 15) ------------------------------
+def _hf_filter(z64, top_k, top_p):
+    """transformers' TopKLogitsWarper then TopPLogitsWarper (as `generate` applies them) on
+    float64 logits: (kept mask, distance of the nearest cumulative probability to 1 - top_p)."""
+    import torch
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    s = torch.tensor(z64)
+    if top_k:
+        s = TopKLogitsWarper(top_k)(None, s)
+    margin = np.full(len(z64), np.inf)
+    if top_p < 1.0:
+        cum = torch.sort(s)[0].softmax(-1).cumsum(-1).numpy()
+        margin = np.min(np.abs(cum - (1 - top_p)), axis=-1)
+        s = TopPLogitsWarper(top_p)(None, s)
+    return np.isfinite(s.numpy()), margin
+
+
+def test_filter_logits_ties_match_transformers():
+    """Logits with many ties: the kept sets equal transformers' warpers for several k and p
+    (top-k keeps the ties of the k-th logit; top-p keeps only as many tied tokens as the cut-off
+    needs). V = 16: torch sorts stably there, so the masks are equal token for token; V = 64:
+    torch's sort is not stable, so which tied tokens HF keeps is up to torch, but the number
+    kept and the kept values are equal. Rows whose cumulative probability lies within 1e-6 of
+    1 - top_p (float32 vs float64 rounding decides them) are left out."""
+    x = jnp.log(jnp.asarray([[0.4, 0.2, 0.2, 0.2]]))
+    kept = np.asarray(filter_logits(x, top_p=0.5))[0] > np.finfo(np.float32).min
+    assert kept.tolist() == [True, False, False, True]  # HF: two tokens, not all four
+    assert kept.tolist() == _hf_filter(np.asarray(x, np.float64), 0, 0.5)[0][0].tolist()
+    fl = jax.jit(filter_logits, static_argnums=(1, 2))
+    rs = np.random.RandomState(0)
+    for v in (16, 64):
+        z = (rs.randint(0, 6, (256, v)) * 0.75).astype(np.float32)  # many ties
+        z[::4] += rs.randn(64, v).astype(np.float32) * (rs.rand(64, v) < 0.5)  # some untied
+        compared = 0
+        for top_k in (0, 1, 3, 7, v, v + 3):
+            for top_p in (0.07, 0.31, 0.47, 0.77, 0.93, 1.0):  # no tie-made 1/m cut-offs
+                if top_k == 0 and top_p == 1.0:
+                    continue
+                want, margin = _hf_filter(z.astype(np.float64), top_k, top_p)
+                got = np.asarray(fl(jnp.asarray(z), top_k, top_p)) > np.finfo(np.float32).min
+                ok = margin > 1e-6
+                assert ok.mean() > 0.95, (v, top_k, top_p)
+                compared += ok.sum()
+                if v <= 16:
+                    np.testing.assert_array_equal(got[ok], want[ok], err_msg=f"k={top_k} p={top_p}")
+                else:
+                    np.testing.assert_array_equal(got.sum(-1)[ok], want.sum(-1)[ok])
+                    for r in np.flatnonzero(ok):
+                        np.testing.assert_array_equal(np.sort(z[r][got[r]]), np.sort(z[r][want[r]]))
+        assert compared > 0.95 * 256 * 35

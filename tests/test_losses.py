@@ -194,6 +194,61 @@ def test_token_logprobs_dtype_float32_from_bf16():
         close(out[:, 0], 0.0)
 
 
+def ref_keep(z, top_k, top_p):
+    """transformers' TopKLogitsWarper then TopPLogitsWarper on one row z [V] (stable sort)."""
+    keep = np.ones(z.shape, bool)
+    if 0 < top_k < len(z):
+        keep = z >= np.sort(z)[::-1][top_k - 1]
+    if top_p < 1.0:
+        zk = np.where(keep, z, -np.inf)
+        order = np.argsort(zk, kind="stable")
+        e = np.exp(zk[order] - zk.max())
+        remove = np.cumsum(e / e.sum()) <= 1 - top_p
+        remove[-1] = False
+        keep = np.zeros(z.shape, bool)
+        keep[order] = ~remove
+    return keep
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.61), (3, 1.0), (4, 0.83), (1, 0.45), (0, 1.0)])
+def test_filtered_logprobs_vs_reference(seed, top_k, top_p):
+    """log softmax over the tokens top-k / top-p keep (ties included as HF's warpers keep them);
+    a target outside the kept set is normalized over the kept set plus itself; no filter =
+    plain log softmax, bit for bit; gradients finite, none to dropped non-target tokens."""
+    from easyrl.losses.common import filtered_logprobs, keep_mask
+    rng = np.random.default_rng(seed)
+    temp = 0.7
+    logits = rng.integers(0, 5, size=(3, 6, 11)) * 0.8 + (rng.random((3, 6, 11)) < 0.3) * rng.normal(size=(3, 6, 11))
+    ids = rng.integers(0, 11, size=(3, 6))
+    z = logits / temp
+    want, n_out = np.zeros(ids.shape), 0
+    for idx in np.ndindex(ids.shape):
+        k = ref_keep(z[idx], top_k, top_p)
+        n_out += not k[ids[idx]]
+        k[ids[idx]] = True
+        want[idx] = np_log_softmax(np.where(k, z[idx], -np.inf))[ids[idx]]
+        got_keep = keep_mask(jnp.asarray(z[idx][None]), top_k, top_p)
+        assert np.array_equal(np.ones(11, bool) if got_keep is None else np.asarray(got_keep)[0],
+                              ref_keep(z[idx], top_k, top_p))
+    fn = jax.jit(filtered_logprobs, static_argnums=(2, 3, 4))
+    got = fn(jnp.asarray(logits), jnp.asarray(ids), temp, top_k, top_p)
+    close(got, want)
+    if top_k == 0 and top_p == 1.0:  # = token_logprobs, bit for bit
+        tl = jax.jit(L.token_logprobs)(jnp.asarray(logits), jnp.asarray(ids), temp)[:, 1:]
+        aligned = fn(jnp.asarray(logits[:, :-1]), jnp.asarray(ids[:, 1:]), temp, 0, 1.0)
+        np.testing.assert_array_equal(np.asarray(aligned), np.asarray(tl))
+    else:
+        assert n_out > 0  # the out-of-set rule is exercised
+    g = jax.grad(lambda x: jnp.sum(filtered_logprobs(x, jnp.asarray(ids), temp, top_k, top_p)))(
+        jnp.asarray(logits))
+    assert np.all(np.isfinite(np.asarray(g)))
+    for idx in np.ndindex(ids.shape):
+        k = ref_keep(z[idx], top_k, top_p)
+        k[ids[idx]] = True
+        assert np.all(np.asarray(g)[idx][~k] == 0)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_masked_stats_and_whiten(seed):
     rng = np.random.default_rng(seed)

@@ -131,3 +131,132 @@ def test_missing_reward_model_is_a_config_error(random_models, tmp_path):
                         *ppo_args(random_models, tmp_path, "--config.reward.path=")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "reward.path" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- fidelity (issue 15): filtered behaviour log-probs, a real ratio, config errors ----------
+@pytest.fixture(scope="module")
+def tiny_ppo():
+    """A random tiny policy / value / reward model and left-padded prompts [8, 4] (shared: the
+    tests below copy what a donating update would consume)."""
+    import jax.numpy as jnp
+    b, plen = 8, 4
+    cfg = M.get_preset("tiny")
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    models = dict(policy=M.init_params(cfg, k[0]), value=M.init_params(cfg, k[1], "value"),
+                  reward=M.init_params(cfg, k[2], "reward"))
+    ids = jax.random.randint(k[3], (b, plen), 3, cfg.vocab_size)
+    mask = jnp.ones((b, plen), jnp.int32).at[0, :2].set(0)  # one left-padded row
+    return cfg, models, dict(input_ids=jnp.where(mask > 0, ids, 0), attention_mask=mask)
+
+
+def _ppo_state(models, tx):
+    import jax.numpy as jnp
+    from easyrl.algorithms import ppo
+    return ppo.PPOState(step=jnp.zeros((), jnp.int32), policy=models["policy"],
+                        value=models["value"], policy_opt=tx.init(models["policy"]),
+                        value_opt=tx.init(models["value"]))
+
+
+def test_top_k_top_p_logprobs_are_of_the_sampled_distribution(tiny_ppo):
+    """With c.ppo.top_k / top_p (threaded by make_iteration into the scoring pass and the update):
+    the sampler's log-probs equal the scoring pass's old log-probs (both of the filtered
+    distribution, not the unfiltered one), and at lr 0 every minibatch's ratio is 1."""
+    import jax.numpy as jnp
+    import optax
+    from easyrl import rollout
+    from easyrl.algorithms import ppo
+    from easyrl.generate import make_sampler
+    from easyrl.train.config import load_config_file
+    from easyrl.train.rl_loop import iterate
+    cfg, models, prompts = tiny_ppo
+    p = load_config_file("configs/ppo.py:tiny").ppo
+    p.update(max_prompt_len=4, max_new_tokens=6, temperature=0.8, top_k=5, top_p=0.9,
+             ppo_epochs=2, num_minibatches=2)
+    tx = optax.adam(0.0)
+    it = ppo.make_iteration(dict(policy=cfg, ref=cfg, value=cfg, reward=cfg), p, tx, tx)
+    sampler = make_sampler(cfg, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                           top_k=p.top_k, top_p=p.top_p, eos_token_id=(2,))
+    ref = jax.tree.map(jnp.copy, models["policy"])
+    state = _ppo_state(jax.tree.map(jnp.copy, models), tx)
+    state, metrics, roll, scored = iterate(it, sampler, state, dict(ref=ref, reward=models["reward"]),
+                                           prompts, jax.random.PRNGKey(1), dict(kl_coef=0.1))
+    m = np.asarray(roll["resp_mask"]) > 0
+    got, want = np.asarray(roll["logprobs"]), np.asarray(scored["logprobs"])
+    assert np.max(np.abs(np.where(m, got - want, 0))) < 1e-5
+    plain, _ = rollout.response_logprobs(cfg, models["policy"], roll["tokens"], roll["attn"], 4, 0.8)
+    assert np.all(np.where(m, got - np.asarray(plain), 1.0) > 1e-3)  # renormalized over the kept
+    assert np.asarray(scored["ref_logprobs"]) == pytest.approx(np.asarray(plain) * m, abs=1e-6)
+    assert metrics["policy/ratio_first"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["policy/approxkl_first"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-6)  # lr 0: every minibatch
+    assert metrics["policy/clipfrac"] == 0.0
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 0.9)])
+def test_update_ratio_moves_after_first_minibatch(tiny_ppo, top_k, top_p):
+    """lr > 0, 2 epochs x 2 minibatches: the first minibatch has ratio 1, the later ones do not
+    (approxkl > 0) and some clip. Recomputing the old log-probs from the current parameters (the
+    EasyLM-fork defect) would keep every ratio at 1 and clipfrac at 0."""
+    import jax.numpy as jnp
+    import optax
+    from easyrl import generate
+    from easyrl.algorithms import ppo
+    cfg, models, prompts = tiny_ppo
+    plen, n, t = 4, 6, 0.8
+    roll = generate.generate(cfg, models["policy"], prompts["input_ids"], prompts["attention_mask"],
+                             jax.random.PRNGKey(1), max_new_tokens=n, temperature=t, top_k=top_k,
+                             top_p=top_p, eos_token_id=())
+    tokens, resp = roll["tokens"], roll["response_mask"]
+    attn = jnp.concatenate([prompts["attention_mask"], resp], axis=1)
+    adv = jax.random.normal(jax.random.PRNGKey(2), resp.shape) * 3
+    inputs = dict(tokens=tokens, attn=attn, resp_mask=resp, logprobs=roll["logprobs"],
+                  values=jnp.zeros(resp.shape), advantages=adv, returns=adv)
+    tx = optax.adam(3e-2)
+    update = jax.jit(ppo.make_update(cfg, cfg, tx, tx, prompt_len=plen, temperature=t,
+                                     ppo_epochs=2, num_minibatches=2, cliprange=0.2,
+                                     cliprange_value=0.2, vf_coef=0.1, top_k=top_k, top_p=top_p))
+    _, metrics = update(_ppo_state(models, tx), inputs, jax.random.PRNGKey(3))
+    metrics = {k: float(v) for k, v in metrics.items()}
+    assert metrics["policy/ratio_first"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["policy/approxkl_first"] == pytest.approx(0.0, abs=1e-8)
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["policy/approxkl"] > 1e-4, metrics  # mean over 4 minibatches, the first 0
+    assert metrics["policy/clipfrac"] > 0.0, metrics
+    assert abs(metrics["policy/ratio"] - 1.0) > 1e-3, metrics
+
+
+@pytest.mark.parametrize("key,value", [("ppo.temperature", "0"), ("ppo.temperature", "-0.5"),
+                                       ("ppo.top_p", "0"), ("ppo.top_p", "1.5"),
+                                       ("ppo.top_k", "-1")])
+def test_sampling_settings_are_config_errors(random_models, tmp_path, key, value):
+    from easyrl import parallel
+    from easyrl.algorithms import ppo
+    c = launch.parse_config("ppo", ppo_args(random_models, tmp_path, f"--config.{key}={value}"))
+    mesh = parallel.create_mesh("dp:1")
+    with pytest.raises(ValueError, match=f"config {key}:"):
+        ppo.validate(c, mesh, 512)
+    ok = launch.parse_config("ppo", ppo_args(random_models, tmp_path, "--config.ppo.top_k=5",
+                                             "--config.ppo.top_p=0.9"))
+    ppo.validate(ok, mesh, 512)
+
+
+def test_nonfinite_updates_are_skipped_and_stop_the_run(random_models, tmp_path):
+    """lr=1e30 without clipping: the PPO updates turn non-finite, are skipped (counted), the run
+    stops at train.max_nonfinite with one line and exit 1, and its checkpoints are finite."""
+    env = dict(os.environ, EASYRL_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "easyrl", "ppo", *ppo_args(
+        random_models, tmp_path / "run", "--config.train.steps=20", "--config.optim.lr=1e30",
+        "--config.optim.clip=0", "--config.value_optim.lr=1e30", "--config.value_optim.clip=0",
+        "--config.train.max_nonfinite=2", "--config.checkpoint.every=1",
+        "--config.checkpoint.async_save=false", "--config.ppo.samples_every=0")],
+        capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("easyrl ppo: stopped:") and "non-finite" in last, last
+    rows = read_metrics(str(tmp_path / "run"))
+    assert rows and rows[-1]["nonfinite_updates"] > 0
+    step = checkpoint.latest_step(str(tmp_path / "run"))
+    assert step is not None and step < 20
+    _, _, params = checkpoint.load_model(str(tmp_path / "run"))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

@@ -8,7 +8,8 @@ Per iteration (the online-RL loop runs it; this file supplies the PPO parts):
      penalty at the last token), GAE in a lax.scan, whitening over valid tokens;
   4. `make_update`: ppo_epochs x minibatches of clipped policy + value losses, one jit, with the
      ratio-threshold skip and the target-KL early stop done on device.
-Log-probs use logits / temperature, as the sampler does.
+Log-probs use logits / temperature and, with ppo.top_k / ppo.top_p, the filtered distribution the
+sampler drew from (old and new log-probs; the reference and the entropy unfiltered).
 
 LoRA (`model.lora.rank > 0`): the policy and the value model train only their adapters (and the
 value head); the reference is the policy's own parameters applied with the adapters off
@@ -28,8 +29,8 @@ from easyrl import losses
 from easyrl.algorithms.registry import Algorithm
 from easyrl import model as M
 from easyrl.rollout import response_logprobs
-from easyrl.model.trainable import combine, partition
-from easyrl.train.optim import global_norm
+from easyrl.model.trainable import adapters, combine, partition, strip
+from easyrl.train.optim import all_finite, global_norm
 
 
 @flax.struct.dataclass
@@ -47,10 +48,21 @@ def response_values(config, params, tokens, attn, prompt_len: int):
     return M.values(config, params, tokens, attn)[:, prompt_len - 1:-1]
 
 
-def score_rollout(cfgs, models, tokens, attn, resp_mask, *, prompt_len: int, temperature: float):
+def score_rollout(cfgs, models, tokens, attn, resp_mask, *, prompt_len: int, temperature: float,
+                  top_k: int = 0, top_p: float = 1.0):
     """The single scoring pass. cfgs/models: dicts with keys policy, ref, value, reward (cfgs
-    may give the reference its own config, e.g. LoRA adapters off; default: the policy's)."""
-    lp, ent = response_logprobs(cfgs["policy"], models["policy"], tokens, attn, prompt_len, temperature)
+    may give the reference its own config, e.g. LoRA adapters off; default: the policy's).
+
+    The old (behaviour) log-probs are those of the distribution the sampler drew from: logits /
+    temperature, filtered by the sampler's top_k / top_p (log softmax over the kept tokens), so
+    they equal the sampler's own `logprobs`. The reference log-probs and the entropy use the
+    same temperature and NO filtering (TRL's reference: same temperature, never filtered): the KL
+    estimate is then of the sampling distribution against the plain reference, and a sampled
+    token outside the reference's own nucleus cannot make it infinite. top_k = 0, top_p = 1
+    (the default): unfiltered everywhere, bit-identical to the unfiltered pass."""
+    # lp filtered by top_k / top_p, the entropy never (`rollout.response_logprobs`)
+    lp, ent = response_logprobs(cfgs["policy"], models["policy"], tokens, attn, prompt_len,
+                                temperature, top_k, top_p)
     ref_cfg = cfgs.get("ref", cfgs["policy"])
     ref_lp, _ = response_logprobs(ref_cfg, models["ref"], tokens, attn, prompt_len, temperature)
     values = response_values(cfgs["value"], models["value"], tokens, attn, prompt_len)
@@ -86,9 +98,14 @@ def advantages(scored, resp_mask, has_eos, *, kl_coef, kl_estimator, gamma, lam,
 def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, temperature: float,
                 ppo_epochs: int, num_minibatches: int, cliprange: float, cliprange_value: float,
                 vf_coef: float, ratio_threshold: float = 0.0, target_kl: float = 0.0,
-                policy_mask=None, value_mask=None):
+                policy_mask=None, value_mask=None, top_k: int = 0, top_p: float = 1.0):
     """update(state, rollout, rng) -> (state, metrics). rollout: tokens, attn, resp_mask,
     logprobs, values, advantages, returns ([B, ...]); minibatches are random row subsets.
+
+    The new log-probs of the ratio are, like the old ones of `score_rollout`, those of logits /
+    temperature filtered by the sampler's top_k / top_p (log softmax over the tokens the current
+    parameters keep; a sampled token they no longer keep is scored as if kept, see
+    `losses.common.filtered_logprobs`). top_k = 0, top_p = 1 (the default): unfiltered.
 
     policy_mask / value_mask (bool pytrees, LoRA): only their True leaves get gradients and
     updates; the optimizer states cover `trainable.partition(params, mask)[0]`."""
@@ -96,7 +113,8 @@ def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, 
     def loss_fn(params, fixed, mb):
         policy, value = (combine(t, f) for t, f in zip(params, fixed))
         mask = mb["resp_mask"].astype(jnp.float32)
-        lp, _ = response_logprobs(policy_cfg, policy, mb["tokens"], mb["attn"], prompt_len, temperature)
+        lp, _ = response_logprobs(policy_cfg, policy, mb["tokens"], mb["attn"], prompt_len,
+                                  temperature, top_k, top_p)
         v = response_values(value_cfg, value, mb["tokens"], mb["attn"], prompt_len)
         pg, pstats = losses.ppo_policy_loss(lp, mb["logprobs"], mb["advantages"], mask, cliprange)
         vf, vstats = losses.ppo_value_loss(v, mb["values"], mb["returns"], mask, cliprange_value)
@@ -116,15 +134,21 @@ def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, 
             skip = skip | (stats["policy/ratio"] > ratio_threshold)
         up_p, pol_opt = policy_tx.update(g_pol, state.policy_opt, pol)
         up_v, val_opt = value_tx.update(g_val, state.value_opt, val)
+        new_pol, new_val = optax.apply_updates(pol, up_p), optax.apply_updates(val, up_v)
+        gp, gv = global_norm(g_pol), global_norm(g_val)
+        # a non-finite loss, gradient, update or new parameter skips the minibatch (counted)
+        bad = ~(jnp.isfinite(loss) & jnp.isfinite(gp) & jnp.isfinite(gv) & all_finite(new_pol)
+                & all_finite(new_val))
+        skip = skip | bad
         pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skip, b, a), new, old)  # noqa: E731
         state = state.replace(
-            policy=combine(pick(optax.apply_updates(pol, up_p), pol), pol_fixed),
-            value=combine(pick(optax.apply_updates(val, up_v), val), val_fixed),
+            policy=combine(pick(new_pol, pol), pol_fixed),
+            value=combine(pick(new_val, val), val_fixed),
             policy_opt=pick(pol_opt, state.policy_opt), value_opt=pick(val_opt, state.value_opt))
         if target_kl > 0:  # stop the remaining updates of this iteration once KL runs away
             stopped = stopped | (stats["policy/approxkl"] > target_kl)
-        stats = dict(stats, grad_norm=global_norm(g_pol), value_grad_norm=global_norm(g_val),
-                     skipped=skip.astype(jnp.float32))
+        stats = dict(stats, grad_norm=gp, value_grad_norm=gv, skipped=skip.astype(jnp.float32),
+                     nonfinite_updates=bad.astype(jnp.float32))
         return (state, rollout, stopped), stats
 
     def update(state: PPOState, rollout: dict, rng):
@@ -138,6 +162,7 @@ def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, 
         metrics["policy/approxkl_first"] = first["policy/approxkl"]
         metrics["policy/ratio_first"] = first["policy/ratio"]
         metrics["ppo/early_stopped"] = stopped.astype(jnp.float32)
+        metrics["nonfinite_updates"] = jnp.sum(stats["nonfinite_updates"])  # this iteration
         return state.replace(step=state.step + 1), metrics
 
     return update
@@ -148,12 +173,15 @@ def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask
                    state_sharding=None, mesh=None):
     """PPO's jitted pieces of one online-RL iteration (`rl_loop.Iteration`) for config section
     `p` (= c.ppo). cfgs: model configs by role (policy, ref, value, reward). With a mesh, the
-    update's output state keeps `state_sharding`."""
+    update's output state keeps `state_sharding`. The sampler's `p.top_k` / `p.top_p` (default
+    0 / 1: off) filter the old and new policy log-probs (`score_rollout`, `make_update`)."""
     from easyrl import parallel
     from easyrl.train.rl_loop import Iteration
     plen = p.max_prompt_len
+    top_k, top_p = int(p.get("top_k", 0)), float(p.get("top_p", 1.0))
     score = jax.jit(lambda models, tokens, attn, m: score_rollout(
-        cfgs, models, tokens, attn, m, prompt_len=plen, temperature=p.temperature))
+        cfgs, models, tokens, attn, m, prompt_len=plen, temperature=p.temperature, top_k=top_k,
+        top_p=top_p))
 
     def adv(scored, roll, ctrl):
         a, ret, stats = advantages(
@@ -171,11 +199,15 @@ def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask
         temperature=p.temperature, ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches,
         cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
         ratio_threshold=p.ratio_threshold, target_kl=p.target_kl, policy_mask=policy_mask,
-        value_mask=value_mask), donate_argnums=(0,), out_shardings=out_sh)
+        value_mask=value_mask, top_k=top_k, top_p=top_p), donate_argnums=(0,),
+        out_shardings=out_sh)
 
     def models(state, frozen):
-        return dict(policy=state.policy, ref=state.policy if frozen["ref"] is None else frozen["ref"],
-                    value=state.value, reward=frozen["reward"])
+        ref = frozen["ref"]
+        if ref is None:  # LoRA: the policy's own base, with the frozen initial adapters if any
+            ref = state.policy if frozen.get("ref_adapters") is None else combine(
+                frozen["ref_adapters"], strip(state.policy))
+        return dict(policy=state.policy, ref=ref, value=state.value, reward=frozen["reward"])
 
     return Iteration(models=models, score=score, advantages=jax.jit(adv), update=update,
                      policy=lambda state: state.policy)
@@ -205,6 +237,14 @@ def _at(c, path: str, lora_on: bool = True):
 def validate(c, mesh, max_positions: int) -> None:
     from easyrl import parallel
     p = c.ppo
+    if not p.temperature > 0:
+        raise ValueError(f"config ppo.temperature: {p.temperature}; PPO needs a sampling "
+                         f"temperature > 0 (log-probs divide the logits by it; greedy rollouts "
+                         f"are not PPO)")
+    if not 0.0 < p.get("top_p", 1.0) <= 1.0:
+        raise ValueError(f"config ppo.top_p: {p.top_p} must be in (0, 1] (1 = off)")
+    if p.get("top_k", 0) < 0:
+        raise ValueError(f"config ppo.top_k: {p.top_k} must be an integer >= 0 (0 = off)")
     b = c.train.batch_size
     if p.num_minibatches <= 0 or b % p.num_minibatches:
         raise ValueError(f"config ppo.num_minibatches: {p.num_minibatches} must divide train.batch_size={b}")
@@ -243,6 +283,10 @@ def build(env):
     use_lora = pcfg.lora_rank > 0
     # LoRA: the reference is the policy with its adapters off (no copy); else a frozen copy
     ref = None if use_lora else jax.tree.map(jnp.copy, policy)  # own buffers: policy is donated
+    # LoRA continuing an adapter (model.lora.init_from): the reference is the initial policy, the
+    # base with that adapter frozen (a copy of the adapter leaves only); else the base alone
+    ref_adapters = (jax.tree.map(jnp.copy, adapters(policy))
+                    if use_lora and c.model.lora.init_from else None)
     reward = setup.load_params(rc, rcfg, "reward", mesh)
     value = setup.load_params(vc, vcfg, "value", mesh)
     pol_mask = trainable_mask(policy) if use_lora else None
@@ -262,7 +306,8 @@ def build(env):
     state_sh = PPOState(step=repl, policy=sh(policy), value=sh(value), policy_opt=pol_opt_sh,
                         value_opt=val_opt_sh)
     state = jax.device_put(state, state_sh)
-    cfgs = dict(policy=pcfg, ref=disabled(pcfg), value=vcfg, reward=rcfg)
+    cfgs = dict(policy=pcfg, ref=pcfg if ref_adapters is not None else disabled(pcfg), value=vcfg,
+                reward=rcfg)
     it = make_iteration(cfgs, p, policy_tx, value_tx, policy_mask=pol_mask, value_mask=val_mask,
                         state_sharding=state_sh, mesh=mesh)
 
@@ -280,7 +325,8 @@ def build(env):
             ctrl["kl_coef"], metrics["objective/kl"], c.train.batch_size, target=p.kl_target,
             horizon=p.kl_horizon)))
 
-    return Online(state=state, frozen=dict(ref=ref, reward=reward), iteration=it,
+    return Online(state=state, frozen=dict(ref=ref, ref_adapters=ref_adapters, reward=reward),
+                  iteration=it,
                   ctrl=dict(kl_coef=float(p.kl_coef)), items=items, restore=restore,
                   after_iteration=after_iteration)
 

@@ -102,3 +102,56 @@ def token_entropy(logits, temperature=1.0):
     lse = jax.nn.logsumexp(z, axis=-1)
     p = jnp.exp(z - lse[..., None])
     return shift_to_tokens(lse - jnp.sum(p * z, axis=-1))
+
+
+# ----------------------------------------------------------------------------- top-k / top-p
+def keep_mask(z, top_k: int = 0, top_p: float = 1.0):
+    """The tokens top-k then top-p (nucleus) filtering keeps, bool [..., V], from
+    temperature-scaled logits z [..., V]; None when neither is on (top_k = 0, top_p = 1).
+
+    Exactly Hugging Face's `TopKLogitsWarper` then `TopPLogitsWarper` (min_tokens_to_keep=1):
+    top-k keeps every token >= the k-th largest logit (ties with it included); top-p sorts the
+    (top-k filtered) logits ascending, STABLY, removes the prefix whose cumulative probability is
+    <= 1 - top_p and always keeps the most likely token. Among tokens tied with the cut-off
+    logit, the ones of higher vocabulary index come later in a stable ascending sort and are kept
+    first, so with probs [.4, .2, .2, .2] and top_p = 0.5 the tokens 0 and 3 are kept (HF's
+    torch.sort is stable only for V <= 16 on CPU; beyond that HF keeps the same number of tied
+    tokens, which ones is up to torch). One sort and a few O(V) passes, no scatter."""
+    v = z.shape[-1]
+    keep = None
+    if 0 < top_k < v:
+        kth = jax.lax.top_k(z, top_k)[0][..., -1:]
+        keep = z >= kth
+    if top_p < 1.0:
+        zk = z if keep is None else jnp.where(keep, z, -jnp.inf)
+        srt = jnp.sort(zk, axis=-1)  # ascending
+        cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+        # removed: a prefix of the ascending order, never the last (most likely) entry
+        n_rm = jnp.minimum(jnp.sum(cum <= 1 - top_p, axis=-1, keepdims=True), v - 1)
+        thr = jnp.take_along_axis(srt, n_rm, axis=-1)  # the smallest kept logit
+        tied = zk == thr
+        below = jnp.sum(zk < thr, axis=-1, keepdims=True)
+        tie_rank = jnp.cumsum(tied, axis=-1) - 1  # among the tied: index order = stable order
+        keep_p = (zk > thr) | (tied & (tie_rank >= n_rm - below))
+        keep = keep_p if keep is None else keep & keep_p
+    return keep
+
+
+def filtered_logprobs(logits, targets, temperature=1.0, top_k: int = 0, top_p: float = 1.0):
+    """log-prob [...] of `targets` [...] under the distribution the sampler draws from: softmax of
+    logits [..., V] / temperature restricted to the tokens `keep_mask` keeps (log softmax over
+    the kept tokens). top_k = 0, top_p = 1: exactly log softmax(logits / temperature).
+
+    A target outside the kept set (never the case for the sampler's own draws; possible when
+    the logits differ from the sampler's: other parameters in a PPO update, or numerics) is
+    scored as if it were kept too (normalized over the kept set plus itself), so the log-prob
+    stays finite and its ratio / KL statistics stay usable. Gradients flow through the logits,
+    not through which tokens are kept."""
+    z = _scaled(logits, temperature)
+    tgt = targets.astype(jnp.int32)
+    picked = jnp.take_along_axis(z, tgt[..., None], axis=-1)[..., 0]
+    keep = keep_mask(jax.lax.stop_gradient(z), top_k, top_p)
+    if keep is None:
+        return picked - jax.nn.logsumexp(z, axis=-1)
+    keep = keep | (jnp.arange(z.shape[-1]) == tgt[..., None])
+    return picked - jax.nn.logsumexp(jnp.where(keep, z, -jnp.inf), axis=-1)

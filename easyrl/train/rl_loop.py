@@ -31,7 +31,7 @@ from easyrl.generate import make_sampler
 from easyrl.train import setup
 from easyrl.train.config import SYNTHETIC
 from easyrl.train.metrics import restart_jsonl
-from easyrl.train.run import Run, RunResult, total_steps
+from easyrl.train.run import NonFiniteError, Run, RunResult, total_steps
 
 SAMPLES = "samples.jsonl"  # prompts, responses and scores every ppo.samples_every steps
 
@@ -138,6 +138,7 @@ class _Loop:
         self.c, self.s, self.r, self.built = c, s, r, built
         self.sampler, self.prompts, self.tok = sampler, prompts, tok
         self.base = jax.random.PRNGKey(c.seed)
+        self.streak = 0
         self.true_reward: Optional[Callable] = None
         if s.true_reward == SYNTHETIC:
             from easyrl.data.synthetic import true_reward
@@ -151,6 +152,7 @@ class _Loop:
         b.state, metrics, roll, scored = iterate(b.iteration, self.sampler, b.state, b.frozen,
                                                  batch, jax.random.fold_in(self.base, step), b.ctrl)
         done = step + 1
+        self._check_nonfinite(done, metrics)
         b.ctrl = b.after_iteration(b.ctrl, metrics)
         want_samples = s.samples_every and done % s.samples_every == 0
         texts = None
@@ -166,6 +168,17 @@ class _Loop:
                     f.write(json.dumps({"step": done, "prompt": q, "response": a,
                                         "score": float(sc)}) + "\n")
         return metrics
+
+    def _check_nonfinite(self, done: int, metrics: dict) -> None:
+        """Iterations whose update skipped a minibatch for non-finite values, in a row: the run
+        stops at train.max_nonfinite of them (0: never); checked every iteration."""
+        self.streak = self.streak + 1 if metrics.get("nonfinite_updates", 0) > 0 else 0
+        limit = self.c.train.max_nonfinite
+        if limit and self.streak >= limit:
+            raise NonFiniteError(
+                f"{self.streak} consecutive iterations with non-finite losses, gradients or "
+                f"updates at step {done} (skipped, train.max_nonfinite={limit}); lower optim.lr "
+                f"or check the reward. The last checkpoint holds finite weights.")
 
     def snapshot(self):
         b = self.built
