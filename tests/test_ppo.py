@@ -126,6 +126,38 @@ def test_sigterm_saves_checkpoint_before_exit(random_models, tmp_path):
     assert [x["step"] for x in read_metrics(str(tmp_path / "run"))][-1] == step + 1
 
 
+@pytest.mark.slow
+def test_killed_before_a_checkpoint_redoes_samples_once(random_models, tmp_path):
+    """A run killed after writing the samples of steps 3-4 but before their checkpoint resumes
+    at step 2: samples.jsonl and metrics.jsonl end as an uninterrupted run's (no duplicates)."""
+    import shutil
+    env = dict(os.environ, EASYRL_CACHE=str(tmp_path / "cache"))
+    args = ppo_args(random_models, tmp_path / "a", "--config.train.steps=4",
+                    "--config.checkpoint.every=2", "--config.ppo.samples_every=1",
+                    "--config.checkpoint.async_save=false")
+    r = subprocess.run([sys.executable, "-m", "easyrl", "ppo", *args], capture_output=True,
+                       text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")  # killed before step 4's checkpoint
+    with open(tmp_path / "b" / "samples.jsonl", "a") as f:
+        f.write('{"step": 4, "prom')  # ... and in the middle of a line
+    r = subprocess.run([sys.executable, "-m", "easyrl", "ppo",
+                        *[x.replace(str(tmp_path / "a"), str(tmp_path / "b")) for x in args]],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0 and "resuming from checkpoint at step 2" in r.stdout, r.stderr[-2000:]
+    rows = lambda d, f: [json.loads(x) for x in open(tmp_path / d / f)]  # noqa: E731
+    sa, sb = rows("a", "samples.jsonl"), rows("b", "samples.jsonl")
+    assert [x["step"] for x in sb] == [x["step"] for x in sa]
+    assert [(x["prompt"], x["response"]) for x in sb] == [(x["prompt"], x["response"]) for x in sa]
+    for x, y in zip(sa, sb):
+        assert x["score"] == pytest.approx(y["score"], abs=1e-5)
+    ma, mb = read_metrics(str(tmp_path / "a")), read_metrics(str(tmp_path / "b"))
+    assert [x["step"] for x in mb] == [1, 2, 3, 4]
+    for x, y in zip(ma, mb):
+        assert x["objective/scores"] == pytest.approx(y["objective/scores"], abs=1e-5)
+
+
 def test_missing_reward_model_is_a_config_error(random_models, tmp_path):
     r = subprocess.run([sys.executable, "-m", "easyrl", "ppo",
                         *ppo_args(random_models, tmp_path, "--config.reward.path=")],

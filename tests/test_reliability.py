@@ -195,3 +195,15 @@ def test_two_process_preemption_saves_the_same_step_on_every_host(tmp_path):
     steps = os.listdir(out / "checkpoints")
     assert len(steps) == 1, steps
     assert f"saving checkpoint at step {steps[0]}" in outs[0][0]
+
+
+def test_divergence_watch_warns_once_per_kind(capsys):
+    from easyrl.train.run import DivergenceWatch
+    w = DivergenceWatch()
+    for step, (loss, g) in enumerate([(5.0, 2.0), (2.0, 1.0), (1.5, 1.2), (400.0, 3.0),
+                                      (500.0, 0.0), (500.0, 0.0), (500.0, 0.0), (900.0, 0.0)], 1):
+        w.observe(step, loss=loss, grad_norm=g)
+    out = capsys.readouterr().out
+    assert out.count("warning: loss grew from 1.5 to 400") == 1 and out.count("warning: loss") == 1
+    assert out.count("warning: grad_norm is exactly 0 for 3 consecutive steps at step 7") == 1
+    assert "grad_norm grew" not in out  # 3.0 is not 100x the best 1.0
