@@ -5,6 +5,7 @@
   preference  reward-model pairwise loss, the DPO family and their metrics
   rrhf        RRHF ranking + SFT loss and its per-prompt metrics
   ppo         KL estimators, per-token rewards, GAE, clipped policy / value losses, adaptive KL
+  group       GRPO / Dr. GRPO / DAPO / GSPO / RLOO / REINFORCE++ advantages, losses, aggregations
 
 All public names are re-exported here (`from easyrl import losses; losses.gae(...)`).
 
@@ -23,6 +24,9 @@ inf/nan), and a reduction over an empty mask returns 0 instead of nan.
 from easyrl.losses.common import (as_mask, compute_dtype, masked_mean, masked_sum, masked_var,
                                   next_token_stats, shift_to_tokens, token_entropy, token_logprobs,
                                   whiten)
+from easyrl.losses.group import (ADVANTAGE_KINDS, GROUP_LOSS_TYPES, IS_LEVELS, SCALE_REWARDS,
+                                 aggregate, clip_metrics, clipped_policy_loss, group_advantages,
+                                 k3_kl, overlong_penalty, reinforce_pp_returns, reverse_cumsum)
 from easyrl.losses.ppo import (KL_KINDS, adaptive_kl_update, gae, kl_penalty, ppo_policy_loss,
                                ppo_rewards, ppo_value_loss)
 from easyrl.losses.preference import (DPO_LOSS_TYPES, dpo_losses, dpo_metrics, reward_loss,
@@ -34,6 +38,9 @@ from easyrl.losses.sft import (LM_HEAD_CHUNK_TOKENS, head_scan, lm_head_loss_sum
 __all__ = [
     "as_mask", "compute_dtype", "masked_mean", "masked_sum", "masked_var", "next_token_stats",
     "shift_to_tokens", "token_entropy", "token_logprobs", "whiten",
+    "ADVANTAGE_KINDS", "GROUP_LOSS_TYPES", "IS_LEVELS", "SCALE_REWARDS", "aggregate",
+    "clip_metrics", "clipped_policy_loss", "group_advantages", "k3_kl", "overlong_penalty",
+    "reinforce_pp_returns", "reverse_cumsum",
     "KL_KINDS", "adaptive_kl_update", "gae", "kl_penalty", "ppo_policy_loss", "ppo_rewards",
     "ppo_value_loss",
     "DPO_LOSS_TYPES", "dpo_losses", "dpo_metrics", "reward_loss", "reward_losses",
