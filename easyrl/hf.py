@@ -22,6 +22,7 @@ import numpy as np
 
 from easyrl import model as M
 from easyrl.model.config import LlamaConfig, check_hf_config
+from easyrl.model.trainable import has_adapters
 from easyrl.parallel import PARTITION_RULES, named_shardings, path_str, to_host
 from easyrl.st_io import SafetensorsFile, write_streaming
 
@@ -289,7 +290,7 @@ def save(path: str, config: LlamaConfig, params, kind: str = "causal_lm", tokeni
     if kind not in ARCHITECTURES:
         raise ValueError(f"unknown kind {kind!r}; expected one of {tuple(ARCHITECTURES)}")
     flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    if any(p.endswith(("/lora_a", "/lora_b")) for p in flat):
+    if has_adapters(params):
         raise ValueError("params carry LoRA adapters: merge them first (`easyrl convert "
                          "easyrl-to-hf --merge-lora`, easyrl.model.lora.merge) or export the "
                          "adapter alone (`easyrl convert easyrl-to-peft`)")

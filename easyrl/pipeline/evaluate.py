@@ -127,7 +127,7 @@ def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, templat
                     s = score(params, sft_params, None if rm is None else rm[2], roll["tokens"],
                               roll["attn"], roll["resp_mask"])
                     hm = to_host(roll["resp_mask"])
-                    resp = rollout.decode(tok, roll["response"], roll["resp_mask"])
+                    resp = rollout.decode(tok, roll["response"], hm)  # hm: already on the host
                     rep["len"] += hm.sum(-1).tolist()
                     rep["eos"] += to_host(roll["has_eos"]).tolist()
                     rep["kl"] += np.asarray(to_host(s["kl"])).tolist()

@@ -109,6 +109,7 @@ class _Window:
         self.step_fn, self.eval_fn, self.batch_sh, self.steps = step_fn, eval_fn, batch_sh, steps
         self.base_rng = jax.random.PRNGKey(c.seed)
         self.pending, self.tokens, self.t0 = [], 0, time.time()
+        self.last_streak = None  # (device scalar, step) not yet checked
         self.watch = DivergenceWatch()
         stats = getattr(task.train_data, "stats", {}) or {}
         self.data_metrics = {f"data/{k}": v for k, v in stats.items()
@@ -128,12 +129,13 @@ class _Window:
         self.pending.append(metrics)
         done = step + 1
         if c.train.max_nonfinite > 0:  # checked every step (0: never stop for non-finite steps)
-            streak = int(metrics["nonfinite_streak"])
-            if streak >= c.train.max_nonfinite:
-                raise NonFiniteError(
-                    f"{streak} consecutive steps with a non-finite loss, gradient or update at "
-                    f"step {done} (skipped, train.max_nonfinite={c.train.max_nonfinite}); lower "
-                    f"optim.lr or check the data. The last checkpoint holds finite weights.")
+            # the previous step's streak, read once this step is queued (the device keeps one
+            # step ahead of the host), and this step's at the end of the run
+            if self.last_streak is not None:
+                self._check_streak(*self.last_streak)
+            self.last_streak = (metrics["nonfinite_streak"], done)
+            if done == self.steps:
+                self._check_streak(*self.last_streak)
         if not self.r.log_due(done, self.steps):
             return None
         host = jax.device_get(self.pending)
@@ -148,6 +150,14 @@ class _Window:
                                 self.base_rng))
         self.pending, self.tokens, self.t0 = [], 0, time.time()
         return {**avg, **self.data_metrics}
+
+    def _check_streak(self, streak, at: int) -> None:
+        limit = self.c.train.max_nonfinite
+        if int(streak) >= limit:
+            raise NonFiniteError(
+                f"{int(streak)} consecutive steps with a non-finite loss, gradient or update at "
+                f"step {at} (skipped, train.max_nonfinite={limit}); lower optim.lr or check the "
+                f"data. The last checkpoint holds finite weights.")
 
     def snapshot(self):
         """The state to checkpoint, and in the meta the logging window so far (a resumed run's
