@@ -308,6 +308,84 @@ def test_prompt_left_padding(tok):
     assert b["prompts"] == ["<|user|>\nsort: c a\n<|assistant|>\n"]
 
 
+def _gsm_rows(n=8):
+    rows = [{"question": f"sort: {'abcdefgh'[i]} a", "answer": f"a {'abcdefgh'[i]} #### {i}", "id": i}
+            for i in range(n)]
+    del rows[3]["answer"]  # a row that lacks a field: None in its batch
+    rows[5]["meta"] = {"level": [1, 2], "ok": True}
+    return rows
+
+
+def _check_columns(b, by_prompt):
+    """Every batch row's columns are its own row's fields (None where the row lacks one)."""
+    names = set().union(*(by_prompt[p] for p in b["prompts"]))
+    assert set(b["columns"]) == names
+    for k, vals in b["columns"].items():
+        assert len(vals) == len(b["prompts"])
+        assert vals == [by_prompt[p].get(k) for p in b["prompts"]]
+
+
+def test_prompt_columns_through_iterator(tok, tmp_path):
+    rows = _gsm_rows()
+    path = write_jsonl(tmp_path / "gsm.jsonl", rows)
+    src = {"path": path, "columns": {"question": "prompt"}}
+    by_prompt = {r["question"]: {k: v for k, v in r.items() if k != "question"} for r in rows}
+    loaded = load_data(src, "prompts")
+    assert loaded.format == "prompt"
+    assert loaded.rows[0] == {"prompt": "sort: a a", "columns": {"answer": "a a #### 0", "id": 0}}
+    assert loaded.rows[3]["columns"] == {"id": 3}
+
+    it = prompt_iterator(src, tok, max_prompt_len=8, global_batch_size=4, shuffle=False)
+    b = next(it)
+    assert b["prompts"] == [r["question"] for r in rows[:4]]
+    assert b["columns"] == {"answer": ["a a #### 0", "a b #### 1", "a c #### 2", None], "id": [0, 1, 2, 3]}
+    b = next(it)
+    assert b["columns"]["meta"] == [None, {"level": [1, 2], "ok": True}, None, None]
+    _check_columns(b, by_prompt)
+
+    # shuffled, over epochs, and two simulated hosts: each host's columns follow its own prompts
+    its = [prompt_iterator(src, tok, max_prompt_len=8, global_batch_size=4, seed=7,
+                           process_index=i, process_count=2) for i in range(2)]
+    for _ in range(5):
+        bs = [next(x) for x in its]
+        for b in bs:
+            assert len(b["prompts"]) == 2 and b["input_ids"].shape == (2, 8)
+            _check_columns(b, by_prompt)
+        assert not set(bs[0]["prompts"]) & set(bs[1]["prompts"])
+
+
+def test_prompt_columns_renames_and_plain_rows(tok, tmp_path):
+    # a rename to a name other than prompt; the clashing original column gives way to it
+    rows = [{"q": "sort: c a", "solution": "a c", "answer": "dropped"}, {"q": "sort: b a", "solution": "a b"}]
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    b = next(prompt_iterator({"path": path, "columns": {"q": "prompt", "solution": "answer"}}, tok,
+                             max_prompt_len=8, global_batch_size=2, shuffle=False))
+    assert b["columns"] == {"answer": ["a c", "a b"]}
+    # rows with no other fields (e.g. the synthetic source) give an empty dict
+    b = next(prompt_iterator(synthetic.prompts(4, 0), tok, max_prompt_len=16, global_batch_size=4))
+    assert b["columns"] == {} and len(b["prompts"]) == 4
+    # values that are not JSON-like are left out
+    assert load_data([{"prompt": "sort: a", "x": (1, 2), "y": b"z", "z": [1, None]}], "prompts"
+                     ).rows[0]["columns"] == {"z": [1, None]}
+    # other kinds are unchanged
+    assert load_data([{"prompt": "p", "completion": "c", "id": 1}], "sft").rows[0] == {
+        "prompt": "p", "completion": "c"}
+
+
+def test_prompt_columns_messages_rows(tok):
+    msgs = [{"messages": [{"role": "user", "content": "sort: c a"}, {"role": "assistant", "content": "a c"}],
+             "answer": "a c", "id": 7},
+            {"messages": [{"role": "user", "content": "sort: b a"}], "answer": "a b"}]
+    loaded = load_data(msgs, "prompts")
+    assert loaded.format == "messages"
+    assert loaded.rows[0] == {"prompt": [{"role": "user", "content": "sort: c a"}],
+                              "columns": {"answer": "a c", "id": 7}}
+    b = next(prompt_iterator(msgs, tok, max_prompt_len=16, global_batch_size=2, template="tulu",
+                             shuffle=False))
+    assert b["prompts"][0] == "<|user|>\nsort: c a\n<|assistant|>\n"
+    assert b["columns"] == {"answer": ["a c", "a b"], "id": [7, None]}
+
+
 # ----------------------------------------------------------------------------- iterator
 def _ident(items):
     return {"x": np.array(items, np.int32)}

@@ -14,7 +14,9 @@ Batches
   RRHF       ``input_ids, attention_mask, loss_mask``: [B, N, T]; ``scores``: float32 [B, N];
              ``valid``: int32 [B, N] (0 for padding responses, whose other entries are 0 / pad).
   prompts    ``input_ids, attention_mask``: [B, P] LEFT padded; ``prompts``: list of B raw prompt
-             strings (message prompts: the template-rendered text).
+             strings (message prompts: the template-rendered text); ``columns``: the rows' other
+             fields, ``{name: list of B values}`` over every name any row of the batch has (None
+             where a row lacks it; ``{}`` when no row has any). Not arrays: hosts keep them.
 
 Truncation: SFT examples are cut on the right to T (examples left with no target are dropped and
 counted: ``num_dropped_no_target``, of which ``num_dropped_long_prompt`` had targets only past T).
@@ -228,7 +230,8 @@ def collate_rrhf(examples: Sequence[dict], num_responses: int, seq_len: int, pad
 # ----------------------------------------------------------------------------- prompts
 def tokenize_prompts(rows: Sequence[dict], tokenizer, template: str, max_prompt_len: int
                      ) -> tuple[list[dict], dict]:
-    """Prompt rows -> ``{ids, text}`` with ids cut from the left (keeping BOS) to ``max_prompt_len``."""
+    """Prompt rows -> ``{ids, text, columns}`` with ids cut from the left (keeping BOS) to
+    ``max_prompt_len``; ``columns``: the row's other fields (``{}`` when it has none)."""
     stats = _new_stats(len(rows))
     out = []
     bos = tokenizer.bos_token_id
@@ -241,13 +244,14 @@ def tokenize_prompts(rows: Sequence[dict], tokenizer, template: str, max_prompt_
             ids = head + (ids[len(ids) - keep:] if keep > 0 else [])
             stats["num_truncated"] += 1
         text = prompt if isinstance(prompt, str) else templates.render_prompt(template, prompt, tokenizer)
-        out.append({"ids": ids, "text": text})
+        out.append({"ids": ids, "text": text, "columns": dict(row.get("columns") or {})})
     stats["num_examples"] = len(out)
     return out, stats
 
 
 def collate_prompts(examples: Sequence[dict], max_prompt_len: int, pad_id: int) -> dict:
-    """Prompt examples -> LEFT-padded ``input_ids``, ``attention_mask`` [B, P] and ``prompts`` (list of str)."""
+    """Prompt examples -> LEFT-padded ``input_ids``, ``attention_mask`` [B, P], ``prompts`` (list of
+    str) and ``columns`` ({name: list of B values, None where a row lacks the name})."""
     b = len(examples)
     ids = np.full((b, max_prompt_len), pad_id, np.int32)
     attn = np.zeros((b, max_prompt_len), np.int32)
@@ -256,4 +260,9 @@ def collate_prompts(examples: Sequence[dict], max_prompt_len: int, pad_id: int) 
         if n:
             ids[i, -n:] = ex["ids"]
             attn[i, -n:] = 1
-    return {"input_ids": ids, "attention_mask": attn, "prompts": [ex["text"] for ex in examples]}
+    names: dict = {}  # ordered union of the rows' column names
+    for ex in examples:
+        names.update(dict.fromkeys(ex.get("columns") or {}))
+    columns = {k: [(ex.get("columns") or {}).get(k) for ex in examples] for k in names}
+    return {"input_ids": ids, "attention_mask": attn, "prompts": [ex["text"] for ex in examples],
+            "columns": columns}

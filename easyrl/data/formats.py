@@ -23,8 +23,13 @@ Formats (``FORMATS``; a row is normalized to the canonical dict on the right):
                                     prompt = shared text up to and including the last
                                     ``Assistant:`` both share; responses = what follows.
   RRHF        ``rrhf``              {"prompt", "responses": [str], "scores": [float]}
-  prompts     ``prompt``            {"prompt": str|messages}; ``messages`` rows also work for prompts
-                                    (trailing assistant turns are dropped).
+  prompts     ``prompt``            {"prompt": str|messages, "columns": {name: value}};
+                                    ``messages`` rows also work for prompts (trailing assistant
+                                    turns are dropped). ``columns``: every other field of the raw row
+                                    (after the ``data.columns`` renames) whose value is JSON-like
+                                    (str, int, float, bool, None, lists / str-keyed dicts of those);
+                                    other values are left out. The online-RL trainers pass them to
+                                    reward functions (TRL: ``fn(prompts, completions, ..., **columns)``).
 
 Bad rows raise ``DataError`` naming the file and the row (``line N`` for JSON lines, else
 ``row N``, 1-based), or with ``skip_bad_rows=True`` are skipped and counted.
@@ -231,6 +236,21 @@ def _margin(row: dict) -> float:
     return m
 
 
+def _json_like(v) -> bool:
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return True
+    if isinstance(v, list):
+        return all(_json_like(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _json_like(x) for k, x in v.items())
+    return False
+
+
+def _columns(row: dict, prompt_key: str) -> dict:
+    """The row's other (JSON-like) fields: the ``columns`` of a prompt row."""
+    return {k: v for k, v in row.items() if k != prompt_key and _json_like(v)}
+
+
 def normalize_row(row: Any, fmt: str) -> dict:
     """Validate one raw row and return its canonical dict (raises ``BadRow``)."""
     if not isinstance(row, dict):
@@ -263,7 +283,7 @@ def normalize_row(row: Any, fmt: str) -> dict:
             raise BadRow("field 'scores' must hold numbers") from None
         return {"prompt": p, "responses": list(resp), "scores": scores}
     if fmt == "prompt":
-        return {"prompt": _prompt(row, allow_empty=False)}
+        return {"prompt": _prompt(row, allow_empty=False), "columns": _columns(row, "prompt")}
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -273,7 +293,7 @@ def _prompt_from_messages(row: dict) -> dict:
         msgs.pop()
     if not msgs or msgs[-1]["role"] != "user":
         raise BadRow("messages must contain a user turn to prompt with")
-    return {"prompt": msgs}
+    return {"prompt": msgs, "columns": _columns(row, "messages")}
 
 
 def load_data(source, kind: str, format: str | None = None, skip_bad_rows: bool = False,

@@ -186,7 +186,9 @@ def rrhf_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int, te
 def prompt_iterator(source, tokenizer, *, max_prompt_len: int, global_batch_size: int,
                     template: str = "plain", format: str | None = None, skip_bad_rows: bool = False,
                     split: str | None = None, **iter_kw) -> BatchIterator:
-    """Prompt batches for PPO / generation: LEFT-padded ``input_ids``, ``attention_mask`` [B, P] + ``prompts``."""
+    """Prompt batches for PPO / generation: LEFT-padded ``input_ids``, ``attention_mask`` [B, P],
+    ``prompts`` (this host's prompt texts) and ``columns`` (their rows' other fields, ``{name:
+    list}`` aligned with ``prompts``; see ``encode.collate_prompts``)."""
     templates.check_template(template)
     loaded = formats.load_data(source, "prompts", format, skip_bad_rows, split)
     examples, stats = encode.tokenize_prompts(loaded.rows, tokenizer, template, max_prompt_len)
