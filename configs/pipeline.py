@@ -8,10 +8,11 @@ Stages run in order, each in `<output_dir>/<stage>/` (an ordinary easyrl run dir
     sft    supervised fine-tuning                               (configs/sft.py preset)
     rm     reward model initialized from the SFT model          (configs/rm.py preset)
     ppo    PPO from the SFT policy against the reward model     (configs/ppo.py preset)
+    grpo   GRPO from the SFT policy, reward.functions (no RM)   (configs/grpo.py preset)
     dpo    DPO from the SFT policy (reference = SFT)            (configs/dpo.py preset)
     rrhf   RRHF from the SFT policy                             (configs/rrhf.py preset)
 
-The pipeline wires the paths: rm/ppo/dpo/rrhf get `model.path = <output_dir>/sft` and ppo gets
+The pipeline wires the paths: rm/ppo/grpo/dpo/rrhf get `model.path = <output_dir>/sft` and ppo gets
 `reward.path = <output_dir>/rm` when those stages are in `stages` (otherwise the stage's own
 model.path / reward.path are used). Top-level `seed` and `mesh` are copied into every stage.
 Every stage key can be overridden: `--config.ppo.train.steps=50`, `--config.sft.optim.lr=1e-3`.
@@ -34,7 +35,7 @@ Top-level keys
   redo              comma-separated stages to delete and retrain, with the stages built on them
                     (e.g. `--config.redo=ppo` after changing a ppo key; `redo=sft` redoes all)
   seed, mesh        copied into every stage config
-  stages            comma-separated subset of sft,rm,ppo,dpo,rrhf (in that order)
+  stages            comma-separated subset of sft,rm,ppo,grpo,dpo,rrhf (in that order)
   export            write the HF folders (True)
   eval.prompts      held-out prompts: "synthetic" (the bundled task's eval split), a .jsonl / .parquet
                     of {"prompt": ...} rows, or "" to skip evaluation
@@ -44,13 +45,16 @@ Top-level keys
                     distribution (what PPO optimizes), which makes "KL to SFT" = mean over
                     responses of sum_t [log pi(y_t) - log pi_sft(y_t)], y ~ pi, an unbiased
                     estimate of the sequence-level KL(pi || pi_sft). 0 = greedy.
-  eval.num_samples  responses per prompt (more = less sampling noise)
+  eval.num_samples  n, responses sampled per prompt (more = less sampling noise). With a rule-based
+                    eval.true_reward the same n responses also give pass@k (the unbiased
+                    estimator of Chen et al. 2021) and maj@k (majority vote of the first k) for
+                    k = 1, 4, 8 (those <= n; default n = 8 gives all three)
   eval.greedy       also report greedy-decoding true reward / RM score / length (`*_greedy`)
   eval.true_reward  "synthetic": the bundled task's rule-based reward; "" for real data
 
 Presets
   tiny            the bundled synthetic sort task with a random-init 2-layer LLaMA (D=64):
-                  every stage's `tiny` preset (RM 300 steps), ~5 minutes on 2 CPU cores in all.
+                  every stage's `tiny` preset (RM 300 steps), ~3.5 minutes on 2 CPU cores in all.
   stackllama_7b   StackLLaMA (TRL stack_llama): LLaMA-7B -> SFT on stack-exchange-paired answers
                   (`Question: ...\\n\\nAnswer: ...`) -> reward model on its preference pairs
                   -> PPO with adaptive KL (init 0.2, target 6, horizon 10000). Stages
@@ -94,7 +98,7 @@ from easyrl.train.config import load_config_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-STAGES = ("sft", "rm", "ppo", "dpo", "rrhf")
+STAGES = ("sft", "rm", "ppo", "grpo", "dpo", "rrhf")
 # real presets: stage -> the configs/<stage>.py preset it runs
 RECIPES = {
     "stackllama_7b": dict(sft="stackllama_7b", rm="stackllama_7b", ppo="stackllama_7b",
@@ -122,7 +126,7 @@ def get_config(preset: str = "tiny"):
     c.export = True
     c.eval = mlc.ConfigDict(dict(
         prompts="synthetic", split="", format="", num_prompts=256, batch_size=64,
-        max_prompt_len=16, max_new_tokens=16, temperature=1.0, num_samples=4, greedy=True,
+        max_prompt_len=16, max_new_tokens=16, temperature=1.0, num_samples=8, greedy=True,
         true_reward="synthetic",
     ))
     if preset == "tiny":
@@ -132,6 +136,8 @@ def get_config(preset: str = "tiny"):
         c.rm.train.steps = 300  # held-out accuracy 0.98 (0.97 at 500 steps), and PPO gains more
         c.ppo = stage("ppo.py:tiny")
         c.ppo.ppo.samples_every = 0
+        c.grpo = stage("grpo.py:tiny")  # the task's rule-based reward, no reward model
+        c.grpo.grpo.samples_every = 0
         c.dpo = stage("dpo.py:tiny")
         # From the tiny SFT policy, dpo.py:tiny (beta 0.1, lr 1e-3) separates chosen from rejected
         # (~93% held-out accuracy) but drives both log-likelihoods down until sampling degenerates

@@ -35,7 +35,9 @@ HARDWARE = {
 
 def get_config(preset: str = "tiny"):
     c = base_config("ppo")
-    c.reward = mlc.ConfigDict(dict(path=""))
+    # reward sources: a reward model (path, its score x weight) and/or host reward functions
+    # (`module:function` names and weights, comma-separated; easyrl/rewards.py), summed
+    c.reward = mlc.ConfigDict(dict(path="", weight=1.0, functions="", weights=""))
     c.value = mlc.ConfigDict(dict(path=""))  # empty: initialize the critic from reward.path
     c.value_optim = mlc.ConfigDict(c.optim.to_dict())
     c.ppo = mlc.ConfigDict(dict(

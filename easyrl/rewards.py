@@ -309,6 +309,13 @@ class RewardSet:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str],
                  completion_ids: Sequence | None, columns: dict | None = None):
         """``(total [N] float32, metrics)`` for a batch; see the module doc."""
+        return self.combine(self.values(prompts, completions, completion_ids, columns))
+
+    def values(self, prompts: Sequence[str], completions: Sequence[str],
+               completion_ids: Sequence | None, columns: dict | None = None) -> np.ndarray:
+        """Every source's rewards for a batch: float64 ``[N, K]`` (K sources, in order), NaN
+        where a source returned ``None``. ``combine`` turns (rows of) it into the total; the
+        online-RL loop computes it on each host's own rows and gathers the rows of all hosts."""
         if not self.sources:
             raise ValueError("no reward sources configured (reward.functions or a reward model)")
         prompts, completions = list(prompts), list(completions)
@@ -324,10 +331,8 @@ class RewardSet:
             if len(v) != n:
                 raise ValueError(f"rewards: column {k!r} has {len(v)} values for {n} prompts")
         kwargs = {**{k: v for k, v in self.context.items() if k not in _RESERVED}, **columns}
-        total = np.zeros(n, np.float64)
-        applicable = np.zeros(n, bool)
-        metrics: dict[str, float] = {}
-        for s in self.sources:
+        out = np.full((n, len(self.sources)), np.nan, np.float64)
+        for j, s in enumerate(self.sources):
             label = s.label()
             try:
                 if s.takes_columns:
@@ -336,9 +341,25 @@ class RewardSet:
                     result = s.fn(prompts, completions, completion_ids)
             except Exception as e:  # user code: one line naming the source
                 raise RewardError(f"{label} raised {_one_line(e)}") from None
-            values = _to_values(result, n, label)
-            got = np.array([v is not None for v in values])
-            vals = np.array([v for v in values if v is not None], np.float64)
+            for i, v in enumerate(_to_values(result, n, label)):
+                if v is not None:
+                    out[i, j] = v
+        return out
+
+    def combine(self, values: np.ndarray):
+        """``(total [N] float32, metrics)`` from ``values`` [N, K] (see ``values``)."""
+        values = np.asarray(values, np.float64)
+        n = values.shape[0]
+        if values.ndim != 2 or values.shape[1] != len(self.sources):
+            raise ValueError(f"rewards: values of shape {values.shape} for {len(self.sources)} "
+                             f"sources")
+        total = np.zeros(n, np.float64)
+        applicable = np.zeros(n, bool)
+        metrics: dict[str, float] = {}
+        for j, s in enumerate(self.sources):
+            col = values[:, j]
+            got = ~np.isnan(col)
+            vals = col[got]
             if vals.size:
                 metrics[f"rewards/{s.name}/mean"] = float(vals.mean())
                 metrics[f"rewards/{s.name}/std"] = float(vals.std())

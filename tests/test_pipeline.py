@@ -1,5 +1,5 @@
 """`python -m easyrl pipeline`: stage wiring and presets (fast), and the whole recipe end to end at
-a reduced size (slow): exports load with `from_pretrained` and match easyrl, PPO / DPO / RRHF beat
+a reduced size (slow): exports load with `from_pretrained` and match easyrl, PPO / GRPO / DPO / RRHF beat
 SFT on the held-out true reward, report.md and its plots exist, a second run reuses everything."""
 import json
 import os
@@ -17,7 +17,8 @@ ROOT = os.path.dirname(HERE)
 
 # The reduced pipeline: configs/pipeline.py:tiny with 60 PPO iterations instead of 100 (measured
 # with these settings: held-out true reward sft 0.469, ppo 0.584, dpo 0.537, rrhf 0.547 over
-# 256 prompts x 4 samples, standard error ~0.01), on one device as a user's laptop would run it.
+# 256 prompts x 4 samples, standard error ~0.01; now 8 samples), on one device as a user's laptop
+# would run it. GRPO runs its tiny preset (150 iterations, ~40 s).
 REDUCED = [
     "--config.mesh=dp:1,fsdp:1,tp:1",
     "--config.ppo.train.steps=60",
@@ -31,10 +32,10 @@ def test_stage_wiring_and_overrides(tmp_path):
                                          "--config.mesh=dp:1,fsdp:1,tp:1",
                                          "--config.ppo.train.steps=7", "--config.rm.optim.lr=0.5"])
     stages = P.parse_stages(c)
-    assert stages == ["sft", "rm", "ppo", "dpo", "rrhf"]
+    assert stages == ["sft", "rm", "ppo", "grpo", "dpo", "rrhf"]
     s = {n: P.stage_config(c, n, stages) for n in stages}
     assert s["sft"].output_dir == str(tmp_path / "sft") and s["sft"].command == "sft"
-    for n in ("rm", "ppo", "dpo", "rrhf"):
+    for n in ("rm", "ppo", "grpo", "dpo", "rrhf"):
         assert s[n].model.path == str(tmp_path / "sft"), n
         assert s[n].output_dir == str(tmp_path / n)
     assert s["ppo"].reward.path == str(tmp_path / "rm")
@@ -150,7 +151,7 @@ def test_pipeline_end_to_end(tmp_path):
     r = _pipeline(out, env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for i, stage in enumerate(P.STAGES, 1):
-        assert f"[pipeline {i}/5] {stage}: " in r.stdout
+        assert f"[pipeline {i}/{len(P.STAGES)}] {stage}: " in r.stdout
 
     # held-out evaluation: every RLHF method beats its SFT starting point on the true reward
     ev = json.loads((out / "eval.json").read_text())["results"]
@@ -158,9 +159,9 @@ def test_pipeline_end_to_end(tmp_path):
                                                    "response_len", "true_reward_greedy")}
                for n in ev}
     print(json.dumps(summary, indent=1))
-    assert set(ev) == {"sft", "ppo", "dpo", "rrhf"}
+    assert set(ev) == {"sft", "ppo", "grpo", "dpo", "rrhf"}
     assert ev["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4)
-    for name in ("ppo", "dpo", "rrhf"):
+    for name in ("ppo", "grpo", "dpo", "rrhf"):
         # beats SFT by more than the sampling noise (standard error ~0.01 on 1024 responses)
         assert ev[name]["true_reward"] > ev["sft"]["true_reward"] + 0.02, (name, summary)
         assert ev[name]["kl_to_sft"] > 0, (name, summary)
@@ -168,16 +169,18 @@ def test_pipeline_end_to_end(tmp_path):
 
     # report and plots
     report = (out / "report.md").read_text()
-    for png in ("sft_loss.png", "rm_accuracy.png", "ppo.png", "dpo.png", "rrhf.png", "eval.png"):
+    for png in ("sft_loss.png", "rm_accuracy.png", "ppo.png", "grpo.png", "dpo.png", "rrhf.png",
+                "eval.png"):
         assert (out / "plots" / png).stat().st_size > 10_000, png
         assert f"](plots/{png})" in report, png
     assert "| policy | true reward |" in report
-    for name in ("sft", "ppo", "dpo", "rrhf"):
+    assert "pass@8" in report and ev["grpo"]["pass@1"] > ev["sft"]["pass@1"]
+    for name in ("sft", "ppo", "grpo", "dpo", "rrhf"):
         assert f"| **{name}** | {ev[name]['true_reward']:.3f} |" in report
 
     # exports: HF folders that reproduce easyrl's logits / scores
     texts = ["sort: f b d a a b d f", "sort: k e j m e j k m", "sort: c a"]
-    for name in ("sft", "ppo", "dpo", "rrhf"):
+    for name in ("sft", "ppo", "grpo", "dpo", "rrhf"):
         d = out / "export" / name
         for f in ("config.json", "model.safetensors", "generation_config.json", "README.md",
                   "tokenizer.json"):

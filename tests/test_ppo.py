@@ -292,3 +292,34 @@ def test_nonfinite_updates_are_skipped_and_stop_the_run(random_models, tmp_path)
     assert step is not None and step < 20
     _, _, params = checkpoint.load_model(str(tmp_path / "run"))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+# ---- reward sources shared with the group trainers (issue 16) -------------------------------
+def test_reward_functions_beside_or_instead_of_the_reward_model(random_models, tmp_path):
+    """reward.functions join the reward model's score (weighted by reward.weight); with
+    reward.weight=0 the score is the functions' total alone; without reward.path the critic
+    starts from value.path (an LM: fresh value head)."""
+    from easyrl.algorithms import ppo
+    c = launch.parse_config("ppo", ppo_args(random_models, tmp_path / "both", "--config.train.steps=2",
+                                            "--config.reward.functions=length_penalty",
+                                            "--config.reward.weight=0"))
+    ppo.train(c)
+    for r in read_metrics(str(tmp_path / "both")):
+        assert r["objective/scores"] == pytest.approx(r["reward"], abs=1e-6)
+        assert r["rewards/length_penalty/mean"] < 0
+    c = launch.parse_config("ppo", ppo_args(random_models, tmp_path / "fn", "--config.train.steps=1",
+                                            "--config.reward.path=",
+                                            "--config.reward.functions=synthetic",
+                                            f"--config.value.path={random_models / 'policy'}"))
+    ppo.train(c)
+    r = read_metrics(str(tmp_path / "fn"))[0]
+    assert r["objective/scores"] == pytest.approx(r["rewards/synthetic/mean"], abs=1e-6)
+    assert r["objective/scores"] == pytest.approx(r["objective/true_reward"], abs=1e-6)
+
+
+def test_no_reward_source_names_the_keys(random_models, tmp_path):
+    from easyrl.algorithms import ppo
+    c = launch.parse_config("ppo", ppo_args(random_models, tmp_path, "--config.reward.path=",
+                                            "--config.reward.functions=synthetic"))
+    with pytest.raises(ValueError, match=r"value\.path"):
+        ppo.train(c)

@@ -76,3 +76,49 @@ def pair_batch_spec(rows: int, seq_len: int) -> dict:
          for k in ("input_ids", "attention_mask", "loss_mask")}
     b["margin"] = jax.ShapeDtypeStruct((rows,), jnp.float32)  # 0 where the data has none
     return b
+
+
+# ---- the frozen reference of the online trainers -------------------------------------------
+def reference(c, policy, policy_config):
+    """(ref, ref_adapters, ref_config) for a policy about to be trained (PPO, GRPO, ...).
+
+    Full fine-tuning: ref is a frozen copy of the initial policy (own buffers: the policy is
+    donated). LoRA (`model.lora.rank > 0`): no copy; the reference is the policy's own base
+    with the adapters off (ref_config = `lora.disabled(policy_config)`), or, when continuing
+    a loaded adapter (`model.lora.init_from`), the base with a frozen copy of that adapter
+    (ref_adapters; ref_config = the policy's). `reference_params` resolves it per iteration."""
+    from easyrl.model.lora import disabled
+    from easyrl.model.trainable import adapters
+    if policy_config.lora_rank <= 0:
+        return jax.tree.map(jnp.copy, policy), None, policy_config
+    if c.model.lora.init_from:
+        return None, jax.tree.map(jnp.copy, adapters(policy)), policy_config
+    return None, None, disabled(policy_config)
+
+
+def reference_params(ref, ref_adapters, policy):
+    """The reference's params for this iteration (see `reference`)."""
+    from easyrl.model.trainable import combine, strip
+    if ref is not None:
+        return ref
+    return policy if ref_adapters is None else combine(ref_adapters, strip(policy))
+
+
+def config_at(c, path: str, lora_on: bool = True):
+    """A copy of config `c` whose model.path is `path` (to load the reward / value models).
+    The value model gets fresh LoRA adapters like the policy (never the policy's init_from);
+    the reward model (lora_on=False) none: it is not trained."""
+    import ml_collections as mlc
+    from easyrl.train import setup
+    sub = mlc.ConfigDict(c.to_dict())
+    sub.model.path = path
+    if sub.model.get("lora") is not None:
+        if lora_on and sub.model.lora.init_from:  # the policy's adapter shape, fresh weights
+            rt = setup.lora_runtime(c)
+            sub.model.lora.update(rank=rt["lora_rank"], alpha=rt["lora_alpha"],
+                                  targets=rt["lora_targets"])
+        sub.model.lora.init_from = ""
+        sub.model.lora.rank = sub.model.lora.rank if lora_on else 0
+        if not lora_on or not sub.model.lora.rank:
+            sub.model.lora.base_dtype = ""
+    return sub

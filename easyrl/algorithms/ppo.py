@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import optax
 
 from easyrl import losses
+from easyrl.algorithms.common import config_at, reference, reference_params
 from easyrl.algorithms.registry import Algorithm
 from easyrl import model as M
 from easyrl.rollout import response_logprobs
-from easyrl.model.trainable import adapters, combine, partition, strip
+from easyrl.model.trainable import combine, partition
 from easyrl.train.optim import all_finite, global_norm
 
 
@@ -66,7 +67,10 @@ def score_rollout(cfgs, models, tokens, attn, resp_mask, *, prompt_len: int, tem
     ref_cfg = cfgs.get("ref", cfgs["policy"])
     ref_lp, _ = response_logprobs(ref_cfg, models["ref"], tokens, attn, prompt_len, temperature)
     values = response_values(cfgs["value"], models["value"], tokens, attn, prompt_len)
-    scores = M.score(cfgs["reward"], models["reward"], tokens, attn)
+    if cfgs.get("reward") is None:  # no reward model: the host reward functions alone
+        scores = jnp.zeros(tokens.shape[:1], jnp.float32)
+    else:
+        scores = M.score(cfgs["reward"], models["reward"], tokens, attn)
     m = resp_mask.astype(jnp.float32)
     return dict(logprobs=lp * m, ref_logprobs=ref_lp * m, values=values * m, scores=scores,
                 entropy=ent * m)
@@ -170,11 +174,15 @@ def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, 
 
 # ----------------------------------------------------------------------------- the iteration
 def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask=None,
-                   state_sharding=None, mesh=None):
+                   state_sharding=None, mesh=None, host_rewards=None, reward_weight=1.0):
     """PPO's jitted pieces of one online-RL iteration (`rl_loop.Iteration`) for config section
-    `p` (= c.ppo). cfgs: model configs by role (policy, ref, value, reward). With a mesh, the
-    update's output state keeps `state_sharding`. The sampler's `p.top_k` / `p.top_p` (default
-    0 / 1: off) filter the old and new policy log-probs (`score_rollout`, `make_update`)."""
+    `p` (= c.ppo). cfgs: model configs by role (policy, ref, value, reward; reward None: no
+    reward model). With a mesh, the update's output state keeps `state_sharding`. The sampler's
+    `p.top_k` / `p.top_p` (default 0 / 1: off) filter the old and new policy log-probs
+    (`score_rollout`, `make_update`).
+
+    host_rewards (`rl_loop.HostRewards`, from reward.functions): the sequence score is then
+    reward_weight * (reward-model score) + the weighted sum of the reward functions."""
     from easyrl import parallel
     from easyrl.train.rl_loop import Iteration
     plen = p.max_prompt_len
@@ -184,6 +192,10 @@ def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask
         top_p=top_p))
 
     def adv(scored, roll, ctrl):
+        if host_rewards is not None:
+            scored = dict(scored, scores=reward_weight * scored["scores"] + roll["rewards"])
+        elif reward_weight != 1.0:
+            scored = dict(scored, scores=reward_weight * scored["scores"])
         a, ret, stats = advantages(
             scored, roll["resp_mask"], roll["has_eos"], kl_coef=ctrl["kl_coef"],
             kl_estimator=p.kl_estimator, gamma=p.gamma, lam=p.lam,
@@ -202,38 +214,15 @@ def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask
         value_mask=value_mask, top_k=top_k, top_p=top_p), donate_argnums=(0,),
         out_shardings=out_sh)
 
-    def models(state, frozen):
-        ref = frozen["ref"]
-        if ref is None:  # LoRA: the policy's own base, with the frozen initial adapters if any
-            ref = state.policy if frozen.get("ref_adapters") is None else combine(
-                frozen["ref_adapters"], strip(state.policy))
+    def models(state, frozen):  # LoRA: the policy's own base (+ the frozen initial adapters)
+        ref = reference_params(frozen["ref"], frozen.get("ref_adapters"), state.policy)
         return dict(policy=state.policy, ref=ref, value=state.value, reward=frozen["reward"])
 
     return Iteration(models=models, score=score, advantages=jax.jit(adv), update=update,
-                     policy=lambda state: state.policy)
+                     policy=lambda state: state.policy, rewards=host_rewards)
 
 
 # ----------------------------------------------------------------------------- wiring
-def _at(c, path: str, lora_on: bool = True):
-    """A copy of config `c` whose model.path is `path` (to load the reward / value models).
-    The value model gets fresh LoRA adapters like the policy (never the policy's init_from);
-    the reward model (lora_on=False) none: it is not trained."""
-    import ml_collections as mlc
-    from easyrl.train import setup
-    sub = mlc.ConfigDict(c.to_dict())
-    sub.model.path = path
-    if sub.model.get("lora") is not None:
-        if lora_on and sub.model.lora.init_from:  # the policy's adapter shape, fresh weights
-            rt = setup.lora_runtime(c)
-            sub.model.lora.update(rank=rt["lora_rank"], alpha=rt["lora_alpha"],
-                                  targets=rt["lora_targets"])
-        sub.model.lora.init_from = ""
-        sub.model.lora.rank = sub.model.lora.rank if lora_on else 0
-        if not lora_on or not sub.model.lora.rank:
-            sub.model.lora.base_dtype = ""
-    return sub
-
-
 def validate(c, mesh, max_positions: int) -> None:
     from easyrl import parallel
     p = c.ppo
@@ -255,8 +244,13 @@ def validate(c, mesh, max_positions: int) -> None:
     if p.max_prompt_len + p.max_new_tokens > max_positions:
         raise ValueError(f"config ppo.max_new_tokens: max_prompt_len + max_new_tokens = "
                          f"{p.max_prompt_len + p.max_new_tokens} exceeds max_position_embeddings={max_positions}")
-    if not c.reward.path:
-        raise ValueError("config reward.path: PPO needs a reward model (an `easyrl rm` run dir or HF folder)")
+    if not (c.reward.path or c.reward.get("functions")):
+        raise ValueError("config reward.path: PPO needs a reward source: a reward model (an "
+                         "`easyrl rm` run dir or HF folder) and/or reward.functions")
+    if not (c.value.path or c.reward.path):
+        raise ValueError("config value.path: without a reward model (reward.path) the critic "
+                         "needs its own initialization (an `easyrl rm` run dir or a causal-LM "
+                         "folder, e.g. the SFT policy)")
     if p.kl_estimator not in ("k1", "k3"):
         raise ValueError(f"config ppo.kl_estimator: {p.kl_estimator!r}, expected k1 or k3")
     lo = c.model.get("lora")
@@ -268,27 +262,25 @@ def validate(c, mesh, max_positions: int) -> None:
 def build(env):
     """Policy, reference, reward and value models, optimizers and the PPO state (`rl_loop.Online`)."""
     from easyrl import parallel
-    from easyrl.model.lora import disabled
     from easyrl.model.trainable import trainable_mask
     from easyrl.train import setup
     from easyrl.train.optim import make_optimizer
     from easyrl.train.rl_loop import Online
     c, mesh, pcfg = env.config, env.mesh, env.policy_config
     p = c.ppo
-    rc = _at(c, c.reward.path, lora_on=False)
-    rcfg = setup.model_config(rc)
-    vc = _at(c, c.value.path or c.reward.path)
+    rcfg = reward = None
+    if c.reward.path:
+        rc = config_at(c, c.reward.path, lora_on=False)
+        rcfg = setup.model_config(rc)
+        reward = setup.load_params(rc, rcfg, "reward", mesh)
+    vc = config_at(c, c.value.path or c.reward.path)
     vcfg = setup.model_config(vc)
     policy = setup.load_params(c, pcfg, "causal_lm", mesh)
     use_lora = pcfg.lora_rank > 0
-    # LoRA: the reference is the policy with its adapters off (no copy); else a frozen copy
-    ref = None if use_lora else jax.tree.map(jnp.copy, policy)  # own buffers: policy is donated
-    # LoRA continuing an adapter (model.lora.init_from): the reference is the initial policy, the
-    # base with that adapter frozen (a copy of the adapter leaves only); else the base alone
-    ref_adapters = (jax.tree.map(jnp.copy, adapters(policy))
-                    if use_lora and c.model.lora.init_from else None)
-    reward = setup.load_params(rc, rcfg, "reward", mesh)
-    value = setup.load_params(vc, vcfg, "value", mesh)
+    # LoRA: the reference is the policy with its adapters off (no copy; with model.lora.init_from
+    # the base + a frozen copy of the loaded adapter); else a frozen copy (`common.reference`)
+    ref, ref_adapters, ref_cfg = reference(c, policy, pcfg)
+    value = setup.load_params(vc, vcfg, "value", mesh, init_missing_head=True)  # LM: fresh head
     pol_mask = trainable_mask(policy) if use_lora else None
     val_mask = trainable_mask(value) if vcfg.lora_rank > 0 else None
     n_updates = env.total_steps * p.ppo_epochs * p.num_minibatches
@@ -306,10 +298,17 @@ def build(env):
     state_sh = PPOState(step=repl, policy=sh(policy), value=sh(value), policy_opt=pol_opt_sh,
                         value_opt=val_opt_sh)
     state = jax.device_put(state, state_sh)
-    cfgs = dict(policy=pcfg, ref=pcfg if ref_adapters is not None else disabled(pcfg), value=vcfg,
-                reward=rcfg)
+    cfgs = dict(policy=pcfg, ref=ref_cfg, value=vcfg, reward=rcfg)
+    hr = None
+    if c.reward.get("functions"):  # host reward functions, added to the reward model's score
+        from easyrl.rewards import load_reward_functions
+        from easyrl.train.rl_loop import HostRewards
+        hr = HostRewards(load_reward_functions(
+            c.reward.functions, c.reward.weights,
+            context={"max_completion_length": int(p.max_new_tokens)}), env.tokenizer, mesh)
     it = make_iteration(cfgs, p, policy_tx, value_tx, policy_mask=pol_mask, value_mask=val_mask,
-                        state_sharding=state_sh, mesh=mesh)
+                        state_sharding=state_sh, mesh=mesh, host_rewards=hr,
+                        reward_weight=float(c.reward.get("weight", 1.0)))
 
     def items(s):
         return dict(params=s.policy, value=s.value, policy_opt=s.policy_opt, value_opt=s.value_opt)

@@ -11,7 +11,13 @@ optimizes; no top-k / top-p), give
 * `kl_to_sft`: mean over responses of sum_t [log pi(y_t | x, y_<t) - log pi_sft(y_t | x, y_<t)]
   (log-probs at temperature 1, response tokens incl. EOS). At eval.temperature = 1 this is the
   Monte-Carlo estimate of the sequence-level KL(pi || pi_sft); 0 for the SFT policy itself;
-* `response_len`: generated tokens incl. EOS; `eos_fraction`: responses that ended with EOS.
+* `response_len`: generated tokens incl. EOS; `eos_fraction`: responses that ended with EOS;
+* with a rule-based reward (verifiable: correct = true reward 1), from the same n =
+  `eval.num_samples` responses per prompt: `pass@k`, the unbiased estimator of Chen et al. 2021
+  (1 - C(n - c, k) / C(n, k), c correct of n), and `maj@k`, whether the majority answer of the
+  first k responses is correct (answer = the response's whitespace-split tokens joined by one
+  space; ties to the answer seen first), both averaged over prompts, for k in 1, 4, 8 (those
+  <= n). pass@1 equals `exact`. See `easyrl.pipeline.metrics_at_k`.
 
 With `eval.greedy` the same metrics (suffix `_greedy`) are also computed on greedy responses:
 the policy's mode. Every policy sees the same prompts and the same sampling keys.
@@ -29,6 +35,7 @@ from easyrl import checkpoint, parallel, rollout
 from easyrl import model as M
 from easyrl.generate import make_sampler
 from easyrl.parallel import to_host
+from easyrl.pipeline.metrics_at_k import at_k_metrics, normalize_answer
 
 
 def prompt_source(ec) -> Optional[str]:
@@ -118,7 +125,7 @@ def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, templat
         for suffix, temp, reps in modes:
             sampler = make_sampler(cfg, max_new_tokens=ec.max_new_tokens, temperature=temp,
                                    eos_token_id=eos, pad_token_id=tok.pad_token_id, mesh=mesh)
-            acc = {"true": [], "rm": [], "len": [], "kl": [], "eos": []}
+            acc = {"true": [], "answer": [], "rm": [], "len": [], "kl": [], "eos": []}
             for r in range(reps):
                 rep = {k: [] for k in acc}
                 for b, (batch, texts) in enumerate(batches):
@@ -135,6 +142,7 @@ def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, templat
                         rep["rm"] += np.asarray(to_host(s["rm"])).tolist()
                     if rule is not None:
                         rep["true"] += [rule(q, a) for q, a in zip(texts, resp)]
+                        rep["answer"] += [normalize_answer(a) for a in resp]
                     bar.update(1)
                     if r == 0 and b == 0:  # a few examples for the report
                         samples += [{"mode": suffix[1:] or "sampled", "prompt": q, "response": a}
@@ -145,6 +153,10 @@ def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, templat
                 t = acc["true"]
                 out[f"true_reward{suffix}"] = float(np.mean(t))
                 out[f"exact{suffix}"] = float(np.mean([x == 1.0 for x in t]))
+                if not suffix:  # acc holds sample r of prompt p at r * n + p
+                    correct = [[t[r * n + p] == 1.0 for r in range(reps)] for p in range(n)]
+                    answers = [[acc["answer"][r * n + p] for r in range(reps)] for p in range(n)]
+                    out.update(at_k_metrics(correct, answers))
             if rm is not None:
                 out[f"rm_score{suffix}"] = float(np.mean(acc["rm"]))
             out[f"response_len{suffix}"] = float(np.mean(acc["len"]))

@@ -11,6 +11,7 @@ DESCRIPTIONS = {
     "sft": "supervised fine-tuning (SFT) policy",
     "rm": "reward model (initialized from the SFT model; trained on preference pairs)",
     "ppo": "PPO policy (from the SFT policy, against the reward model, KL penalty to the SFT policy)",
+    "grpo": "GRPO policy (from the SFT policy, group-relative advantages of rule-based rewards)",
     "dpo": "DPO policy (from the SFT policy, which is also the reference)",
     "rrhf": "RRHF policy (from the SFT policy)",
 }
@@ -19,6 +20,8 @@ HEADLINE = {  # final metrics worth a line in the card, per stage
     "rm": ("loss", "accuracy", "eval/loss", "eval/accuracy", "eval/margin"),
     "ppo": ("objective/scores", "objective/kl", "objective/true_reward", "objective/kl_coef",
             "tokens/response_len"),
+    "grpo": ("reward", "reward_std", "frac_reward_zero_std", "entropy", "objective/true_reward",
+             "completions/mean_length"),
     "dpo": ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies",
             "eval/rewards/margins"),
     "rrhf": ("loss", "rank_acc", "eval/loss", "eval/rank_acc"),

@@ -6,7 +6,8 @@ from typing import Optional
 
 import numpy as np
 
-POLICIES = ("sft", "ppo", "dpo", "rrhf")
+POLICIES = ("sft", "ppo", "grpo", "dpo", "rrhf")
+AT_K = ("pass@1", "pass@4", "pass@8", "maj@4", "maj@8")  # report columns (eval has maj@1 too)
 
 
 def _series(rows, key):
@@ -66,6 +67,11 @@ PLOTS = {
             [("objective/scores", "RM score", None, "mean RM score of rollouts", 5),
              ("objective/kl", "KL to SFT", None, "sum_t (log pi - log pi_sft)", 5),
              ("objective/true_reward", "true reward", None, "rule-based reward of rollouts", 5)]),
+    "grpo": ("grpo.png", "GRPO: rule-based reward, its spread within groups and entropy",
+             [("reward", "reward", None, "mean reward of rollouts (reward.functions)", 5),
+              ("frac_reward_zero_std", "groups with one reward", None,
+               "fraction of groups whose G rewards are equal", 5),
+              ("entropy", "entropy", None, "token entropy of the policy", 5)]),
     "dpo": ("dpo.png", "DPO: implicit-reward margins and accuracies",
             [("rewards/margins", "train margin", "eval/rewards/margins", "beta * (h_chosen - h_rejected)", 0),
              ("rewards/accuracies", "train accuracy", "eval/rewards/accuracies", "accuracy", 0)]),
@@ -105,7 +111,8 @@ def plot_eval(results: dict, out_dir: str) -> Optional[str]:
                                 ("kl_to_sft", "KL to SFT"))
             if all(k in results[n] for n in names)]
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.6), squeeze=False)
-    colors = {"sft": "tab:gray", "ppo": "tab:blue", "dpo": "tab:green", "rrhf": "tab:purple"}
+    colors = {"sft": "tab:gray", "ppo": "tab:blue", "grpo": "tab:orange", "dpo": "tab:green",
+              "rrhf": "tab:purple"}
     for ax, (k, t) in zip(axes[0], cols):
         vals = [results[n][k] for n in names]
         bars = ax.bar(names, vals, color=[colors.get(n, "tab:olive") for n in names])
@@ -157,6 +164,10 @@ def stage_summary(stage: str, rows: list) -> str:
         parts = [("RM score (first 5 -> last 5 iterations)", fl("objective/scores", 5)),
                  ("true reward", fl("objective/true_reward", 5)),
                  ("KL to SFT", fl("objective/kl", 5))]
+    elif stage == "grpo":
+        parts = [("reward (first 5 -> last 5 iterations)", fl("reward", 5)),
+                 ("groups with one reward", fl("frac_reward_zero_std", 5)),
+                 ("entropy", fl("entropy", 5))]
     elif stage == "dpo":
         parts = [("train margin", fl("rewards/margins")),
                  ("held-out accuracy", last("eval/rewards/accuracies")),
@@ -215,25 +226,38 @@ def write_report(output_dir: str, *, stages: list, stage_info: dict, metrics: di
         lines += ["## Policies on held-out prompts", "",
                   f"{es.get('num_prompts', '?')} held-out prompts x {es.get('num_samples', 1)} "
                   f"response(s) each, {how}, up to {es.get('max_new_tokens', '?')} new tokens.", ""]
-        names = [n for n in POLICIES if n in evaluation]
+        names = [n for n in POLICIES if n in evaluation] + [n for n in evaluation if n not in POLICIES]
         has_true = any("true_reward" in evaluation[n] for n in names)
         has_rm = any("rm_score" in evaluation[n] for n in names)
         has_greedy = any("true_reward_greedy" in evaluation[n] for n in names)
-        head = ["policy"] + (["true reward", "exact"] if has_true else []) + \
+        at_k = [k for k in AT_K if any(k in evaluation[n] for n in names)]
+        # pass@1 is the fraction of responses exactly right: it replaces the `exact` column
+        correct_cols = at_k if "pass@1" in at_k else ["exact"] + at_k
+        n_samples = es.get("num_samples", 1)
+        head = ["policy"] + (["true reward"] + correct_cols if has_true else []) + \
             (["RM score"] if has_rm else []) + ["KL to SFT", "mean response length"] + \
             (["true reward (greedy)"] if has_greedy else [])
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for n in names:
             r = evaluation[n]
-            row = [f"**{n}**"] + ([_fmt(r.get("true_reward")), _fmt(r.get("exact"))] if has_true else []) + \
+            row = [f"**{n}**"] + ([_fmt(r.get("true_reward"))] + [_fmt(r.get(k)) for k in correct_cols]
+                                  if has_true else []) + \
                 ([_fmt(r.get("rm_score"))] if has_rm else []) + \
                 [_fmt(r.get("kl_to_sft")), _fmt(r.get("response_len"), 2)] + \
                 ([_fmt(r.get("true_reward_greedy"))] if has_greedy else [])
             lines.append("| " + " | ".join(row) + " |")
         bullets = [
             "- **true reward**: the synthetic task's rule-based reward in [0, 1] (0.5 x letters "
-            "right + 0.5 x positions right; 1 = correctly sorted); **exact**: the fraction of "
-            "responses that are exactly right." if has_true else "",
+            "right + 0.5 x positions right; 1 = correctly sorted)" + (
+                "; **exact**: the fraction of responses that are exactly right."
+                if "exact" in correct_cols else ".") if has_true else "",
+            f"- **pass@k**: the chance that at least one of k of a prompt's {n_samples} responses "
+            "is exactly right (true reward 1), the unbiased estimator 1 - C(n-c, k) / C(n, k) of "
+            "Chen et al. 2021 (c right of n), averaged over prompts; pass@1 = the fraction of "
+            "responses exactly right. **maj@k**: the fraction of prompts whose most frequent "
+            "answer among their first k responses (whitespace-normalized text; ties to the "
+            "first seen) is right. Both from the same sampled responses."
+            if has_true and at_k else "",
             "- **RM score**: the trained reward model's score of prompt + response." if has_rm else "",
             "- **KL to SFT**: mean over responses of sum_t [log pi(y_t) - log pi_sft(y_t)] on each "
             "policy's own responses (in nats; at temperature 1 an estimate of KL(pi || pi_sft)).",

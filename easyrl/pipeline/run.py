@@ -1,4 +1,4 @@
-"""`python -m easyrl pipeline`: SFT -> reward model -> PPO, DPO and RRHF from the SFT model ->
+"""`python -m easyrl pipeline`: SFT -> reward model -> PPO, GRPO, DPO and RRHF from the SFT model ->
 HF exports with model cards -> held-out evaluation -> report.md. See configs/pipeline.py."""
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ from easyrl.algorithms import registry
 from easyrl.algorithms.registry import Algorithm
 from easyrl.train.run import config_diff, normalize, say, total_steps
 
-STAGES = ("sft", "rm", "ppo", "dpo", "rrhf")
-POLICIES = ("sft", "ppo", "dpo", "rrhf")
+STAGES = ("sft", "rm", "ppo", "grpo", "dpo", "rrhf")
+POLICIES = ("sft", "ppo", "grpo", "dpo", "rrhf")
 TITLES = {
     "sft": "supervised fine-tuning",
     "rm": "reward model from the SFT model",
     "ppo": "PPO from the SFT policy against the reward model",
+    "grpo": "GRPO from the SFT policy with the task's rule-based reward",
     "dpo": "DPO from the SFT policy",
     "rrhf": "RRHF from the SFT policy",
 }
@@ -67,7 +68,7 @@ def stage_config(c, name: str, stages: list) -> mlc.ConfigDict:
         s.model.path = stage_dir(c, "sft")
     if "reward.path" in wired:
         s.reward.path = stage_dir(c, "rm")
-    if name != "sft" and not s.model.path and name in ("rm", "ppo"):
+    if name != "sft" and not s.model.path and name in ("rm", "ppo", "grpo"):
         raise ValueError(f"config {name}.model.path: stage {name} needs a starting model; add "
                          f"sft to stages or set {name}.model.path")
     return s
@@ -147,7 +148,8 @@ def _distributed_once():
         parallel.initialize_distributed = orig
 
 
-DEPENDS = {"rm": ("sft",), "ppo": ("sft", "rm"), "dpo": ("sft",), "rrhf": ("sft",)}
+DEPENDS = {"rm": ("sft",), "ppo": ("sft", "rm"), "grpo": ("sft",), "dpo": ("sft",),
+           "rrhf": ("sft",)}
 
 
 def redo_set(c, stages) -> list:
@@ -339,7 +341,8 @@ def run(c) -> dict:
 
 
 def _table(results: dict) -> str:
-    cols = (("true_reward", "true reward"), ("rm_score", "RM score"), ("kl_to_sft", "KL to SFT"),
+    cols = (("true_reward", "true reward"), ("pass@1", "pass@1"), ("pass@8", "pass@8"),
+            ("maj@8", "maj@8"), ("rm_score", "RM score"), ("kl_to_sft", "KL to SFT"),
             ("response_len", "length"))
     cols = [(k, t) for k, t in cols if any(k in r for r in results.values())]
     head = f"{'policy':<8}" + "".join(f"{t:>13}" for _, t in cols)
@@ -350,4 +353,4 @@ def _table(results: dict) -> str:
 
 ALGORITHM = Algorithm(
     command="pipeline", loop="recipe", order=90, run=run,
-    help="the whole recipe: SFT -> RM -> PPO, DPO, RRHF -> HF exports, eval, report.md")
+    help="the whole recipe: SFT -> RM -> PPO, GRPO, DPO, RRHF -> HF exports, eval, report.md")

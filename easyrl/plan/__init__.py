@@ -15,7 +15,8 @@ Model config: `model.path` when it exists locally (an easyrl run dir / checkpoin
 Face folder's config.json); otherwise (placeholder paths such as /path/to/tulu2-13b, gs://) the
 preset from `--model-preset`, else an explicit `model.preset` (anything but the default 'tiny'),
 else one guessed from the path's name (`13b` -> llama2_13b, `llama-3...8b` -> llama3_8b, ...),
-else `model.preset`. PPO's reward / value models likewise (`--reward-preset`). With no
+else `model.preset`. PPO's reward / value models and GRPO's reward model likewise
+(`--reward-preset`). With no
 model.path the trainer's random-init preset is used with the tokenizer's vocabulary, as training
 would.
 
@@ -25,13 +26,17 @@ device_memory_gib=..., platform=..., name=...)}`, as configs/*.py give every rea
 else this machine's devices.
 
 SFT fuses the LM head with its cross-entropy in chunks (no [B, T, V] logits; the other trainers
-build full logits), and PPO's rollout counts the unrolled decode loop's second copy of the
+build full logits), and PPO's / GRPO's rollout counts the unrolled decode loop's copy of the
 decoder weights when the target backend is CPU (`--platform`; default: this machine's backend
 without `--devices`, else unknown and not counted); the report says which.
 
 LoRA (`model.lora.rank > 0`) is planned as the trainers hold it: the real init with adapters,
 the frozen base in `model.lora.base_dtype`, gradients and optimizer state of the adapters (+ a
-reward / value model's score head) only, and no reference copy (DPO / PPO: adapters off).
+reward / value model's score head) only, and no reference copy (DPO / PPO / GRPO: adapters off).
+
+GRPO: train.batch_size prompts x grpo.num_generations completions per rollout; no value model; a
+reference only when grpo.beta > 0; a reward model only when reward.path is set. `--compile` is
+not supported for it yet (it needs the GRPO trainer's update function).
 
 Files: `models.py` (which models, their abstract parameters / optimizer states, LoRA subsets),
 `memory.py` (bytes per device, the activation / KV-cache formulas and the memory model),

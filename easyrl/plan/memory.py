@@ -72,6 +72,17 @@ f = F/tp, v = V/tp, h = H/tp whenever tp divides them, as the partition rules sh
                                scoring = the largest forward-only pass over the rollout
                                batch; update = policy + value gradients and training activations
                                of one minibatch (batch / ppo.num_minibatches rows, both models).
+  GRPO                         train.batch_size counts prompts, each with G = grpo.num_generations
+                               completions. resident: policy + its optimizer state, a reference
+                               copy only when grpo.beta > 0 (none under LoRA: adapters off), a
+                               frozen reward model only when reward.path is set; NO value model.
+                               Phases: rollout = as PPO's over B*G rows; rewards = the reward
+                               model's forward over the whole rollout batch (rl_loop.HostRewards,
+                               one call); scoring = the larger forward (old / reference log-probs)
+                               over one micro-batch; update = policy gradients (x2 when a
+                               minibatch of B*G / grpo.num_minibatches rows is accumulated over
+                               several micro-batches of train.micro_batch_size*G rows; 0 = the
+                               whole minibatch) + training activations of one micro-batch.
   peak                         resident + the largest phase; "fits" = peak <= (1 - headroom) *
                                device memory (default headroom 10%: XLA temporaries, fragmentation).
 

@@ -6,9 +6,13 @@ LoRA (`model.lora.rank > 0`), as the trainers hold it (`easyrl.train.setup.load_
 kernels plus `lora_a [L, in, r]` / `lora_b [L, r, out]` on every targeted kernel), the frozen
 leaves in `model.lora.base_dtype` when set; only `trainable.trainable_mask` (the adapters, plus the
 `score` head of a reward / value model) trains, so gradients and the optimizer state cover
-`trainable.partition(params, mask)[0]` only. DPO's live reference and PPO's reference are the policy
-with its adapters off: no copy. PPO's value model gets fresh adapters like the policy; the reward
-model none (it is not trained).
+`trainable.partition(params, mask)[0]` only. DPO's live reference and PPO's / GRPO's reference
+are the policy with its adapters off: no copy. PPO's value model gets fresh adapters like the
+policy; the reward model none (it is not trained).
+
+GRPO (`grpo`): the policy, NO value model, a frozen reference only when `grpo.beta > 0` (a copy of
+the initial policy; LoRA: the adapters off), a reward model only when `reward.path` is set (frozen,
+no adapters; the reward functions run on the host).
 """
 from __future__ import annotations
 
@@ -138,17 +142,18 @@ def build_models(c, model_preset: Optional[str] = None,
     use_lora = pcfg.lora_rank > 0
     command = c.get("command", "sft")
     models: Dict[str, ModelInfo] = {}
+
+    def other(path, key):  # reward / value: its own name, else the policy's preset
+        if reward_preset:
+            return resolve_model_config(c, path, key, reward_preset)
+        if path and (guess_preset(path) or os.path.exists(os.path.expanduser(path))):
+            return resolve_model_config(c, path, key, guess_preset(path), hint_why="guessed from the name")
+        return resolve_model_config(c, path, key, _preset_name(psrc), hint_why="the policy's preset")
+
     if command == "ppo":
         rpath = c.reward.path
         vpath = c.value.path or rpath
         vkey = "value.path" if c.value.path else "reward.path"
-
-        def other(path, key):  # reward / value: its own name, else the policy's preset
-            if reward_preset:
-                return resolve_model_config(c, path, key, reward_preset)
-            if path and (guess_preset(path) or os.path.exists(os.path.expanduser(path))):
-                return resolve_model_config(c, path, key, guess_preset(path), hint_why="guessed from the name")
-            return resolve_model_config(c, path, key, _preset_name(psrc), hint_why="the policy's preset")
         rcfg, rsrc = other(rpath, "reward.path")
         rcfg = lora.disabled(rcfg)  # the reward model is not trained: no adapters (easyrl.algorithms.ppo: _at)
         vcfg, vsrc = other(vpath, vkey)
@@ -157,6 +162,14 @@ def build_models(c, model_preset: Optional[str] = None,
             specs.append(("reference", pcfg, "causal_lm", "a frozen copy of the policy", None))
         specs += [("reward", rcfg, "reward", rsrc, None),
                   ("value", vcfg, "value", vsrc, c.value_optim)]
+    elif command == "grpo":  # no critic; reference only with beta > 0; reward model if named
+        specs = [("policy", pcfg, "causal_lm", psrc, c.optim)]
+        if grpo_reference(c) and not use_lora:  # LoRA: the policy with its adapters off
+            specs.append(("reference", pcfg, "causal_lm",
+                          "a frozen copy of the initial policy (grpo.beta > 0)", None))
+        if c.reward.path:
+            rcfg, rsrc = other(c.reward.path, "reward.path")
+            specs.append(("reward", lora.disabled(rcfg), "reward", rsrc, None))  # not trained
     else:
         kind = "reward" if command == "rm" else "causal_lm"
         specs = [("policy", pcfg, kind, psrc, c.optim)]
@@ -185,6 +198,11 @@ def live_reference(c) -> bool:
     """Does the trainer run a reference forward pass every step (DPO, not precomputed / free)?"""
     d = c.get("dpo")
     return c.get("command") == "dpo" and not d.reference_free and not d.precompute_ref
+
+
+def grpo_reference(c) -> bool:
+    """Does the GRPO trainer hold a frozen reference (grpo.beta > 0: a KL term against it)?"""
+    return c.get("command") == "grpo" and float(c.grpo.beta) > 0
 
 
 def lora_trees(params, base_dtype: Optional[str] = None):

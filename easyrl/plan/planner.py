@@ -11,16 +11,17 @@ from easyrl.algorithms.rrhf import PLAN_RESPONSES
 from easyrl.plan.memory import (GiB, activation_bytes, count, decode_copy_tree,
                                head_bytes_per_token, head_chunk, kv_cache_bytes,
                                layer_bytes_per_token, per_device_bytes, tree_bytes)
-from easyrl.plan.models import ModelInfo, build_models, live_reference
+from easyrl.plan.models import ModelInfo, build_models, grpo_reference, live_reference
 from easyrl.platform_tuning import Tuning, tuning_for
 
 DEFAULT_HEADROOM = 0.10
-ROWS_PER_EXAMPLE = {"sft": 1, "rm": 2, "dpo": 2}  # rrhf: rrhf.num_responses; ppo: 1
+ROWS_PER_EXAMPLE = {"sft": 1, "rm": 2, "dpo": 2}  # rrhf: rrhf.num_responses; ppo: 1; grpo: G
 RRHF_DEFAULT_RESPONSES = PLAN_RESPONSES  # the algorithm's own assumption (its batch_spec)
 # easyrl.train.step.accumulate peels micro-batch 0 off the scan; with 2 micro-steps the scan has
 # length 1 and XLA schedules both micro-batches together (compiled temporaries ~ no accumulation).
 TWO_MICRO_STEPS_OVERLAP = 2
 LORA_REFERENCE = "reference: the policy with its LoRA adapters off (no copy of the weights)"
+GRPO_NO_REFERENCE = "reference: none (grpo.beta = 0: no KL term, no reference model held)"
 # trainers whose loss fuses the LM head with the cross-entropy in chunks (no [B, T, V] logits):
 # `algorithms.sft.make_loss` -> `losses.lm_head_loss_sums`; DPO / RRHF / PPO build full logits
 FUSED_HEAD_COMMANDS = ("sft",)
@@ -42,7 +43,8 @@ class Line:
 @dataclasses.dataclass
 class Setting:
     mesh: dict  # {'dp': .., 'fsdp': .., 'tp': ..}
-    micro: int  # examples per micro-batch (PPO: rows per update minibatch)
+    micro: int  # examples per micro-batch (PPO: rows per update minibatch; GRPO: completion rows
+    # per micro-batch = train.micro_batch_size x grpo.num_generations, or the whole minibatch)
     remat: str
 
     def mesh_spec(self) -> str:
@@ -62,6 +64,7 @@ class Plan:
     peak: float
     problems: List[str]  # reasons the trainer would refuse this setting
     info: List[str]  # batch / shape notes
+    group: int = 1  # completions per prompt (GRPO's grpo.num_generations; else 1)
 
     @property
     def limit(self) -> float:
@@ -95,7 +98,9 @@ class Planner:
         self.fused_head = self.command in FUSED_HEAD_COMMANDS
         self.live_reference = live_reference(c)
         self._pd = {}
-        self._decode_copy = None  # PPO, unrolled decode: the decoder layers in the compute dtype
+        self._decode_copy = None  # PPO / GRPO, unrolled decode: decoder layers in the compute dtype
+        # GRPO: completions per prompt; train.batch_size counts prompts
+        self.group = int(c.grpo.num_generations) if self.command == "grpo" else 1
 
     # the knobs as configured
     def current(self) -> Setting:
@@ -103,9 +108,28 @@ class Planner:
         mesh = parallel.parse_mesh_spec(self.c.mesh, self.devices)
         if self.command == "ppo":
             micro = self.c.train.batch_size // max(self.c.ppo.num_minibatches, 1)
+        elif self.command == "grpo":
+            mbs = int(self.c.train.micro_batch_size)
+            micro = mbs * self.group if mbs else self.grpo_minibatch_rows()
         else:
             micro = self.c.train.micro_batch_size or self.c.train.batch_size
         return Setting(mesh, micro, self.c.model.remat)
+
+    def grpo_minibatch_rows(self) -> int:
+        """GRPO: completion rows per optimizer step, train.batch_size x G / grpo.num_minibatches."""
+        return int(self.c.train.batch_size) * self.group // max(int(self.c.grpo.num_minibatches), 1)
+
+    def micro_candidates(self) -> List[int]:
+        """The values of Setting.micro the search tries: divisors of train.batch_size (PPO:
+        minibatch rows; supervised: examples per micro-batch); GRPO: micro-batches of whole
+        groups (train.micro_batch_size x G rows) dividing the minibatch, and the minibatch
+        itself (train.micro_batch_size 0). grpo.num_minibatches is kept: it sets the number of
+        optimizer steps per iteration (the algorithm), not only memory."""
+        B = int(self.c.train.batch_size)
+        if self.command != "grpo":
+            return [d for d in range(1, B + 1) if B % d == 0]
+        mb, G = self.grpo_minibatch_rows(), self.group
+        return sorted({r for r in range(G, mb + 1, G) if mb % r == 0} | ({mb} if mb > 0 else set()))
 
     def _per_device(self, tree, mesh: dict) -> int:
         key = (id(tree), tuple(sorted(mesh.items())))
@@ -182,6 +206,28 @@ class Planner:
 
         pol = self.models["policy"]
         pcfg = pol.config.replace(remat=s.remat)
+
+        def rollout(rows: int, P: int, S: int, b_roll: float):
+            """The sampler over `rows` sequences: KV cache, prefill, the unrolled decode's copy."""
+            kv_total, kv_dev = kv_cache_bytes(pcfg, rows, S, m)
+            a = np.dtype(pcfg.dtype).itemsize
+            lines.append(Line("KV cache (sampler)", kv_dev, kv_total,
+                              f"2*L*B*(P+N)*K*Dh*{a}B = 2*{pcfg.num_hidden_layers}*{rows}*{S}*"
+                              f"{pcfg.num_key_value_heads}*{pcfg.head_dim}*{a}", "rollout"))
+            lb = layer_bytes_per_token(pcfg, tp, S, train=False)
+            prefill = b_roll * P * (lb["working"] + head_bytes_per_token(pcfg, "hidden", tp, False))
+            lines.append(Line("prefill activations", prefill, None, f"{P} prompt tokens x {S} keys",
+                              "rollout"))
+            info.append(self.decode_note())
+            if self.tuning is not None and self.tuning.decode == "unrolled":
+                if self._decode_copy is None:
+                    self._decode_copy = decode_copy_tree(pol.params, pcfg.dtype)
+                lines.append(Line("decoder weights, per-layer copy",
+                                  self._per_device(self._decode_copy, m),
+                                  tree_bytes(self._decode_copy),
+                                  f"unrolled decode: params['layers'] sliced per layer, x {a}B "
+                                  f"({np.dtype(pcfg.dtype).name})", "rollout"))
+
         if self.command == "ppo":
             p = c.ppo
             P, N = int(p.max_prompt_len), int(p.max_new_tokens)
@@ -198,24 +244,7 @@ class Planner:
             add_state(self.models["reward"], "reward", opt=False)
             add_state(self.models["value"], "value")
             b_roll = rows_per_device(B, "rollout batch", "train.batch_size", report=False)
-            kv_total, kv_dev = kv_cache_bytes(pcfg, B, S, m)
-            a = np.dtype(pcfg.dtype).itemsize
-            lines.append(Line("KV cache (sampler)", kv_dev, kv_total,
-                              f"2*L*B*(P+N)*K*Dh*{a}B = 2*{pcfg.num_hidden_layers}*{B}*{S}*"
-                              f"{pcfg.num_key_value_heads}*{pcfg.head_dim}*{a}", "rollout"))
-            lb = layer_bytes_per_token(pcfg, tp, S, train=False)
-            prefill = b_roll * P * (lb["working"] + head_bytes_per_token(pcfg, "hidden", tp, False))
-            lines.append(Line("prefill activations", prefill, None, f"{P} prompt tokens x {S} keys",
-                              "rollout"))
-            info.append(self.decode_note())
-            if self.tuning is not None and self.tuning.decode == "unrolled":
-                if self._decode_copy is None:
-                    self._decode_copy = decode_copy_tree(pol.params, pcfg.dtype)
-                lines.append(Line("decoder weights, per-layer copy",
-                                  self._per_device(self._decode_copy, m),
-                                  tree_bytes(self._decode_copy),
-                                  f"unrolled decode: params['layers'] sliced per layer, x {a}B "
-                                  f"({np.dtype(pcfg.dtype).name})", "rollout"))
+            rollout(B, P, S, b_roll)
             scoring = max(activation_bytes(x.config, x.kind, b_roll, S, "none", tp, train=False)
                           for x in self.models.values())
             lines.append(Line("scoring activations", scoring, None,
@@ -231,6 +260,8 @@ class Planner:
             vcfg = val.config.replace(remat=s.remat)
             lines.append(Line("value activations", activation_bytes(vcfg, "value", b_up, S, s.remat, tp),
                               None, f"remat {s.remat}, score head", "update"))
+        elif self.command == "grpo":
+            self._grpo(c, s, pcfg, lines, problems, info, add_state, grads, rows_per_device, rollout)
         else:
             T = int(c.train.seq_len)
             rpe = self.rows_per_example()
@@ -273,7 +304,71 @@ class Planner:
                 phases[x.phase] = phases.get(x.phase, 0.0) + x.per_device
         peak = resident + (max(phases.values()) if phases else 0.0)
         return Plan(self.command, self.devices, self.device_memory, self.headroom, s, lines,
-                    resident, phases, peak, problems, info)
+                    resident, phases, peak, problems, info, self.group)
+
+    def _grpo(self, c, s: Setting, pcfg, lines, problems, info, add_state, grads, rows_per_device,
+              rollout) -> None:
+        """GRPO's lines: the policy (+ reference when grpo.beta > 0, + a reward model when
+        reward.path is set; no value model); rollout of train.batch_size x G rows; the reward
+        model's forward over the whole rollout batch; the scoring pass and the update on one
+        micro-batch of s.micro rows."""
+        from easyrl.model import lora
+        g, G, tp = c.grpo, self.group, s.mesh["tp"]
+        B = int(c.train.batch_size)
+        P, N = int(g.max_prompt_len), int(g.max_new_tokens)
+        S, rows, nm = P + N, B * G, int(g.num_minibatches)
+        if G < 1:
+            problems.append(f"grpo.num_generations={G} must be >= 1")
+        if nm <= 0 or rows % nm:
+            problems.append(f"grpo.num_minibatches={nm} must divide the rollout batch of "
+                            f"train.batch_size x grpo.num_generations = {B} x {G} = {rows} rows")
+        mb = self.grpo_minibatch_rows()
+        if s.micro <= 0 or mb % s.micro:
+            problems.append(f"GRPO micro-batch of {s.micro} rows (train.micro_batch_size x "
+                            f"grpo.num_generations) must divide the minibatch of {mb} rows "
+                            f"(train.batch_size x grpo.num_generations / grpo.num_minibatches)")
+        steps = max(mb // max(s.micro, 1), 1)
+        info.append(f"rollout batch {B} prompts x {G} completions = {rows} rows x {P}+{N} tokens; "
+                    f"{nm} optimizer step(s) per iteration (grpo.num_minibatches) of {mb} rows, "
+                    f"each over {steps} micro-batch(es) of {s.micro} rows")
+        pol = self.models["policy"]
+        add_state(pol, "policy")
+        has_ref = grpo_reference(c)
+        if "reference" in self.models:
+            add_state(self.models["reference"], "reference", opt=False)
+        else:
+            info.append(LORA_REFERENCE if has_ref else GRPO_NO_REFERENCE)
+        rew = self.models.get("reward")
+        if rew is not None:
+            add_state(rew, "reward", opt=False)
+        sources = ([f"reward.functions {c.reward.functions!r} (on the host)"]
+                   if c.reward.functions else []) + (["the reward model (reward.path)"]
+                                                     if rew is not None else [])
+        info.append("no value model (critic): group-relative advantages; rewards from "
+                    + (" + ".join(sources) or "nothing configured"))
+        b_roll = rows_per_device(rows, "rollout batch", "train.batch_size", report=False)
+        rollout(rows, P, S, b_roll)
+        if rew is not None:
+            lines.append(Line("reward model forward", activation_bytes(
+                rew.config, "reward", b_roll, S, "none", tp, train=False), None,
+                f"{b_roll:g} rows x {S} tokens: the whole rollout batch in one call "
+                f"(rl_loop.HostRewards)", "rewards"))
+        b = rows_per_device(s.micro, "GRPO micro-batch (train.micro_batch_size x "
+                            "grpo.num_generations, or the minibatch)", "train.micro_batch_size")
+        passes = {"policy": pcfg}  # old log-probs
+        if has_ref:  # LoRA: the base with the adapters off
+            passes["reference"] = (self.models["reference"].config if "reference" in self.models
+                                   else lora.disabled(pcfg))
+        scoring = max(activation_bytes(x, "causal_lm", b, S, "none", tp, train=False)
+                      for x in passes.values())
+        lines.append(Line("scoring activations", scoring, None,
+                          f"largest forward of {' / '.join(passes)} over one micro-batch, "
+                          f"{b:g} rows x {S} tokens", "scoring"))
+        grads(pol, "policy", steps > 1, "update")
+        lines.append(Line("policy activations", activation_bytes(pcfg, "causal_lm", b, S, s.remat,
+                                                                 tp),
+                          None, f"remat {s.remat}, {b:g} rows x {S} tokens, full logits",
+                          "update"))
 
 
 def make_plan(c, devices: int, device_memory_gib: float, *, headroom: float = DEFAULT_HEADROOM,

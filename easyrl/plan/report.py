@@ -25,6 +25,22 @@ def _g(x: Optional[float], unit: float = GiB) -> str:
 
 PHASE_TITLES = {"rollout": "rollout (sampler)", "scoring": "scoring pass",
                 "update": "PPO update (one minibatch)", "step": "train step (one micro-batch)"}
+# GRPO: the scoring pass and the update run on one micro-batch; the reward model on the rollout
+COMMAND_PHASE_TITLES = {"grpo": {"scoring": "scoring pass (one micro-batch)",
+                                 "rewards": "reward model (rollout batch)",
+                                 "update": "GRPO update (one micro-batch)"}}
+COMPILE_UNSUPPORTED = {"grpo": "grpo: --compile not supported yet (it needs the GRPO trainer's "
+                               "update function; the analytic plan above stands)"}
+
+# the config keys that size the rollout batch (the sampler's KV cache and prefill)
+ROLLOUT_SIZE_KEYS = {
+    "ppo": "train.batch_size, ppo.max_prompt_len, ppo.max_new_tokens",
+    "grpo": "train.batch_size (prompts) x grpo.num_generations, grpo.max_prompt_len, "
+            "grpo.max_new_tokens"}
+
+
+def phase_title(command: str, phase: str) -> str:
+    return COMMAND_PHASE_TITLES.get(command, {}).get(phase) or PHASE_TITLES.get(phase, phase)
 
 
 def format_plan(plan: Plan, models: Dict[str, ModelInfo], config_spec: str) -> str:
@@ -56,13 +72,13 @@ def format_plan(plan: Plan, models: Dict[str, ModelInfo], config_spec: str) -> s
     for x in plan.lines:
         if x.phase != phase:
             phase = x.phase
-            title = "resident" if phase == "resident" else PHASE_TITLES.get(phase, phase)
+            title = "resident" if phase == "resident" else phase_title(plan.command, phase)
             out.append(f"[{title}]")
         out.append(f"  {x.name:42s} {_g(x.per_device, unit)} {_g(x.total, unit):>10s}  {x.note}")
     out.append("")
     out.append(f"  {'resident (params + optimizer states)':42s} {_g(plan.resident, unit)}")
     for ph, v in plan.phases.items():
-        out.append(f"  {'+ ' + PHASE_TITLES.get(ph, ph):42s} {_g(v, unit)}")
+        out.append(f"  {'+ ' + phase_title(plan.command, ph):42s} {_g(v, unit)}")
     out.append(f"  {'peak = resident + largest phase':42s} {_g(plan.peak, unit)}  ({plan.peak_phase})")
     return "\n".join(out)
 
@@ -92,8 +108,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "plan", help="per-device memory plan of a training config (no model allocated)",
         description="Per-device memory for parameters, optimizer state, gradients, activations "
-                    "(and for PPO the reference / reward / value models and the KV cache) of a "
-                    "trainer config on a mesh, and whether it fits. Extra --config.KEY=VALUE "
+                    "(and for PPO / GRPO the reference / reward / value models and the KV "
+                    "cache) of a trainer config on a mesh, and whether it fits. Extra "
+                    "--config.KEY=VALUE "
                     "arguments override the config as for the trainers.")
     # what argparse does not know (the --config.KEY=VALUE overrides) reaches args.config_overrides
     # (easyrl.cli), for the trainers' config parser, which rejects anything else
@@ -110,10 +127,11 @@ def add_parser(sub) -> None:
     p.add_argument("--model-preset", default=None,
                    help="architecture preset when model.path is not available locally")
     p.add_argument("--reward-preset", default=None,
-                   help="PPO: preset of the reward / value models when their paths are not local")
+                   help="PPO / GRPO: preset of the reward / value models when their paths are not "
+                        "local")
     p.add_argument("--platform", choices=PLATFORMS, default=None,
-                   help="backend the run targets (PPO: the sampler's decode='auto' unrolls its "
-                        "layers, holding a second copy of the decoder weights, on cpu only; "
+                   help="backend the run targets (PPO / GRPO: the sampler's decode='auto' "
+                        "unrolls its layers, holding a second copy of the decoder weights, on cpu only; "
                         "default without --devices: the preset's documented hardware's, else "
                         "this machine's backend; with --devices: unknown, the copy not counted)")
     p.add_argument("--compile", action="store_true",
@@ -240,9 +258,16 @@ def run(args: argparse.Namespace) -> None:
                 print("  other levers: model.param_dtype=bfloat16 halves parameters, gradients and "
                       "optimizer state (numerics change); model.lora.rank=8 trains adapters only "
                       "(no optimizer state or gradients for the base)")
+            if plan.peak_phase == "rollout" and plan.command in ROLLOUT_SIZE_KEYS:
+                print(f"  the peak is the rollout (sampler): its KV cache and prefill grow with "
+                      f"the rollout batch x (prompt + response tokens), set by "
+                      f"{ROLLOUT_SIZE_KEYS[plan.command]} (changing them changes the "
+                      f"algorithm's batch), not by mesh / micro-batch / remat")
     if args.compile:
         n = planner.models["policy"].num_params
-        if n >= COMPILE_MAX_PARAMS:
+        if plan.command in COMPILE_UNSUPPORTED:
+            print(COMPILE_UNSUPPORTED[plan.command])
+        elif n >= COMPILE_MAX_PARAMS:
             print(f"--compile: skipped ({n / 1e9:.1f}B parameters; compiling needs < "
                   f"{COMPILE_MAX_PARAMS / 1e9:g}B on this machine)")
         else:

@@ -35,8 +35,7 @@ def suggest(planner: Planner, limit: int = 3) -> List[Plan]:
     """Settings of (mesh, micro-batch, remat) on the same devices that fit, best first: fewest
     changed knobs, then the cheapest (least recomputation, biggest micro-batch, least tp)."""
     cur = planner.current()
-    B = int(planner.c.train.batch_size)
-    micros = [d for d in _divisors(B)]
+    micros = planner.micro_candidates()
     fits = []
     for mesh, micro, remat in itertools.product(candidate_meshes(planner.devices), micros,
                                                 SEARCH_REMAT):
@@ -69,7 +68,7 @@ def min_devices(c, models, device_memory: float, headroom: float, start: int,
         best = None
         for mesh in candidate_meshes(n):
             for remat in SEARCH_REMAT:
-                for micro in _divisors(int(c.train.batch_size)):
+                for micro in pl.micro_candidates():
                     p = pl.estimate(Setting(mesh, micro, remat))
                     if p.fits and (best is None or _cost(p.setting, cur) < _cost(best.setting, cur)):
                         best = p
@@ -87,6 +86,9 @@ def setting_flags(plan: Plan, cur: Setting, command: str, batch_size: int) -> st
     if s.micro != cur.micro:
         if command == "ppo":
             out.append(f"--config.ppo.num_minibatches={batch_size // s.micro}")
+        elif command == "grpo":  # micro counts rows: whole groups, or the minibatch (0)
+            g = plan.group
+            out.append(f"--config.train.micro_batch_size={s.micro // g if s.micro % g == 0 else 0}")
         else:
             out.append(f"--config.train.micro_batch_size={s.micro}")
     if s.remat != cur.remat:

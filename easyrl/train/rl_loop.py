@@ -10,8 +10,16 @@ object with
     validate(c, mesh, max_positions)
     build(env: RLEnv) -> Online  its models, state and the jitted pieces of one iteration
 
-The iteration itself (`iterate`) is shared with `benchmarks/ppo_iteration.py`, so what is timed
-there is what trains here.
+The iteration itself (`iterate`) is shared with `benchmarks/ppo_iteration.py` and
+`benchmarks/grpo_iteration.py`, so what is timed there is what trains here.
+
+Group methods (GRPO, RLOO, ...): `Iteration.group = G` repeats every prompt G times (consecutive
+rows, expanded on each host from its own prompts, so a prompt's group is generated and
+rewarded on one host); `Iteration.rewards` (a `HostRewards`) runs the reward functions on the
+host after the rollout, each host on its own rows, and gathers the values of all hosts before
+the advantages. With `filter_groups` (DAPO dynamic sampling) groups whose rewards are all
+equal are replaced by groups from up to `max_resample` more prompt batches (each host refills
+its own rows from its own prompts).
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from easyrl import parallel, rollout
@@ -62,6 +71,94 @@ class Iteration:
     advantages: Callable
     update: Callable
     policy: Callable
+    group: int = 1  # samples per prompt (consecutive rows of the rollout)
+    rewards: Optional["HostRewards"] = None  # host reward sources -> roll["rewards"] [N]
+    filter_groups: bool = False  # DAPO dynamic sampling (needs rewards)
+    max_resample: int = 0  # extra prompt batches dynamic sampling may draw per iteration
+
+
+class HostRewards:
+    """Reward sources run on the host after each rollout (`easyrl.rewards.RewardSet`), plus an
+    optional reward model (`reward_config`: scored on device, one more source named
+    `reward_model` with `reward_weight`) and a missing-EOS penalty (subtracted from the total
+    of a completion that did not end with EOS, as TRL's `missing_eos_penalty`).
+
+    `values(models, roll, host)`: each host decodes and rewards ITS rows of the global rollout
+    (the rows its own prompts produced; `host` holds their prompt texts and columns), then the
+    [N, K] values of all hosts are gathered, so every host holds the same array.
+    `total(values, has_eos)` -> (total [N] float32, metrics)."""
+
+    def __init__(self, reward_set, tokenizer, mesh, *, reward_config=None, reward_weight=1.0,
+                 missing_eos_penalty=0.0):
+        from easyrl import model as M
+        self.set, self.tok, self.mesh = reward_set, tokenizer, mesh
+        self.penalty = float(missing_eos_penalty)
+        self._rm_fn, self._rm_local = None, None
+        if reward_config is not None:
+            self._rm_fn = jax.jit(lambda params, tokens, attn: M.score(reward_config, params,
+                                                                       tokens, attn))
+            self.set.add_model("reward_model", reward_weight, lambda p, c, ids: self._rm_local)
+
+    def values(self, models, roll, host):
+        """(values [N, K] float64 on every host, this host's completion texts)."""
+        n = roll["tokens"].shape[0]
+        nl, lo = n // jax.process_count(), jax.process_index() * (n // jax.process_count())
+        resp, mask = parallel.to_host(roll["response"]), parallel.to_host(roll["resp_mask"])
+        ids = [[int(t) for t, m in zip(resp[i], mask[i]) if m] for i in range(lo, lo + nl)]
+        texts = [self.tok.decode(x, skip_special_tokens=True).strip() for x in ids]
+        if self._rm_fn is not None:
+            scores = parallel.to_host(self._rm_fn(models["reward"], roll["tokens"], roll["attn"]))
+            self._rm_local = scores[lo:lo + nl]
+        vals = self.set.values(host["prompts"], texts, ids, host["columns"])
+        if jax.process_count() > 1:
+            vals = parallel.to_host(parallel.to_global_batch({"v": vals}, self.mesh)["v"])
+        return vals, texts
+
+    def total(self, values, has_eos):
+        total, metrics = self.set.combine(values)
+        if self.penalty:
+            total = (total - self.penalty * (~np.asarray(has_eos, bool))).astype(np.float32)
+            metrics["reward"] = float(total.mean())
+            metrics["reward_std"] = float(total.std())
+        return total, metrics
+
+
+def expand(batch: dict, host: dict, g: int):
+    """Repeat every prompt row `g` times (consecutive): host arrays [b, P] -> [b*g, P], and
+    the host info (`prompts` texts, `columns` lists) alike."""
+    rep = lambda v: [x for x in v for _ in range(g)]  # noqa: E731
+    return ({k: np.repeat(np.asarray(v), g, axis=0) for k, v in batch.items()},
+            dict(prompts=rep(host["prompts"]),
+                 columns={k: rep(v) for k, v in host.get("columns", {}).items()}))
+
+
+def pick_groups(rounds: list, g: int, n_proc: int):
+    """DAPO dynamic sampling: choose each host's groups from `rounds` (reward arrays [N] of the
+    rollouts drawn so far, rows ordered by host): groups whose rewards are not all equal first
+    (in round order), then, if a host is still short, its zero-std groups. Returns (done,
+    global row index [N] into the concatenated rounds, zero-std groups kept). `done`: every
+    host has enough non-degenerate groups."""
+    n = len(rounds[0])
+    nl = n // n_proc
+    want = nl // g
+    idx, kept_flat, done = [], 0, True
+    for p in range(n_proc):
+        good, flat = [], []
+        for r, rew in enumerate(rounds):
+            for j in range(want):
+                lo = p * nl + j * g
+                rows = list(range(r * n + lo, r * n + lo + g))
+                (good if np.ptp(rew[lo:lo + g]) > 0 else flat).append(rows)
+        done &= len(good) >= want
+        chosen = (good + flat)[:want]
+        kept_flat += max(0, want - len(good))
+        idx += [i for rows in chosen for i in rows]
+    return done, np.asarray(idx, np.int32), kept_flat
+
+
+@jax.jit
+def _take_rows(rolls, idx):
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0)[idx], *rolls)
 
 
 @dataclasses.dataclass
@@ -81,22 +178,72 @@ class Online:
     after_iteration: Callable = lambda ctrl, metrics: ctrl
 
 
-def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dict):
-    """One iteration: rollout, scoring, advantages, update. Returns (state, metrics (host
-    floats, with `time/rollout`, `time/score`, `time/update`), roll, scored)."""
+def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dict,
+            host: Optional[dict] = None, more: Optional[Callable] = None):
+    """One iteration: rollout, host rewards (if `it.rewards`), scoring, advantages, update.
+    Returns (state, metrics (host floats, with `time/rollout`, `time/rewards`, `time/score`,
+    `time/update`), roll, scored).
+
+    prompts: global {input_ids, attention_mask} [N, P], already expanded to `it.group` rows per
+    prompt. host: this host's rows' {prompts, columns} (needed with `it.rewards`); it is
+    updated in place to the rows trained on, with `completions` (texts) and `rewards` (totals).
+    more(): the next (prompts, host) batch, for dynamic sampling."""
     t0 = time.time()
+    models = it.models(state, frozen)
     roll = rollout.sample(sampler, it.policy(state), prompts, jax.random.fold_in(rng, 0))
     jax.block_until_ready(roll["resp_mask"])
     t1 = time.time()
-    scored = it.score(it.models(state, frozen), roll["tokens"], roll["attn"], roll["resp_mask"])
+    rmetrics: dict = {}
+    if it.rewards is not None:
+        vals, texts = it.rewards.values(models, roll, host)
+        rounds = [(roll, dict(host, completions=texts), vals)]
+        totals = [it.rewards.total(vals, parallel.to_host(roll["has_eos"]))[0]]
+        if it.filter_groups:
+            while len(rounds) <= it.max_resample and not pick_groups(
+                    totals, it.group, jax.process_count())[0]:
+                p2, h2 = more()
+                r2 = rollout.sample(sampler, it.policy(state), p2,
+                                    jax.random.fold_in(rng, 100 + len(rounds)))
+                v2, t2_ = it.rewards.values(models, r2, h2)
+                rounds.append((r2, dict(h2, completions=t2_), v2))
+                totals.append(it.rewards.total(v2, parallel.to_host(r2["has_eos"]))[0])
+            rmetrics["dynamic_sampling/rounds"] = float(len(rounds))
+        if len(rounds) > 1:
+            _, idx, flat = pick_groups(totals, it.group, jax.process_count())
+            roll = _take_rows([r for r, _, _ in rounds], idx)
+            n = len(totals[0])
+            nl, lo = n // jax.process_count(), jax.process_index() * (n // jax.process_count())
+            picks = [(int(i) // n, int(i) % n - lo) for i in idx[lo:lo + nl]]
+            hs = [h for _, h, _ in rounds]
+            host.update(prompts=[hs[r]["prompts"][i] for r, i in picks],
+                        completions=[hs[r]["completions"][i] for r, i in picks],
+                        columns={k: [hs[r]["columns"][k][i] for r, i in picks]
+                                 for k in host.get("columns", {})})
+            vals = np.concatenate([v for _, _, v in rounds])[idx]
+            rmetrics["dynamic_sampling/zero_std_groups_kept"] = float(flat)
+        else:
+            host.update(completions=texts)
+        total, rm = it.rewards.total(vals, parallel.to_host(roll["has_eos"]))
+        rmetrics.update(rm)  # of the rows trained on
+        if it.group > 1:  # of the first rollout (what the policy generated, before filtering)
+            rmetrics["frac_reward_zero_std"] = float(np.mean(
+                np.ptp(totals[0].reshape(-1, it.group), axis=1) == 0))
+        n = len(total)
+        nl, lo = n // jax.process_count(), jax.process_index() * (n // jax.process_count())
+        host["rewards"] = total[lo:lo + nl]
+        roll = dict(roll, rewards=parallel.to_global_batch(
+            {"r": total[lo:lo + nl]}, it.rewards.mesh)["r"])
+    t2 = time.time()
+    scored = it.score(models, roll["tokens"], roll["attn"], roll["resp_mask"])
     inputs, stats = it.advantages(scored, roll, {k: np.float32(v) for k, v in ctrl.items()})
     jax.block_until_ready(inputs)
-    t2 = time.time()
-    state, upd = it.update(state, inputs, jax.random.fold_in(rng, 1))
-    metrics = {**jax.device_get(stats), **jax.device_get(upd)}
     t3 = time.time()
+    state, upd = it.update(state, inputs, jax.random.fold_in(rng, 1))
+    metrics = {**rmetrics, **jax.device_get(stats), **jax.device_get(upd)}
+    t4 = time.time()
     metrics = {k: float(v) for k, v in metrics.items()}
-    metrics.update({"time/rollout": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2})
+    metrics.update({"time/rollout": t1 - t0, "time/rewards": t2 - t1, "time/score": t3 - t2,
+                    "time/update": t4 - t3})
     return state, metrics, roll, scored
 
 
@@ -127,7 +274,8 @@ def run(c, algo) -> RunResult:
     if jax.process_index() == 0:  # samples of steps after the checkpoint will be redone
         restart_jsonl(os.path.join(r.out, SAMPLES), r.start_step if restored is not None else None)
     loop = _Loop(c, s, r, built, sampler, prompts, tok)
-    last = r.loop(steps, loop.step, loop.snapshot, postfix=("objective/scores", "objective/kl"))
+    last = r.loop(steps, loop.step, loop.snapshot,
+                  postfix=getattr(spec, "postfix", ("objective/scores", "objective/kl")))
     return RunResult(metrics=last, state=built.state, final_step=steps)
 
 
@@ -144,29 +292,45 @@ class _Loop:
             from easyrl.data.synthetic import true_reward
             self.true_reward = true_reward
 
+    def _next(self):
+        """The next prompt batch: (global arrays, this host's {prompts, columns}), each prompt
+        repeated `group` times."""
+        local = next(self.prompts)
+        arrays = {k: local[k] for k in ("input_ids", "attention_mask")}
+        host = dict(prompts=list(local["prompts"]), columns=dict(local.get("columns") or {}))
+        g = self.built.iteration.group
+        if g > 1:
+            arrays, host = expand(arrays, host, g)
+        return parallel.to_global_batch(arrays, self.r.mesh), host
+
     def step(self, step: int) -> dict:
         b, s = self.built, self.s
-        local = next(self.prompts)
-        batch = parallel.to_global_batch({k: local[k] for k in ("input_ids", "attention_mask")},
-                                         self.r.mesh)
-        b.state, metrics, roll, scored = iterate(b.iteration, self.sampler, b.state, b.frozen,
-                                                 batch, jax.random.fold_in(self.base, step), b.ctrl)
+        batch, host = self._next()
+        b.state, metrics, roll, scored = iterate(
+            b.iteration, self.sampler, b.state, b.frozen, batch,
+            jax.random.fold_in(self.base, step), b.ctrl, host=host, more=self._next)
         done = step + 1
         self._check_nonfinite(done, metrics)
         b.ctrl = b.after_iteration(b.ctrl, metrics)
         want_samples = s.samples_every and done % s.samples_every == 0
-        texts = None
-        if self.true_reward is not None or want_samples:
-            texts = rollout.decode(self.tok, roll["response"], roll["resp_mask"])
-        if self.true_reward is not None:
+        if (self.true_reward is not None or want_samples) and "completions" not in host:
+            n = roll["response"].shape[0]
+            nl = n // jax.process_count()
+            lo = jax.process_index() * nl
+            host["completions"] = rollout.decode(self.tok, roll["response"],
+                                                 roll["resp_mask"])[lo:lo + nl]
+        if self.true_reward is not None:  # this host's rows
             metrics["objective/true_reward"] = float(np.mean(
-                [self.true_reward(q, a) for q, a in zip(local["prompts"], texts)]))
-        if want_samples and jax.process_index() == 0:
-            scores = parallel.to_host(scored["scores"])
-            with open(os.path.join(self.r.out, SAMPLES), "a") as f:
-                for q, a, sc in list(zip(local["prompts"], texts, scores))[:s.num_samples]:
-                    f.write(json.dumps({"step": done, "prompt": q, "response": a,
-                                        "score": float(sc)}) + "\n")
+                [self.true_reward(q, a) for q, a in zip(host["prompts"], host["completions"])]))
+        if want_samples:
+            scores = (host["rewards"] if "rewards" in host
+                      else parallel.to_host(scored["scores"]))  # every host takes part
+            if jax.process_index() == 0:
+                with open(os.path.join(self.r.out, SAMPLES), "a") as f:
+                    rows = list(zip(host["prompts"], host["completions"], scores))
+                    for q, a, sc in rows[:s.num_samples]:
+                        f.write(json.dumps({"step": done, "prompt": q, "response": a,
+                                            "score": float(sc)}) + "\n")
         return metrics
 
     def _check_nonfinite(self, done: int, metrics: dict) -> None:

@@ -1,0 +1,403 @@
+"""GRPO and its family (Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++): critic-free online RL on the
+online-RL loop (`easyrl.train.rl_loop`), formulas in `easyrl.losses.group` and
+docs/algorithms.md ("Group methods").
+
+Per iteration (`python -m easyrl grpo --config configs/grpo.py:PRESET`):
+  1. rollout: every prompt repeated grpo.num_generations (G) times, sampled by easyrl's sampler;
+  2. rewards on the host (`rl_loop.HostRewards`: reward functions, a reward model, or both),
+     DAPO dynamic sampling optionally refilling groups whose rewards are all equal;
+  3. `score`: ONE jitted pass (micro-batched) of the old log-probs (only when the update is off
+     policy: num_iterations > 1 or num_minibatches > 1; else the update's own log-probs,
+     detached, are the old ones, as TRL) and of the reference (only when grpo.beta > 0);
+  4. `advantages`: grpo (group-normalised), rloo, reinforce_pp[_baseline];
+  5. `make_update`: num_iterations x num_minibatches optimizer steps of the clipped surrogate
+     (token or sequence level), each accumulated over micro-batches inside one jit, loss
+     aggregated by grpo.loss_type with its global normaliser (split-invariant for dapo,
+     dr_grpo and grpo; bnpo averages micro-batch token means as TRL does).
+
+KL (beta > 0): advantage=grpo puts beta * k3(pi, ref) in the loss (TRL GRPOTrainer); rloo and
+reinforce_pp* put it in the reward as beta * k1 (old log-probs minus reference; TRL RLOO: per
+sequence, subtracted from the score; REINFORCE++: per token, OpenRLHF). beta = 0: no reference
+model is held at all. LoRA: reference = the policy's base with the adapters off, or the base
+with the frozen loaded adapter (`common.reference`).
+"""
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from easyrl import losses, parallel
+from easyrl.algorithms.common import config_at, reference, reference_params
+from easyrl.algorithms.registry import Algorithm
+from easyrl.losses import group as G
+from easyrl.model.trainable import combine, partition
+from easyrl.rollout import response_logprobs
+from easyrl.train.optim import all_finite, global_norm
+from easyrl.train.step import TrainState, accumulate, split_micro
+
+ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+
+
+def needs_old(g) -> bool:
+    """Does the update run off-policy (so the old log-probs need their own pass)?"""
+    return g.num_iterations > 1 or g.num_minibatches > 1
+
+
+def needs_ref(g) -> bool:
+    return g.beta > 0
+
+
+def kl_in_loss(g) -> bool:
+    return g.advantage == "grpo" and g.beta > 0
+
+
+def micro_rows(c) -> int:
+    """Completions per micro-batch (train.micro_batch_size prompts x G; 0: a whole minibatch)."""
+    g = c.grpo
+    prompts = c.train.micro_batch_size or c.train.batch_size // g.num_minibatches
+    return prompts * g.num_generations
+
+
+def _chunked(fn, n_chunks: int, *arrays):
+    """fn over `n_chunks` interleaved row chunks (lax.map: one chunk's activations at a time),
+    results back in row order."""
+    if n_chunks == 1:
+        return fn(*arrays)
+    micro = split_micro(arrays, n_chunks)
+    out = jax.lax.map(lambda xs: fn(*xs), micro)
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(-1, *y.shape[2:]), out)
+
+
+def make_score(cfgs, g, n_chunks: int = 1):
+    """score(models, tokens, attn, resp_mask) -> {old_logprobs?, ref_logprobs?} [N, T]."""
+    plen, temp = g.max_prompt_len, g.temperature
+    top_k, top_p = int(g.top_k), float(g.top_p)
+    want_old, want_ref = needs_old(g) or (g.advantage != "grpo" and needs_ref(g)), needs_ref(g)
+
+    def one(models, tokens, attn, resp_mask):
+        m = resp_mask.astype(jnp.float32)
+        out = {}
+        if want_old:
+            lp, _ = response_logprobs(cfgs["policy"], models["policy"], tokens, attn, plen, temp,
+                                      top_k, top_p)
+            out["old_logprobs"] = lp * m
+        if want_ref:  # same temperature, never filtered (as PPO's reference)
+            lp, _ = response_logprobs(cfgs["ref"], models["ref"], tokens, attn, plen, temp)
+            out["ref_logprobs"] = lp * m
+        return out
+
+    def score(models, tokens, attn, resp_mask):
+        if not (want_old or want_ref):
+            return {}
+        return _chunked(lambda t, a, r: one(models, t, a, r), n_chunks, tokens, attn, resp_mask)
+
+    return score
+
+
+def advantages(scored, roll, g):
+    """(update inputs, stats) from the rewards [N] and the scoring pass."""
+    mask = roll["resp_mask"].astype(jnp.float32)
+    has_eos = roll["has_eos"]
+    rewards = roll["rewards"].astype(jnp.float32)
+    n_gen = int(g.num_generations)
+    zeros = jnp.zeros_like(mask)
+    old, ref = scored.get("old_logprobs", zeros), scored.get("ref_logprobs", zeros)
+    stats = {}
+    penalised = g.advantage != "grpo" and g.beta > 0
+    if g.advantage == "grpo":
+        adv = G.group_advantages(rewards, n_gen, "grpo", g.scale_rewards, g.adv_eps)
+        adv = jnp.broadcast_to(adv[:, None], mask.shape)
+    elif g.advantage == "rloo":
+        kl_seq = jnp.sum((old - ref) * mask, -1)
+        r = rewards - g.beta * kl_seq if penalised else rewards
+        adv = jnp.broadcast_to(G.group_advantages(r, n_gen, "rloo")[:, None], mask.shape)
+    else:
+        adv, _ = G.reinforce_pp_returns(rewards, old, ref, mask, g.beta if penalised else 0.0,
+                                        baseline=g.advantage == "reinforce_pp_baseline",
+                                        num_generations=n_gen)
+    if penalised:
+        stats["kl"] = jnp.mean(jnp.sum((old - ref) * mask, -1))
+    loss_mask = mask * has_eos[:, None] if g.mask_truncated_completions else mask
+    grouped = rewards.reshape(-1, n_gen)
+    lengths = jnp.sum(mask, -1)
+    term = has_eos.astype(jnp.float32)
+    n_term = jnp.maximum(jnp.sum(term), 1)
+    big = jnp.float32(1e9)
+    stats.update({
+        "reward_std": jnp.mean(jnp.std(grouped, axis=1, ddof=1)) if n_gen > 1 else jnp.float32(0),
+        "completions/mean_length": jnp.mean(lengths),
+        "completions/min_length": jnp.min(lengths),
+        "completions/max_length": jnp.max(lengths),
+        "completions/clipped_ratio": 1.0 - jnp.mean(term),
+        "completions/mean_terminated_length": jnp.sum(lengths * term) / n_term,
+        "completions/min_terminated_length": jnp.where(
+            jnp.any(has_eos), jnp.min(jnp.where(has_eos, lengths, big)), 0.0),
+        "completions/max_terminated_length": jnp.max(lengths * term),
+        "advantages/mean": jnp.sum(adv * mask) / jnp.maximum(jnp.sum(mask), 1),
+        "num_tokens_iter": jnp.sum(roll["attn"]).astype(jnp.float32),
+    })
+    inputs = dict(tokens=roll["tokens"], attn=roll["attn"], loss_mask=loss_mask, advantages=adv)
+    if "old_logprobs" in scored:
+        inputs["old_logprobs"] = scored["old_logprobs"]
+    if kl_in_loss(g):
+        inputs["ref_logprobs"] = scored["ref_logprobs"]
+    return inputs, stats
+
+
+def denominators(loss_mask, g, n_micro: int):
+    """The global normalisers of one minibatch (all its rows, across micro-batches and hosts)."""
+    rows = loss_mask.shape[0]
+    tokens = jnp.maximum(jnp.sum(loss_mask), 1.0)
+    if g.loss_type == "dapo":
+        loss = tokens
+    elif g.loss_type == "dr_grpo":
+        loss = jnp.float32(rows * g.max_new_tokens)
+    elif g.loss_type == "grpo":
+        loss = jnp.float32(rows)
+    else:  # bnpo: each micro-batch's token mean, averaged over the micro-batches
+        loss = jnp.float32(n_micro)
+    return dict(loss=loss, tokens=tokens, rows=jnp.float32(rows))
+
+
+def make_loss(policy_cfg, g):
+    """loss_fn(params, frozen, micro, rng, denom) -> (loss, metrics): sums over the micro-batch
+    divided by the minibatch's global normalisers (`denominators`), so summing over the
+    micro-batches gives the minibatch's value (`train.step.accumulate`)."""
+    plen, temp = g.max_prompt_len, g.temperature
+    top_k, top_p = int(g.top_k), float(g.top_p)
+    beta = g.beta if kl_in_loss(g) else 0.0
+
+    def loss_fn(params, frozen, mb, rng, denom):
+        del frozen, rng
+        m = mb["loss_mask"]
+        lp, ent = response_logprobs(policy_cfg, params, mb["tokens"], mb["attn"], plen, temp,
+                                    top_k, top_p)
+        old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(lp)
+        ref = mb.get("ref_logprobs")
+        per_tok, clip = G.clipped_policy_loss(lp, old, mb["advantages"], m, g.epsilon_low,
+                                              g.epsilon_high, g.importance_sampling_level,
+                                              ref_logp=ref, beta=beta)
+        if g.loss_type == "grpo":
+            seq = losses.masked_sum(per_tok, m, axis=-1) / jnp.maximum(jnp.sum(m, -1), 1)
+            loss = jnp.sum(seq) / denom["loss"]
+        elif g.loss_type == "bnpo":
+            loss = G.aggregate(per_tok, m, "bnpo") / denom["loss"]
+        else:
+            loss = losses.masked_sum(per_tok, m) / denom["loss"]
+        tok = lambda x: losses.masked_sum(x, m) / denom["tokens"]  # noqa: E731
+        metrics = {f"clip_ratio/{k}_mean": tok(v.astype(jnp.float32)) for k, v in clip.items()}
+        metrics["entropy"] = tok(ent)
+        metrics["ratio"] = tok(jnp.exp(jnp.where(m > 0, lp - old, 0.0)))
+        if ref is not None:
+            metrics["kl"] = tok(G.k3_kl(lp, ref, m))
+        return loss, metrics
+
+    return loss_fn
+
+
+def make_update(policy_cfg, tx, g, *, n_micro: int = 1, trainable_mask=None):
+    """update(state: TrainState, inputs, rng) -> (state, metrics): num_iterations passes over
+    the rollout, each a random split into num_minibatches optimizer steps, each accumulated
+    over `n_micro` micro-batches. A non-finite loss, gradient, update or parameter skips the
+    step (counted in `nonfinite_updates`). metrics: means over the steps, plus `ratio/first`
+    and `ratio/last` (the first and last step's token-mean ratio: 1 on the first step)."""
+    loss_fn = make_loss(policy_cfg, g)
+    steps = g.num_iterations * g.num_minibatches
+
+    def one_step(state, mb, rng):
+        denom = denominators(mb["loss_mask"], g, n_micro)
+        train, fixed = partition(state.params, trainable_mask)
+        fn = loss_fn if trainable_mask is None else (
+            lambda tp, fr, x, r, d: loss_fn(combine(tp, fixed), fr, x, r, d))
+        loss, metrics, grads = accumulate(fn, train, None, mb, rng, denom, n_micro)
+        gnorm = global_norm(grads)
+        updates, new_opt = tx.update(grads, state.opt_state, train)
+        new_train = optax.apply_updates(train, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & all_finite(updates) & all_finite(new_train)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        bad = (~ok).astype(jnp.int32)
+        state = state.replace(params=combine(keep(new_train, train), fixed),
+                              opt_state=keep(new_opt, state.opt_state),
+                              nonfinite=state.nonfinite + bad, streak=(state.streak + bad) * bad)
+        return state, dict(metrics, loss=loss, grad_norm=gnorm,
+                           nonfinite_updates=bad.astype(jnp.float32))
+
+    def update(state, inputs, rng):
+        n = inputs["tokens"].shape[0]
+        mbs = n // g.num_minibatches
+        idx = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), n)
+                         for e in range(g.num_iterations)]).reshape(steps, mbs)
+
+        def body(st, i):
+            mb = jax.tree.map(lambda x: parallel.constrain_batch(x[i]), inputs)
+            return one_step(st, mb, jax.random.fold_in(rng, 1000))
+
+        state, stats = jax.lax.scan(body, state, idx)
+        metrics = jax.tree.map(jnp.mean, stats)
+        metrics["ratio/first"] = stats["ratio"][0]
+        metrics["ratio/last"] = stats["ratio"][-1]
+        metrics["nonfinite_updates"] = jnp.sum(stats["nonfinite_updates"])
+        metrics.pop("ratio")
+        return state.replace(step=state.step + 1), metrics
+
+    return update
+
+
+# ----------------------------------------------------------------------------- the iteration
+def make_iteration(cfgs, g, tx, *, host_rewards=None, trainable_mask=None, state_sharding=None,
+                   mesh=None, n_micro: int = 1, score_chunks: int = 1):
+    """GRPO's jitted pieces of one online-RL iteration (`rl_loop.Iteration`) for config
+    section `g` (= c.grpo). cfgs: model configs by role (policy, ref)."""
+    from easyrl.train.rl_loop import Iteration
+    score = jax.jit(make_score(cfgs, g, score_chunks))
+    out_sh = None if mesh is None else (state_sharding, parallel.replicated(mesh))
+    update = jax.jit(make_update(cfgs["policy"], tx, g, n_micro=n_micro,
+                                 trainable_mask=trainable_mask),
+                     donate_argnums=(0,), out_shardings=out_sh)
+
+    def models(state, frozen):
+        out = dict(policy=state.params, reward=frozen.get("reward"))
+        if needs_ref(g):
+            out["ref"] = reference_params(frozen["ref"], frozen.get("ref_adapters"), state.params)
+        return out
+
+    adv = jax.jit(lambda scored, roll, ctrl: advantages(scored, roll, g))
+    return Iteration(models=models, score=score, advantages=adv, update=update,
+                     policy=lambda state: state.params, group=int(g.num_generations),
+                     rewards=host_rewards, filter_groups=bool(g.dynamic_sampling),
+                     max_resample=int(g.max_resample))
+
+
+# ----------------------------------------------------------------------------- wiring
+def validate(c, mesh, max_positions: int) -> None:
+    g = c.grpo
+
+    def need(cond, key, msg):
+        if not cond:
+            raise ValueError(f"config grpo.{key}: {msg}")
+    need(g.temperature > 0, "temperature", f"{g.temperature}; group RL needs a sampling "
+         f"temperature > 0 (greedy samples of a prompt are all the same)")
+    need(0.0 < g.top_p <= 1.0, "top_p", f"{g.top_p} must be in (0, 1] (1 = off)")
+    need(g.top_k >= 0, "top_k", f"{g.top_k} must be an integer >= 0 (0 = off)")
+    need(g.advantage in ADVANTAGES, "advantage",
+         f"{g.advantage!r}; valid: {', '.join(ADVANTAGES)}")
+    need(g.scale_rewards in G.SCALE_REWARDS, "scale_rewards",
+         f"{g.scale_rewards!r}; valid: {', '.join(G.SCALE_REWARDS)}")
+    need(g.loss_type in G.GROUP_LOSS_TYPES, "loss_type",
+         f"{g.loss_type!r}; valid: {', '.join(G.GROUP_LOSS_TYPES)}")
+    need(g.importance_sampling_level in G.IS_LEVELS, "importance_sampling_level",
+         f"{g.importance_sampling_level!r}; valid: {', '.join(G.IS_LEVELS)}")
+    need(g.num_generations >= 2 or g.advantage in ("reinforce_pp",), "num_generations",
+         f"{g.num_generations}; {g.advantage} compares the samples of a prompt: use >= 2")
+    need(g.num_iterations >= 1, "num_iterations", f"{g.num_iterations} must be >= 1")
+    need(g.beta >= 0, "beta", f"{g.beta} must be >= 0 (0 = no reference model)")
+    need(0 <= g.epsilon_low < 1 and g.epsilon_high >= 0, "epsilon_low",
+         f"clip range [1 - {g.epsilon_low}, 1 + {g.epsilon_high}] must have 0 <= epsilon_low < 1 "
+         f"and epsilon_high >= 0")
+    need(g.max_resample >= 0, "max_resample", f"{g.max_resample} must be >= 0")
+    need(not g.dynamic_sampling or g.num_generations >= 2, "dynamic_sampling",
+         "needs num_generations >= 2")
+    b, dp = c.train.batch_size, parallel.data_parallel_size(mesh)
+    need(g.num_minibatches > 0 and b % g.num_minibatches == 0, "num_minibatches",
+         f"{g.num_minibatches} must divide train.batch_size={b} (prompts)")
+    mb_rows = b // g.num_minibatches * g.num_generations
+    micro = micro_rows(c)
+    if mb_rows % micro:
+        raise ValueError(f"config train.micro_batch_size: {c.train.micro_batch_size} prompts "
+                         f"must divide a minibatch of {b // g.num_minibatches} prompts "
+                         f"(train.batch_size / grpo.num_minibatches)")
+    if micro % dp:
+        raise ValueError(f"config train.micro_batch_size: a micro-batch of {micro} completions "
+                         f"(x grpo.num_generations={g.num_generations}) is not divisible by the "
+                         f"data-parallel size {dp} of mesh {c.mesh!r}")
+    need(g.max_prompt_len + g.max_new_tokens <= max_positions, "max_new_tokens",
+         f"max_prompt_len + max_new_tokens = {g.max_prompt_len + g.max_new_tokens} exceeds "
+         f"max_position_embeddings={max_positions}")
+    if not (c.reward.path or c.reward.functions):
+        raise ValueError("config reward.functions: no reward source; set reward.functions "
+                         "(e.g. synthetic, gsm8k_exact, my_rewards:fn) and/or reward.path")
+    lo = c.model.get("lora")
+    if lo is not None and lo.dropout > 0 and needs_old(g):
+        raise ValueError(f"config model.lora.dropout: {lo.dropout}; the off-policy update "
+                         f"(num_iterations / num_minibatches > 1) needs ratio 1 at its first "
+                         f"step: set it to 0")
+
+
+def host_rewards(c, env, mesh):
+    """The run's reward sources (`rl_loop.HostRewards`): reward.functions and reward.path."""
+    from easyrl import rewards
+    from easyrl.train import setup
+    from easyrl.train.rl_loop import HostRewards
+    g = c.grpo
+    rs = rewards.load_reward_functions(c.reward.functions, c.reward.weights,
+                                       context={"max_completion_length": int(g.max_new_tokens)})
+    rcfg = rparams = None
+    if c.reward.path:
+        rc = config_at(c, c.reward.path, lora_on=False)
+        rcfg = setup.model_config(rc)
+        rparams = setup.load_params(rc, rcfg, "reward", mesh)
+    hr = HostRewards(rs, env.tokenizer, mesh, reward_config=rcfg,
+                     reward_weight=float(c.reward.get("weight", 1.0)),
+                     missing_eos_penalty=float(g.missing_eos_penalty))
+    return hr, rparams
+
+
+def build(env):
+    """Policy (+ reference when beta > 0, + reward model when reward.path), optimizer, state."""
+    from easyrl.model.trainable import trainable_mask
+    from easyrl.train import setup
+    from easyrl.train.optim import make_optimizer
+    from easyrl.train.rl_loop import Online
+    c, mesh, pcfg = env.config, env.mesh, env.policy_config
+    g = c.grpo
+    hr, rparams = host_rewards(c, env, mesh)
+    policy = setup.load_params(c, pcfg, "causal_lm", mesh)
+    ref = ref_adapters = None
+    ref_cfg = pcfg
+    if needs_ref(g):
+        ref, ref_adapters, ref_cfg = reference(c, policy, pcfg)
+    mask = trainable_mask(policy) if pcfg.lora_rank > 0 else None
+    tx, _ = make_optimizer(c.optim, env.total_steps * g.num_iterations * g.num_minibatches)
+    repl = parallel.replicated(mesh)
+    sh = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+    train = partition(policy, mask)[0]
+    opt_sh = parallel.named_shardings(jax.eval_shape(tx.init, train), mesh)
+    z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (own buffers: the state is donated)
+    state = TrainState(step=z(), params=policy,
+                       opt_state=jax.jit(tx.init, out_shardings=opt_sh)(train), nonfinite=z(),
+                       streak=z())
+    state_sh = TrainState(step=repl, params=sh(policy), opt_state=opt_sh, nonfinite=repl,
+                          streak=repl)
+    state = jax.device_put(state, state_sh)
+    rows = c.train.batch_size * g.num_generations
+    micro = micro_rows(c)
+    it = make_iteration(dict(policy=pcfg, ref=ref_cfg), g, tx, host_rewards=hr,
+                        trainable_mask=mask, state_sharding=state_sh, mesh=mesh,
+                        n_micro=rows // g.num_minibatches // micro, score_chunks=rows // micro)
+
+    def items(s):
+        return dict(params=s.params, opt_state=s.opt_state)
+
+    def restore(s, a, meta):
+        return s.replace(params=a["params"], opt_state=a["opt_state"],
+                         step=jax.device_put(jnp.int32(meta["step"]), repl))
+
+    def after_iteration(ctrl, metrics):
+        total = ctrl["num_tokens"] + metrics.pop("num_tokens_iter", 0.0)
+        metrics["num_tokens"] = total
+        return dict(ctrl, num_tokens=total)
+
+    return Online(state=state, frozen=dict(ref=ref, ref_adapters=ref_adapters, reward=rparams),
+                  iteration=it, ctrl=dict(num_tokens=0.0), items=items, restore=restore,
+                  after_iteration=after_iteration)
+
+
+ALGORITHM = Algorithm(
+    command="grpo", help="GRPO / Dr. GRPO / DAPO / GSPO / RLOO / REINFORCE++ with reward functions",
+    loop="online", order=55,
+    online=types.SimpleNamespace(section="grpo", validate=validate, build=build,
+                                 postfix=("reward", "kl")))
+train = ALGORITHM.train
