@@ -231,11 +231,12 @@ def make_update(policy_cfg, tx, g, *, n_micro: int = 1, trainable_mask=None):
         idx = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), n)
                          for e in range(g.num_iterations)]).reshape(steps, mbs)
 
-        def body(st, i):
+        def body(st, xs):
+            i, k = xs  # this step's rows and its index (LoRA dropout key)
             mb = jax.tree.map(lambda x: parallel.constrain_batch(x[i]), inputs)
-            return one_step(st, mb, jax.random.fold_in(rng, 1000))
+            return one_step(st, mb, jax.random.fold_in(rng, 1000 + k))
 
-        state, stats = jax.lax.scan(body, state, idx)
+        state, stats = jax.lax.scan(body, state, (idx, jnp.arange(steps)))
         metrics = jax.tree.map(jnp.mean, stats)
         metrics["ratio/first"] = stats["ratio"][0]
         metrics["ratio/last"] = stats["ratio"][-1]
