@@ -275,6 +275,53 @@ Response tokens per second over the whole iteration: {d['response_tokens_per_s']
     return text if found else text + "not measured\n"
 
 
+def grpo_section(docs, ppo_docs=None):
+    text = "## 3b. GRPO iteration (rollout / rewards / scoring / update)\n\n"
+    found = False
+    for name, d in docs.items():
+        if not d:
+            continue
+        found = True
+        a, r, m = d["args"], d["results"], d["machine"]
+        rows = [[k, f"{v['s']:.3f}", f"{100 * v['share']:.0f}%", f"{v['first_iteration_s']:.1f}"]
+                for k, v in r.items()]
+        rows.append(["total", f"{d['total_s']:.3f}", "100%", f"{d['first_iteration_s']:.1f}"])
+        models = ("policy + reference, the reference scored" if d["models"] == 2
+                  else "the policy only: beta 0, no reference, no scoring pass")
+        text += f"""### {a['preset']}
+
+`{m['argv']}`
+
+{d['params_per_model'] / 1e6:.1f}M parameters x {d['models']} model(s) ({models}),
+{a['batch']} prompts x G {a['group']} = {d['completions']} completions, prompt {a['prompt']},
+{a['new']} new tokens (temperature 1.0, EOS off), `configs/grpo.py:gsm8k_rlvr`'s grpo settings
+(advantage {d['advantage']}, loss {d['loss_type']}, beta {d['beta']:g}, 1 update on policy: no
+old-log-prob pass), {d['n_micro']} micro-batch(es) of {d['micro_rows']} completions, host reward
+`{d['reward_functions']}` (tokenizer: {d['tokenizer']}), {a['dtype']}, median of
+{d['steady_iterations']} iterations after the first (which compiles); {m.get('host_cpu')}
+x{m.get('cores')}, load {m.get('loadavg_start')} -> {m.get('loadavg_end')}.
+
+{_table(rows, ["phase", "s (median)", "share", "first iteration s (compiles)"])}
+
+Completions per second over the whole iteration: {d['completions_per_s']:.3g}; response
+tokens per second: {d['response_tokens_per_s']:.0f}. (EOS off: every completion has the same
+length, so `length_penalty` gives every one the same reward and the advantages are 0; the work
+is the same whatever the rewards.)
+"""
+        p = next((x for x in (ppo_docs or {}).values()
+                  if x and x["args"].get("preset") == a["preset"]), None)
+        if p:
+            split = ", ".join(f"{k} {v['s']:.3f} s" for k, v in p["results"].items())
+            other = p["machine"].get("host_cpu") != m.get("host_cpu")
+            text += (f"\nPPO at this preset (section 3): {p['args']['batch']} rows x "
+                     f"{p['args']['new']} new tokens, 4 models: {split}; total "
+                     f"{p['total_s']:.3f} s"
+                     + (f" (measured on another machine: {p['machine'].get('host_cpu')})"
+                        if other else "") + ".\n")
+        text += "\n"
+    return text if found else text + "not measured\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", nargs="?", default=os.path.join(HERE, "results"))
@@ -282,7 +329,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     docs = {n: _load(a.folder, n) for n in ("train_step", "profile_step", "sampler",
                                             "train_step_bf16", "sampler_bf16", "ppo_tiny",
-                                            "ppo_bench_100m")}
+                                            "ppo_bench_100m", "grpo_tiny", "grpo_bench_100m")}
     if not any(docs.values()):
         raise SystemExit(f"no benchmark JSON in {a.folder} (run benchmarks/run_all.py first)")
     run_all = _load(a.folder, "run_all")
@@ -303,6 +350,8 @@ def main(argv=None):
         sampler_section(docs["sampler"], "## 2. Sampler (decode), float32"),
         sampler_section(docs["sampler_bf16"], "## 2b. Sampler (decode), bfloat16"),
         ppo_section({k: docs[k] for k in ("ppo_tiny", "ppo_bench_100m")}),
+        grpo_section({k: docs[k] for k in ("grpo_tiny", "grpo_bench_100m")},
+                     {k: docs[k] for k in ("ppo_tiny", "ppo_bench_100m")}),
         "## 4. GPU\n\nNot measured: no GPU was lent to the session that produced these figures. "
         "The same scripts run on a GPU unchanged (`pip install -e \".[cuda]\"` and a CUDA torch; "
         "the torch side moves to `cuda` when jax's backend is `gpu`; use `--dtype bfloat16`).\n",

@@ -1,6 +1,6 @@
 """Run every CPU benchmark of issue 7 at its sizes, then write benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py --out benchmarks/results            # the full run (12-20 min, 2 cores)
+    python benchmarks/run_all.py --out benchmarks/results            # the full run (15-23 min, 2 cores)
     python benchmarks/run_all.py --out /tmp/bench --quick --no-md    # smoke test (tiny sizes)
     python benchmarks/make_results.py benchmarks/results             # RESULTS.md from saved JSON
 
@@ -36,6 +36,10 @@ FULL = [
     ("ppo_tiny", "ppo_iteration.py", "--preset tiny --batch 16 --prompt 32 --new 32 --iters 6"),
     ("ppo_bench_100m", "ppo_iteration.py",
      "--preset bench_100m --batch 8 --prompt 64 --new 64 --iters 3"),
+    ("grpo_tiny", "grpo_iteration.py",
+     "--preset tiny --batch 8 --group 8 --prompt 32 --new 32 --iters 5"),
+    ("grpo_bench_100m", "grpo_iteration.py",
+     "--preset bench_100m --batch 2 --group 8 --prompt 64 --new 64 --iters 3"),
 ]
 QUICK = [
     ("train_step", "train_step.py",
@@ -43,6 +47,8 @@ QUICK = [
     ("profile_step", "profile_step.py", "--preset tiny --seq 64 --batch 2 --steps 1 --top 5"),
     ("sampler", "sampler.py", "--preset tiny --batch 4 --prompt 16 --new 16 --reps 2"),
     ("ppo_tiny", "ppo_iteration.py", "--preset tiny --batch 4 --prompt 8 --new 8 --iters 2"),
+    ("grpo_tiny", "grpo_iteration.py",
+     "--preset tiny --batch 2 --group 4 --prompt 8 --new 8 --iters 2"),
 ]
 
 
