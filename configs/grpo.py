@@ -21,6 +21,9 @@ grpo.mask_truncated_completions  completions without EOS are left out of the los
 grpo.dynamic_sampling groups whose rewards are all equal are dropped and the batch refilled
                       from up to grpo.max_resample more prompt batches (DAPO); if still short,
                       the remaining places keep zero-std groups (logged)
+rollout.behaviour_logprobs  auto | sampler | trainer: whose log-probs are the old ones
+rollout.is_correction       none | token_truncate | token_mask | sequence_truncate |
+                      sequence_mask (trainer old log-probs only), rollout.is_cap its cap
 reward.functions / reward.weights  comma-separated `module:function` (or file.py:function or a
                       built-in name) and their weights (easyrl/rewards.py); reward.path a reward
                       model, one more source with weight reward.weight
@@ -54,8 +57,7 @@ import ml_collections as mlc
 from easyrl.train.config import base_config
 
 HARDWARE = {
-    "gsm8k_rlvr": dict(devices=16, device_memory_gib=80, platform="gpu",
-                       name="16x H100 80GB (2 nodes)"),
+    "gsm8k_rlvr": dict(devices=16, device_memory_gib=80, platform="gpu", name="16x H100 80GB"),
     "rloo_tldr": dict(devices=8, device_memory_gib=80, platform="gpu", name="8x A100 80GB"),
 }
 
@@ -72,6 +74,10 @@ def get_config(preset: str = "tiny"):
         max_resample=3,
         samples_every=10, num_samples=4, true_reward="",
     ))
+    # behaviour (old) log-probs: the sampler's own (auto: when computing in float32, where they
+    # equal the trainer's to ~1e-6; no old-log-prob pass) or the trainer's (a scoring pass when
+    # off-policy), with an optional importance-sampling correction for the sampler's mismatch
+    c.rollout = mlc.ConfigDict(dict(behaviour_logprobs="auto", is_correction="none", is_cap=2.0))
     c.data.update(template="plain", eval="")
     if preset in ("tiny", "tiny_rm"):
         c.model.path = "runs/sft"

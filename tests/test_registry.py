@@ -11,7 +11,7 @@ from tiny_configs import make_config
 
 def test_every_trainer_is_registered_once_and_reaches_the_cli():
     algos = registry.all_algorithms()
-    assert list(algos) == ["sft", "rm", "dpo", "rrhf", "ppo", "pipeline"]
+    assert list(algos) == ["sft", "rm", "dpo", "rrhf", "ppo", "grpo", "pipeline"]
     assert {a.loop for a in algos.values()} == {"supervised", "online", "recipe"}
     sub = cli.build_parser()._subparsers._group_actions[0].choices
     assert set(algos) <= set(sub)
