@@ -133,7 +133,8 @@ def _cache_sharding(config: LlamaConfig, mesh, batch: int, stacked: bool = True)
 
 def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
                    config: LlamaConfig, max_new_tokens: int, temperature: float, top_k: int,
-                   top_p: float, cache_dtype, mesh, decode: str, kv_cache_as_bits: bool):
+                   top_p: float, cache_dtype, mesh, decode: str, kv_cache_as_bits: bool,
+                   num_samples: int = 1):
     b, p = input_ids.shape
     n = max_new_tokens
     s = p + n
@@ -163,6 +164,16 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
                                   jnp.int32(0))
     # left padding: the last slot is the last token
     logits = lm_head_apply(cfg, params, h[:, -1]).astype(jnp.float32)
+    if num_samples > 1:  # shared prefix: each prompt prefilled once, its cache copied G times
+        g = num_samples
+        rep = lambda x, axis=0: jnp.repeat(x, g, axis=axis)  # noqa: E731  rows b*G .. b*G+G-1
+        cache = tuple(rep(c_, 1) for c_ in cache)
+        if mesh is not None:
+            cache = jax.tree.map(lambda c_: jax.lax.with_sharding_constraint(
+                c_, _cache_sharding(cfg, mesh, b * g)), cache)
+        logits, input_ids, n_prompt, prompt_keys = (rep(logits), rep(input_ids), rep(n_prompt),
+                                                    rep(prompt_keys))
+        b = b * g
 
     def pick(logits, step, finished):
         key = jax.random.fold_in(rng, step)
@@ -226,12 +237,12 @@ def _generate_impl(params, input_ids, attention_mask, rng, eos_ids, pad_id, *,
 
 @functools.lru_cache(maxsize=64)
 def _compiled(config, max_new_tokens, temperature, top_k, top_p, cache_dtype, mesh, decode,
-              kv_cache_as_bits):
+              kv_cache_as_bits, num_samples=1):
     """The jitted sampler for one set of static settings (EOS / pad ids are traced inputs)."""
     fn = functools.partial(_generate_impl, config=config, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p,
                            cache_dtype=cache_dtype, mesh=mesh, decode=decode,
-                           kv_cache_as_bits=kv_cache_as_bits)
+                           kv_cache_as_bits=kv_cache_as_bits, num_samples=num_samples)
     return jax.jit(fn)
 
 
@@ -244,8 +255,12 @@ def _eos_array(eos: Tuple[int, ...]) -> np.ndarray:
 def make_sampler(config: LlamaConfig, *, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, eos_token_id: EosArg = None,
                  pad_token_id: Optional[int] = None, cache_dtype=None,
-                 mesh=None, decode: str = "auto") -> Callable:
+                 mesh=None, decode: str = "auto", num_samples: int = 1) -> Callable:
     """`sample(params, input_ids [B,P], attention_mask [B,P], rng) -> dict` (see module doc).
+
+    num_samples G > 1: G samples of every prompt from ONE prefill (its KV cache and last logits
+    are copied G times on device); the outputs have B*G rows, rows b*G .. b*G+G-1 prompt b's
+    samples, and `tokens` repeats the prompt.
 
     The jit is cached on the static settings (config, max_new_tokens, temperature, top_k, top_p,
     cache dtype, mesh, decode loop, cache storage); EOS and pad ids are traced inputs. Repeated
@@ -271,8 +286,10 @@ def make_sampler(config: LlamaConfig, *, max_new_tokens: int, temperature: float
     tuning = tuning_for_mesh(mesh)
     if decode == "auto":
         decode = tuning.decode
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     fn = _compiled(config, int(max_new_tokens), float(temperature), int(top_k), float(top_p), cdt,
-                   mesh, decode, tuning.kv_cache_as_bits)
+                   mesh, decode, tuning.kv_cache_as_bits, int(num_samples))
     eos_arr, pad = _eos_array(eos), np.int32(pad_token_id)
 
     def sample(params, input_ids, attention_mask, rng) -> dict:
@@ -285,12 +302,12 @@ def make_sampler(config: LlamaConfig, *, max_new_tokens: int, temperature: float
 def generate(config: LlamaConfig, params, input_ids, attention_mask, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: EosArg = None, pad_token_id: Optional[int] = None, cache_dtype=None,
-             mesh=None, decode: str = "auto") -> dict:
+             mesh=None, decode: str = "auto", num_samples: int = 1) -> dict:
     """Sample `max_new_tokens` continuations of LEFT-padded prompts (see the module doc)."""
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must both be [B, P]; got "
                          f"{input_ids.shape} and {attention_mask.shape}")
     fn = make_sampler(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      cache_dtype=cache_dtype, mesh=mesh, decode=decode)
+                      cache_dtype=cache_dtype, mesh=mesh, decode=decode, num_samples=num_samples)
     return fn(params, input_ids, attention_mask, rng)

@@ -24,14 +24,18 @@ def eos_ids(tokenizer, config) -> tuple:
                                 *normalize_eos(None, config)}))
 
 
-def sample(sampler, params, prompts: dict, rng) -> dict:
+def sample(sampler, params, prompts: dict, rng, num_samples: int = 1) -> dict:
     """One rollout of `sampler` (`easyrl.generate.make_sampler`) from prompts
     {input_ids, attention_mask} [B, P]: tokens [B, P+N], attn [B, P+N] (prompt mask then the
     response mask), resp_mask [B, N], response [B, N], has_eos [B], logprobs [B, N] (the
-    sampler's: of the filtered distribution it drew from, 0 off the mask)."""
+    sampler's: of the filtered distribution it drew from, 0 off the mask). A sampler made with
+    `num_samples=G` (shared prefixes) returns B*G rows: pass the same G here."""
     roll = sampler(params, prompts["input_ids"], prompts["attention_mask"], rng)
     mask = roll["response_mask"]
-    return dict(tokens=roll["tokens"], attn=jnp.concatenate([prompts["attention_mask"], mask], axis=1),
+    pmask = prompts["attention_mask"]
+    if num_samples > 1:
+        pmask = jnp.repeat(pmask, num_samples, axis=0)
+    return dict(tokens=roll["tokens"], attn=jnp.concatenate([pmask, mask], axis=1),
                 resp_mask=mask, response=roll["response"], has_eos=roll["has_eos"],
                 logprobs=roll["logprobs"])
 

@@ -496,3 +496,27 @@ def test_filter_logits_ties_match_transformers():
                     for r in np.flatnonzero(ok):
                         np.testing.assert_array_equal(np.sort(z[r][got[r]]), np.sort(z[r][want[r]]))
         assert compared > 0.95 * 256 * 35
+
+
+def test_shared_prefix_samples_equal_repeated_prompts(tiny):
+    """num_samples=G prefills each prompt once and copies its cache: greedy output and log-probs
+    equal those of the prompts repeated G times; sampled rows of one prompt differ."""
+    _, _, config, params = tiny
+    rng = np.random.default_rng(5)
+    ids = rng.integers(3, config.vocab_size, (3, 6)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :2] = 0
+    mask[2, :4] = 0
+    kw = dict(max_new_tokens=N_NEW, eos_token_id=())
+    a = generate(config, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0),
+                 temperature=0.0, num_samples=4, **kw)
+    b = generate(config, params, jnp.asarray(np.repeat(ids, 4, 0)),
+                 jnp.asarray(np.repeat(mask, 4, 0)), jax.random.PRNGKey(0), temperature=0.0, **kw)
+    np.testing.assert_array_equal(np.asarray(a["tokens"]), np.asarray(b["tokens"]))
+    np.testing.assert_allclose(np.asarray(a["logprobs"]), np.asarray(b["logprobs"]), atol=1e-5)
+    s = generate(config, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(1),
+                 temperature=1.0, num_samples=4, **kw)
+    r = np.asarray(s["response"]).reshape(3, 4, -1)
+    assert all(len({tuple(x) for x in r[i]}) > 1 for i in range(3))
+    with pytest.raises(ValueError, match="num_samples"):
+        make_sampler(config, max_new_tokens=N_NEW, num_samples=0)

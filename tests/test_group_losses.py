@@ -312,3 +312,31 @@ def test_overlong_penalty():
     got = L.overlong_penalty(jnp.asarray(lengths), lmax, lc)
     close(got, want)
     assert float(got[lmax]) == -1.0 and float(got[lmax - lc]) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["none", "token_truncate", "token_mask", "sequence_truncate",
+                                  "sequence_mask"])
+def test_is_weights(mode):
+    """TRL GRPOTrainer's vLLM importance-sampling correction, from its definition, in float64."""
+    rng = np.random.default_rng(7)
+    n, t, cap = 6, 5, 1.5
+    mask = (rng.random((n, t)) < 0.8).astype(np.float64)
+    old = rng.normal(size=(n, t))
+    samp = old + rng.normal(0, 0.3, size=(n, t))
+    want = np.zeros((n, t))
+    for i in range(n):
+        seq = np.exp(sum((old[i, j] - samp[i, j]) for j in range(t) if mask[i, j]))
+        for j in range(t):
+            if not mask[i, j]:
+                continue
+            w = 1.0 if mode == "none" else (np.exp(old[i, j] - samp[i, j])
+                                             if mode.startswith("token") else seq)
+            if mode.endswith("truncate"):
+                w = min(w, cap)
+            elif mode.endswith("mask"):
+                w = w if w <= cap else 0.0
+            want[i, j] = w
+    from easyrl.losses import group as G
+    got = G.is_weights(jnp.asarray(old, jnp.float32), jnp.asarray(samp, jnp.float32),
+                       jnp.asarray(mask), mode, cap)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)

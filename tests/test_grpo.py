@@ -173,7 +173,7 @@ def test_advantages_against_numpy():
     ref = (rng.normal(size=(n, t)) * mask).astype(np.float32)
     roll = dict(resp_mask=jnp.asarray(mask), has_eos=jnp.asarray(has_eos),
                 rewards=jnp.asarray(rewards), tokens=jnp.zeros((n, t + 2), jnp.int32),
-                attn=jnp.ones((n, t + 2), jnp.int32))
+                attn=jnp.ones((n, t + 2), jnp.int32), logprobs=jnp.asarray(old))
     scored = dict(old_logprobs=jnp.asarray(old), ref_logprobs=jnp.asarray(ref))
     r64 = rewards.astype(np.float64).reshape(-1, gsz)
     # grpo, group-scaled (unbiased std, eps 1e-4)
@@ -423,3 +423,26 @@ def test_tiny_preset_beats_sft_sampled_and_greedy(sft_run, tmp_path):
     s, g = out["sft"], out["grpo"]
     assert g["true_reward"] > s["true_reward"] + 0.03
     assert g["true_reward_greedy"] > s["true_reward_greedy"]
+
+
+# ----------------------------------------------------------------------------- behaviour log-probs
+def test_sampler_logprobs_as_old_equal_a_scoring_pass(policy_dir, tmp_path):
+    """fp32: the sampler's own log-probs as the behaviour (old) log-probs (no scoring pass for
+    the policy) give the same update as the trainer's scoring pass, and the logged
+    sampler-vs-trainer difference is ~0; the IS correction runs on the trainer's."""
+    common = ("--config.train.steps=1", "--config.optim.lr=1e-2",
+              "--config.grpo.num_iterations=2", "--config.grpo.num_minibatches=2",
+              varied(policy_dir))
+    a, ra = run_grpo(policy_dir, tmp_path / "sampler", *common,
+                     "--config.rollout.behaviour_logprobs=sampler")
+    b, rb = run_grpo(policy_dir, tmp_path / "trainer", *common,
+                     "--config.rollout.behaviour_logprobs=trainer",
+                     "--config.rollout.is_correction=token_truncate")
+    assert ra[0]["rollout/logprob_diff_max"] < 1e-5 and rb[0]["rollout/logprob_diff_max"] < 1e-5
+    assert rb[0]["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert ra[0]["reward"] == rb[0]["reward"]  # the same rollout
+    for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="rollout.is_correction"):
+        run_grpo(policy_dir, tmp_path / "bad", "--config.rollout.behaviour_logprobs=sampler",
+                 "--config.rollout.is_correction=token_truncate")

@@ -39,11 +39,33 @@ from easyrl.train.optim import all_finite, global_norm
 from easyrl.train.step import TrainState, accumulate, split_micro
 
 ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+BEHAVIOUR = ("auto", "sampler", "trainer")
+
+
+def settings(c):
+    """c.grpo plus the resolved rollout settings (c.rollout): `behaviour_logprobs` sampler |
+    trainer (auto: the sampler's own log-probs when the model computes in float32, where they
+    equal the trainer's to ~1e-6; the trainer's otherwise), `is_correction`, `is_cap`."""
+    import ml_collections as mlc
+    g = mlc.ConfigDict(c.grpo.to_dict())
+    ro = c.get("rollout") or {}
+    mode = ro.get("behaviour_logprobs", "auto")
+    if mode == "auto":
+        mode = "sampler" if c.model.dtype == "float32" else "trainer"
+    g.behaviour_logprobs = mode
+    g.is_correction = ro.get("is_correction", "none")
+    g.is_cap = float(ro.get("is_cap", 2.0))
+    return g
+
+
+def _behaviour(g) -> str:
+    return g.get("behaviour_logprobs", "trainer")
 
 
 def needs_old(g) -> bool:
-    """Does the update run off-policy (so the old log-probs need their own pass)?"""
-    return g.num_iterations > 1 or g.num_minibatches > 1
+    """Does the update run off-policy with the trainer's own old log-probs (so they need a
+    pass of their own)? With behaviour_logprobs=sampler the sampler's are the old ones."""
+    return (g.num_iterations > 1 or g.num_minibatches > 1) and _behaviour(g) == "trainer"
 
 
 def needs_ref(g) -> bool:
@@ -75,7 +97,9 @@ def make_score(cfgs, g, n_chunks: int = 1):
     """score(models, tokens, attn, resp_mask) -> {old_logprobs?, ref_logprobs?} [N, T]."""
     plen, temp = g.max_prompt_len, g.temperature
     top_k, top_p = int(g.top_k), float(g.top_p)
-    want_old, want_ref = needs_old(g) or (g.advantage != "grpo" and needs_ref(g)), needs_ref(g)
+    want_old = needs_old(g) or (g.advantage != "grpo" and needs_ref(g)
+                                and _behaviour(g) == "trainer")
+    want_ref = needs_ref(g)
 
     def one(models, tokens, attn, resp_mask):
         m = resp_mask.astype(jnp.float32)
@@ -104,6 +128,9 @@ def advantages(scored, roll, g):
     rewards = roll["rewards"].astype(jnp.float32)
     n_gen = int(g.num_generations)
     zeros = jnp.zeros_like(mask)
+    sampler_lp = roll["logprobs"].astype(jnp.float32) * mask
+    if _behaviour(g) == "sampler":
+        scored = dict(scored, old_logprobs=sampler_lp)
     old, ref = scored.get("old_logprobs", zeros), scored.get("ref_logprobs", zeros)
     stats = {}
     penalised = g.advantage != "grpo" and g.beta > 0
@@ -139,8 +166,9 @@ def advantages(scored, roll, g):
         "advantages/mean": jnp.sum(adv * mask) / jnp.maximum(jnp.sum(mask), 1),
         "num_tokens_iter": jnp.sum(roll["attn"]).astype(jnp.float32),
     })
-    inputs = dict(tokens=roll["tokens"], attn=roll["attn"], loss_mask=loss_mask, advantages=adv)
-    if "old_logprobs" in scored:
+    inputs = dict(tokens=roll["tokens"], attn=roll["attn"], loss_mask=loss_mask, advantages=adv,
+                  sampler_logprobs=sampler_lp)
+    if "old_logprobs" in scored:  # the sampler's, or the scoring pass's (off-policy, trainer)
         inputs["old_logprobs"] = scored["old_logprobs"]
     if kl_in_loss(g):
         inputs["ref_logprobs"] = scored["ref_logprobs"]
@@ -169,6 +197,7 @@ def make_loss(policy_cfg, g):
     plen, temp = g.max_prompt_len, g.temperature
     top_k, top_p = int(g.top_k), float(g.top_p)
     beta = g.beta if kl_in_loss(g) else 0.0
+    is_mode, is_cap = g.get("is_correction", "none"), float(g.get("is_cap", 2.0))
 
     def loss_fn(params, frozen, mb, rng, denom):
         del frozen, rng
@@ -180,6 +209,16 @@ def make_loss(policy_cfg, g):
         per_tok, clip = G.clipped_policy_loss(lp, old, mb["advantages"], m, g.epsilon_low,
                                               g.epsilon_high, g.importance_sampling_level,
                                               ref_logp=ref, beta=beta)
+        samp = mb.get("sampler_logprobs")
+        extra = {}
+        if samp is not None:
+            if is_mode != "none":  # the trainer's old log-probs vs the sampler's
+                w = G.is_weights(jax.lax.stop_gradient(old), samp, m, is_mode, is_cap)
+                per_tok = per_tok * w
+                extra["rollout/is_weight_mean"] = losses.masked_sum(w, m) / denom["tokens"]
+            diff = jnp.abs(jax.lax.stop_gradient(lp) - samp) * m
+            extra["rollout/logprob_diff_mean"] = jnp.sum(diff) / denom["tokens"]
+            extra["rollout/logprob_diff_max"] = jnp.max(diff)
         if g.loss_type == "grpo":
             seq = losses.masked_sum(per_tok, m, axis=-1) / jnp.maximum(jnp.sum(m, -1), 1)
             loss = jnp.sum(seq) / denom["loss"]
@@ -193,7 +232,7 @@ def make_loss(policy_cfg, g):
         metrics["ratio"] = tok(jnp.exp(jnp.where(m > 0, lp - old, 0.0)))
         if ref is not None:
             metrics["kl"] = tok(G.k3_kl(lp, ref, m))
-        return loss, metrics
+        return loss, {**metrics, **extra}
 
     return loss_fn
 
@@ -240,6 +279,9 @@ def make_update(policy_cfg, tx, g, *, n_micro: int = 1, trainable_mask=None):
         metrics = jax.tree.map(jnp.mean, stats)
         metrics["ratio/first"] = stats["ratio"][0]
         metrics["ratio/last"] = stats["ratio"][-1]
+        for k in ("rollout/logprob_diff_mean", "rollout/logprob_diff_max"):
+            if k in stats:  # the first step: the parameters the sampler ran
+                metrics[k] = stats[k][0]
         metrics["nonfinite_updates"] = jnp.sum(stats["nonfinite_updates"])
         metrics.pop("ratio")
         return state.replace(step=state.step + 1), metrics
@@ -274,7 +316,21 @@ def make_iteration(cfgs, g, tx, *, host_rewards=None, trainable_mask=None, state
 
 # ----------------------------------------------------------------------------- wiring
 def validate(c, mesh, max_positions: int) -> None:
-    g = c.grpo
+    ro = c.get("rollout") or {}
+    if ro.get("behaviour_logprobs", "auto") not in BEHAVIOUR:
+        raise ValueError(f"config rollout.behaviour_logprobs: {ro.get('behaviour_logprobs')!r}; "
+                         f"valid: {', '.join(BEHAVIOUR)}")
+    if ro.get("is_correction", "none") not in G.IS_CORRECTIONS:
+        raise ValueError(f"config rollout.is_correction: {ro.get('is_correction')!r}; valid: "
+                         f"{', '.join(G.IS_CORRECTIONS)}")
+    g = settings(c)
+    if g.is_correction != "none" and g.behaviour_logprobs != "trainer":
+        raise ValueError(f"config rollout.is_correction: {g.is_correction} corrects the trainer's "
+                         f"old log-probs for the sampler's; with rollout.behaviour_logprobs="
+                         f"{g.behaviour_logprobs} the sampler's ARE the old ones: set "
+                         f"rollout.behaviour_logprobs=trainer")
+    if not g.is_cap > 0:
+        raise ValueError(f"config rollout.is_cap: {g.is_cap} must be > 0")
 
     def need(cond, key, msg):
         if not cond:
@@ -353,7 +409,7 @@ def build(env):
     from easyrl.train.optim import make_optimizer
     from easyrl.train.rl_loop import Online
     c, mesh, pcfg = env.config, env.mesh, env.policy_config
-    g = c.grpo
+    g = settings(c)
     hr, rparams = host_rewards(c, env, mesh)
     policy = setup.load_params(c, pcfg, "causal_lm", mesh)
     ref = ref_adapters = None

@@ -203,6 +203,11 @@ def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask
         inputs = dict(tokens=roll["tokens"], attn=roll["attn"], resp_mask=roll["resp_mask"],
                       logprobs=scored["logprobs"], values=scored["values"], advantages=a,
                       returns=ret)
+        # the sampler's log-probs vs the scoring pass's (the behaviour log-probs PPO uses)
+        m = roll["resp_mask"].astype(jnp.float32)
+        d = jnp.abs(scored["logprobs"] - roll["logprobs"].astype(jnp.float32) * m) * m
+        stats = dict(stats, **{"rollout/logprob_diff_max": jnp.max(d),
+                               "rollout/logprob_diff_mean": jnp.sum(d) / jnp.maximum(jnp.sum(m), 1)})
         return inputs, stats
 
     out_sh = None if mesh is None else (state_sharding, parallel.replicated(mesh))

@@ -206,3 +206,28 @@ def overlong_penalty(lengths, max_len, cache_len):
     ramp = (start - length) / max(cache_len, 1)
     return jnp.where(length <= start, 0.0, jnp.where(length <= max_len, ramp, -1.0)).astype(
         length.dtype)
+
+
+IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def is_weights(old_logp, sampler_logp, mask, mode="token_truncate", cap=2.0):
+    """Importance weights correcting for a sampler whose log-probs differ from the trainer's
+    (bf16 rollouts, another mesh; TRL's `vllm_importance_sampling_correction`) [N, T], 0 off
+    the mask. With d_t = old_t - sampler_t (the trainer's old log-prob minus the sampler's):
+
+    ``token_*``: w_t = exp(d_t); ``sequence_*``: w = exp(sum_t m_t d_t), shared by the row's
+    tokens. ``*_truncate``: min(w, cap) (truncated IS); ``*_mask``: w where w <= cap, else 0.
+    ``none``: 1. The per-token loss is multiplied by w (no gradient flows through it)."""
+    if mode not in IS_CORRECTIONS:
+        raise ValueError(f"unknown IS correction {mode!r}; valid: {', '.join(IS_CORRECTIONS)}")
+    m = as_mask(mask, old_logp)
+    ok = m != 0
+    if mode == "none":
+        return jnp.where(ok, 1.0, 0.0).astype(old_logp.dtype)
+    d = jnp.where(ok, old_logp - sampler_logp, 0)
+    if mode.startswith("sequence"):
+        d = jnp.broadcast_to(jnp.sum(d, axis=-1, keepdims=True), d.shape)
+    w = jnp.exp(d)
+    w = jnp.minimum(w, cap) if mode.endswith("truncate") else jnp.where(w <= cap, w, 0.0)
+    return jnp.where(ok, w, 0.0)

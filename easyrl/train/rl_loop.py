@@ -179,18 +179,19 @@ class Online:
 
 
 def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dict,
-            host: Optional[dict] = None, more: Optional[Callable] = None):
+            host: Optional[dict] = None, more: Optional[Callable] = None, shared: int = 1):
     """One iteration: rollout, host rewards (if `it.rewards`), scoring, advantages, update.
     Returns (state, metrics (host floats, with `time/rollout`, `time/rewards`, `time/score`,
     `time/update`), roll, scored).
 
     prompts: global {input_ids, attention_mask} [N, P], already expanded to `it.group` rows per
-    prompt. host: this host's rows' {prompts, columns} (needed with `it.rewards`); it is
-    updated in place to the rows trained on, with `completions` (texts) and `rewards` (totals).
-    more(): the next (prompts, host) batch, for dynamic sampling."""
+    prompt, or, with `shared` = G (a sampler made with num_samples=G: each prompt prefilled
+    once), [N / G, P]. host: this host's rows' {prompts, columns} (expanded; needed with
+    `it.rewards`); it is updated in place to the rows trained on, with `completions` (texts)
+    and `rewards` (totals). more(): the next (prompts, host) batch, for dynamic sampling."""
     t0 = time.time()
     models = it.models(state, frozen)
-    roll = rollout.sample(sampler, it.policy(state), prompts, jax.random.fold_in(rng, 0))
+    roll = rollout.sample(sampler, it.policy(state), prompts, jax.random.fold_in(rng, 0), shared)
     jax.block_until_ready(roll["resp_mask"])
     t1 = time.time()
     rmetrics: dict = {}
@@ -203,7 +204,7 @@ def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dic
                     totals, it.group, jax.process_count())[0]:
                 p2, h2 = more()
                 r2 = rollout.sample(sampler, it.policy(state), p2,
-                                    jax.random.fold_in(rng, 100 + len(rounds)))
+                                    jax.random.fold_in(rng, 100 + len(rounds)), shared)
                 v2, t2_ = it.rewards.values(models, r2, h2)
                 rounds.append((r2, dict(h2, completions=t2_), v2))
                 totals.append(it.rewards.total(v2, parallel.to_host(r2["has_eos"]))[0])
@@ -261,9 +262,13 @@ def run(c, algo) -> RunResult:
                               skip_bad_rows=c.data.skip_bad_rows, **iter_kwargs(c, "train"))
     steps = total_steps(c, prompts.steps_per_epoch)
     built = spec.build(RLEnv(c, r.mesh, tok, pcfg, steps))
+    g = built.iteration.group
+    # shared prefixes: each prompt prefilled once, its cache copied to its G samples on device
+    # (needs the prompt batch itself to split over the data-parallel devices)
+    shared = g if g > 1 and c.train.batch_size % parallel.data_parallel_size(r.mesh) == 0 else 1
     sampler = make_sampler(pcfg, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                            top_k=s.top_k, top_p=s.top_p, eos_token_id=rollout.eos_ids(tok, pcfg),
-                           pad_token_id=tok.pad_token_id, mesh=r.mesh)
+                           pad_token_id=tok.pad_token_id, mesh=r.mesh, num_samples=shared)
     r.open(pcfg, "causal_lm", tok)
     restored = r.restore(built.items(built.state))
     if restored is not None:
@@ -273,7 +278,7 @@ def run(c, algo) -> RunResult:
         prompts.set_state(meta["data"])
     if jax.process_index() == 0:  # samples of steps after the checkpoint will be redone
         restart_jsonl(os.path.join(r.out, SAMPLES), r.start_step if restored is not None else None)
-    loop = _Loop(c, s, r, built, sampler, prompts, tok)
+    loop = _Loop(c, s, r, built, sampler, prompts, tok, shared)
     last = r.loop(steps, loop.step, loop.snapshot,
                   postfix=getattr(spec, "postfix", ("objective/scores", "objective/kl")))
     return RunResult(metrics=last, state=built.state, final_step=steps)
@@ -282,8 +287,9 @@ def run(c, algo) -> RunResult:
 class _Loop:
     """One iteration at a time: prompts in, metrics, samples.jsonl and the true reward out."""
 
-    def __init__(self, c, s, r, built: Online, sampler, prompts, tok):
+    def __init__(self, c, s, r, built: Online, sampler, prompts, tok, shared: int = 1):
         self.c, self.s, self.r, self.built = c, s, r, built
+        self.shared = shared
         self.sampler, self.prompts, self.tok = sampler, prompts, tok
         self.base = jax.random.PRNGKey(c.seed)
         self.streak = 0
@@ -300,7 +306,9 @@ class _Loop:
         host = dict(prompts=list(local["prompts"]), columns=dict(local.get("columns") or {}))
         g = self.built.iteration.group
         if g > 1:
-            arrays, host = expand(arrays, host, g)
+            expanded, host = expand(arrays, host, g)
+            if self.shared == 1:  # else the sampler repeats each prompt's cache on device
+                arrays = expanded
         return parallel.to_global_batch(arrays, self.r.mesh), host
 
     def step(self, step: int) -> dict:
@@ -308,7 +316,8 @@ class _Loop:
         batch, host = self._next()
         b.state, metrics, roll, scored = iterate(
             b.iteration, self.sampler, b.state, b.frozen, batch,
-            jax.random.fold_in(self.base, step), b.ctrl, host=host, more=self._next)
+            jax.random.fold_in(self.base, step), b.ctrl, host=host, more=self._next,
+            shared=self.shared)
         done = step + 1
         self._check_nonfinite(done, metrics)
         b.ctrl = b.after_iteration(b.ctrl, metrics)

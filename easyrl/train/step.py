@@ -62,7 +62,8 @@ def _constrain_micro(y):
 
 
 def accumulate(loss_fn, params, frozen, batch, rng, denom, micro_steps: int, with_grad=True):
-    """Sum loss, metrics (and gradients) over `micro_steps` micro-batches with lax.scan."""
+    """Sum loss, metrics (and gradients) over `micro_steps` micro-batches with lax.scan
+    (metrics whose name ends in `_max`: their maximum)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True) if with_grad else None
     if micro_steps == 1:
         if with_grad:
@@ -85,7 +86,11 @@ def accumulate(loss_fn, params, frozen, batch, rng, denom, micro_steps: int, wit
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def body(carry, xs):
-        return jax.tree.map(jnp.add, carry, one(*xs)), None
+        loss, metrics, grads = one(*xs)
+        # metrics named *_max are maxima over the micro-batches, the rest sums
+        metrics = {k: (jnp.maximum if k.endswith("_max") else jnp.add)(carry[1][k], v)
+                   for k, v in metrics.items()}
+        return (carry[0] + loss, metrics, jax.tree.map(jnp.add, carry[2], grads)), None
 
     carry, _ = jax.lax.scan(body, zero, (micro, rngs))
     return carry
