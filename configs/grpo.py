@@ -39,8 +39,9 @@ gsm8k_rlvr  GSM8K with an answer-extraction exact-match reward (`gsm8k_exact`, v
           Data openai/gsm8k `main` with question -> prompt and the `answer` column passed to the
           reward. Hardware: 16x H100 80GB, 2 nodes (our assumption: on 8 GPUs the sampler's KV
           cache of 1024 rollouts x 1024 tokens alone is 64 GiB per device, `easyrl plan` peak
-          106.99 GiB). mesh fsdp 16, micro-batch 1 prompt (64 completions), remat full:
-          `easyrl plan` peak 53.50 GiB per device vs 72.00 GiB usable (the rollout).
+          78.03 GiB). mesh fsdp 16, micro-batch 1 prompt (64 completions), remat full, shared
+          prompt prefixes: `easyrl plan` peak 39.02 GiB per device vs 72.00 GiB usable (the
+          rollout).
 rloo_tldr TRL's RLOO settings (RLOOTrainer docs, v0.11 `examples/scripts/rloo`): k = 2 samples per
           prompt, KL coefficient 0.05 as a reward penalty, lr 3e-6, batch 64 completions, 1
           epoch and 1 minibatch per batch (REINFORCE), temperature 0.7, response length 53,

@@ -448,6 +448,11 @@ def test_grpo_rollout_batch_is_prompts_times_generations():
         cfg.head_dim * 4  # float32 compute
     assert kv.total == plan.kv_cache_bytes(cfg, B * G, S, {"dp": 1, "fsdp": 1, "tp": 1})[0]
     assert any(f"{B} prompts x {G} completions = {B * G} rows" in x for x in p.info)
+    # shared prefixes: B prompts prefilled once, their cache copied to the G samples
+    assert p.line("prefix KV cache (before its copy)").total == kv.total / G
+    lb = plan.layer_bytes_per_token(cfg, 1, S, train=False)
+    assert p.line("prefill activations").per_device == pytest.approx(
+        B * P * (lb["working"] + plan.head_bytes_per_token(cfg, "hidden", 1, False)))
     # micro_batch_size 0, 1 minibatch: one micro-batch of all B x G rows, no accumulation
     assert p.setting.micro == B * G
     assert p.line("policy activations").per_device == plan.activation_bytes(

@@ -52,6 +52,7 @@ def test_lr_zero_ratio_one_and_zero_kl(cache, random_models, tmp_path):
         assert r["policy/approxkl_first"] == pytest.approx(0.0, abs=1e-10)
         assert r["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
         assert r["policy/clipfrac"] == 0.0
+        assert r["rollout/logprob_diff_max"] < 1e-5  # fp32: the sampler's == the scoring pass's
     for key in ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                 "objective/kl_coef", "policy/approxkl", "policy/clipfrac", "policy/ratio",
                 "loss/policy", "loss/value", "val/clipfrac", "val/mean", "tokens/response_len",

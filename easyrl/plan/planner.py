@@ -207,17 +207,25 @@ class Planner:
         pol = self.models["policy"]
         pcfg = pol.config.replace(remat=s.remat)
 
-        def rollout(rows: int, P: int, S: int, b_roll: float):
-            """The sampler over `rows` sequences: KV cache, prefill, the unrolled decode's copy."""
+        def rollout(rows: int, P: int, S: int, b_roll: float, shared: int = 1):
+            """The sampler over `rows` sequences: KV cache, prefill, the unrolled decode's copy.
+            shared = G > 1: prompts prefilled once (rows / G of them), their cache then copied
+            to the G samples (`generate.make_sampler(num_samples=G)`)."""
             kv_total, kv_dev = kv_cache_bytes(pcfg, rows, S, m)
             a = np.dtype(pcfg.dtype).itemsize
             lines.append(Line("KV cache (sampler)", kv_dev, kv_total,
                               f"2*L*B*(P+N)*K*Dh*{a}B = 2*{pcfg.num_hidden_layers}*{rows}*{S}*"
                               f"{pcfg.num_key_value_heads}*{pcfg.head_dim}*{a}", "rollout"))
+            if shared > 1:
+                lines.append(Line("prefix KV cache (before its copy)", kv_dev / shared,
+                                  kv_total / shared, f"{rows // shared} prompts prefilled once, "
+                                  f"copied to {shared} samples each", "rollout"))
             lb = layer_bytes_per_token(pcfg, tp, S, train=False)
-            prefill = b_roll * P * (lb["working"] + head_bytes_per_token(pcfg, "hidden", tp, False))
-            lines.append(Line("prefill activations", prefill, None, f"{P} prompt tokens x {S} keys",
-                              "rollout"))
+            prefill = (b_roll / shared) * P * (lb["working"]
+                                               + head_bytes_per_token(pcfg, "hidden", tp, False))
+            lines.append(Line("prefill activations", prefill, None, f"{P} prompt tokens x {S} keys"
+                              + (f", {rows // shared} prompts (shared prefixes)" if shared > 1
+                                 else ""), "rollout"))
             info.append(self.decode_note())
             if self.tuning is not None and self.tuning.decode == "unrolled":
                 if self._decode_copy is None:
@@ -347,7 +355,9 @@ class Planner:
         info.append("no value model (critic): group-relative advantages; rewards from "
                     + (" + ".join(sources) or "nothing configured"))
         b_roll = rows_per_device(rows, "rollout batch", "train.batch_size", report=False)
-        rollout(rows, P, S, b_roll)
+        # shared prefixes when the prompt batch splits over the data-parallel devices (rl_loop)
+        dp = s.mesh["dp"] * s.mesh["fsdp"]
+        rollout(rows, P, S, b_roll, shared=G if G > 1 and B % dp == 0 else 1)
         if rew is not None:
             lines.append(Line("reward model forward", activation_bytes(
                 rew.config, "reward", b_roll, S, "none", tp, train=False), None,
