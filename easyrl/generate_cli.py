@@ -1,14 +1,19 @@
 """`easyrl generate`: sample responses for a JSONL file of prompts with the KV-cache sampler.
 
     python -m easyrl generate --model DIR --prompts prompts.jsonl --out out.jsonl \
-        [--max_new_tokens 128] [--temperature 0.7] [--top_p 1.0] [--top_k 0] [--template plain] \
-        [--batch_size 8] [--seed 0] [--tokenizer PATH] [--mesh dp:1,fsdp:-1,tp:1] [--dtype bfloat16]
+        [--num_samples G] [--max_new_tokens 128] [--temperature 0.7] [--top_p 1.0] [--top_k 0] \
+        [--template plain] [--batch_size 8] [--seed 0] [--tokenizer PATH] \
+        [--mesh dp:1,fsdp:-1,tp:1] [--dtype bfloat16]
 
 DIR is a Hugging Face model folder or an easyrl checkpoint / run directory (its tokenizer is read
 from `<dir>/tokenizer/` when present, else from `--tokenizer`). Each input line is a JSON object
 with `prompt` (a string) or `messages` (a list of {"role", "content"}); each output line holds
-`prompt`, `response` (decoded text without special tokens) and `response_ids` (the generated ids
-up to and including the first EOS). `--temperature 0` is greedy decoding (argmax; --top_p and
+`prompt`, `responses` (the --num_samples G decoded texts, without special tokens),
+`response_ids` (their generated ids up to and including the first EOS, one list per sample),
+`logprobs` (per token, of the distribution it was drawn from: temperature, top-k, top-p; the
+behaviour log-probs of RL) and `response` (= responses[0]). The G samples of a prompt share one
+prefill (its KV cache copied on device). A summary line on stderr gives requests, generated
+tokens, seconds and tokens/s. `--temperature 0` is greedy decoding (argmax; --top_p and
 --top_k do not apply). Every prompt's tokens plus --max_new_tokens must fit in the model's
 max_position_embeddings, else an error names the prompt's line.
 """
@@ -18,6 +23,8 @@ import argparse
 import json
 import logging
 import os
+import sys
+import time
 from typing import List, Tuple
 
 import numpy as np
@@ -152,7 +159,10 @@ def add_parser(sub) -> None:
                                    "and --top_k do not apply).")
     p.add_argument("--model", required=True, help="Hugging Face folder or easyrl checkpoint/run dir")
     p.add_argument("--prompts", required=True, help="JSONL: one {'prompt': ...} or {'messages': [...]} per line")
-    p.add_argument("--out", required=True, help="JSONL to write: prompt, response, response_ids")
+    p.add_argument("--out", required=True,
+                   help="JSONL to write: prompt, responses, response_ids, logprobs, response")
+    p.add_argument("--num_samples", type=int, default=1,
+                   help="samples per prompt (G), sharing one prefill of the prompt")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature (default 1.0); --temperature 0 is greedy decoding")
@@ -178,6 +188,8 @@ def run(args: argparse.Namespace) -> None:
     check_template(args.template)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not args.temperature >= 0:
@@ -198,12 +210,15 @@ def run(args: argparse.Namespace) -> None:
     if mesh is not None:
         dp = parallel.data_parallel_size(mesh)
         bs = -(-bs // dp) * dp
+    g = args.num_samples
     sampler = make_sampler(config, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           eos_token_id=tuple(sorted(eos)), pad_token_id=pad_id, mesh=mesh)
+                           eos_token_id=tuple(sorted(eos)), pad_token_id=pad_id, mesh=mesh,
+                           num_samples=g)
     rng = jax.random.PRNGKey(args.seed)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     n_batches = -(-len(rows) // bs)
+    t0, n_tokens = time.time(), 0
     with open(args.out, "w", encoding="utf-8") as f:
         for bi in tqdm(range(n_batches), desc="generate", unit="batch"):
             chunk = prompt_ids[bi * bs:(bi + 1) * bs]
@@ -212,17 +227,28 @@ def run(args: argparse.Namespace) -> None:
                 gb = parallel.to_global_batch({"ids": ids, "mask": mask}, mesh)
                 ids, mask = gb["ids"], gb["mask"]
             out = sampler(params, ids, mask, jax.random.fold_in(rng, bi))
-            resp = np.asarray(out["response"])
-            rmask = np.asarray(out["response_mask"])
+            resp = parallel.to_host(out["response"])
+            rmask = parallel.to_host(out["response_mask"])
+            lps = parallel.to_host(out["logprobs"])
             for i in range(len(chunk)):
                 _, row = rows[bi * bs + i]
-                r_ids = [int(t) for t in resp[i][rmask[i] > 0]]
                 rec = {"prompt": row["prompt"] if isinstance(row.get("prompt"), str) else
                        tok.decode(chunk[i], skip_special_tokens=True)}
                 if "messages" in row and not isinstance(row.get("prompt"), str):
                     rec["messages"] = row["messages"]
-                rec["response"] = tok.decode(r_ids, skip_special_tokens=True)
-                rec["response_ids"] = r_ids
+                ids_g, lp_g = [], []
+                for j in range(i * g, (i + 1) * g):  # rows i*G .. i*G+G-1: prompt i's samples
+                    keep = rmask[j] > 0
+                    ids_g.append([int(t) for t in resp[j][keep]])
+                    lp_g.append([round(float(x), 6) for x in lps[j][keep]])
+                n_tokens += sum(len(x) for x in ids_g)
+                rec["responses"] = [tok.decode(x, skip_special_tokens=True) for x in ids_g]
+                rec["response"] = rec["responses"][0]
+                rec["response_ids"] = ids_g
+                rec["logprobs"] = lp_g
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
-    print(f"wrote {len(rows)} responses to {args.out}")
+    dt = time.time() - t0
+    print(f"wrote {len(rows)} x {g} responses to {args.out}")
+    print(f"easyrl generate: {len(rows)} requests, {len(rows) * g} samples, {n_tokens} generated "
+          f"tokens in {dt:.1f}s ({n_tokens / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)

@@ -367,7 +367,7 @@ def test_cli_end_to_end(cli_model, tmp_path, capsys):
         if "prompt" in row:
             assert g["prompt"] == row["prompt"]
         want = [int(t) for t, m in zip(ref["response"][i], ref["response_mask"][i]) if m]
-        assert g["response_ids"] == want and 1 <= len(want) <= n
+        assert g["response_ids"] == [want] and 1 <= len(want) <= n
         assert g["response"] == tok.decode(want, skip_special_tokens=True)
 
     # the same model as an easyrl checkpoint (tokenizer copied to <dir>/tokenizer/) -> same output
@@ -520,3 +520,31 @@ def test_shared_prefix_samples_equal_repeated_prompts(tiny):
     assert all(len({tuple(x) for x in r[i]}) > 1 for i in range(3))
     with pytest.raises(ValueError, match="num_samples"):
         make_sampler(config, max_new_tokens=N_NEW, num_samples=0)
+
+
+def test_cli_num_samples_logprobs_and_summary(cli_model, tmp_path, capsys):
+    """--num_samples G: G responses per line from one prefill, their ids and the sampler's
+    log-probs (equal to a scoring pass over the same tokens), and a summary line on stderr."""
+    from easyrl import rollout
+    from easyrl.data.templates import tokenize_prompt
+    folder, tok = cli_model
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "sort: f b d a"}\n{"prompt": "sort: c a"}\n')
+    out = tmp_path / "g.jsonl"
+    res = _run_cli(["--model", folder, "--out", str(out), "--prompts", str(prompts),
+                    "--num_samples", "3", "--max_new_tokens", "5", "--temperature", "1",
+                    "--top_p", "0.9", "--batch_size", "2", "--seed", "4"], capsys)
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [len(g["responses"]) for g in got] == [3, 3]
+    total = sum(len(x) for g in got for x in g["response_ids"])
+    last = res.err.strip().splitlines()[-1]
+    assert last.startswith("easyrl generate: 2 requests, 6 samples, ") and f"{total} generated" in last
+    config, params = hf.load(folder)
+    for g in got:
+        p_ids = tokenize_prompt("plain", g["prompt"], tok)
+        for ids, lps in zip(g["response_ids"], g["logprobs"]):
+            assert len(ids) == len(lps) >= 1
+            tokens = jnp.asarray([p_ids + ids], jnp.int32)
+            lp, _ = rollout.response_logprobs(config, params, tokens, jnp.ones_like(tokens),
+                                              len(p_ids), 1.0, 0, 0.9)
+            np.testing.assert_allclose(np.asarray(lp)[0], lps, atol=2e-5)
