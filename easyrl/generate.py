@@ -65,7 +65,7 @@ def normalize_eos(eos_token_id: EosArg, config: Optional[LlamaConfig] = None) ->
     return tuple(sorted({int(e) for e in eos_token_id}))
 
 
-def _check_settings(max_new_tokens, temperature, top_k, top_p):
+def check_settings(max_new_tokens, temperature, top_k, top_p):
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -276,7 +276,7 @@ def make_sampler(config: LlamaConfig, *, max_new_tokens: int, temperature: float
     cache is held as uint16 bits) are resolved here, once, from the platform of `mesh`'s devices
     (the default backend when mesh is None).
     """
-    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    check_settings(max_new_tokens, temperature, top_k, top_p)
     eos = normalize_eos(eos_token_id, config)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0

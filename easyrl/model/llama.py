@@ -80,7 +80,8 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str, std: Optional[float] = None):
+def dense_module(cfg: LlamaConfig, features: int, bias: bool, name: str,
+                 std: Optional[float] = None):
     kw = dict(use_bias=bias, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype),
               kernel_init=nn.initializers.normal(std or cfg.initializer_range), name=name)
     if lora.is_target(cfg, name):  # same kernel/bias params plus lora_a, lora_b
@@ -218,9 +219,9 @@ class Attention(nn.Module):
         cfg = self.config
         b, t, _ = x.shape
         h, kh, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = _dense(cfg, h * dh, cfg.attention_bias, "q_proj")(x).reshape(b, t, h, dh)
-        k = _dense(cfg, kh * dh, cfg.attention_bias, "k_proj")(x).reshape(b, t, kh, dh)
-        v = _dense(cfg, kh * dh, cfg.attention_bias, "v_proj")(x).reshape(b, t, kh, dh)
+        q = dense_module(cfg, h * dh, cfg.attention_bias, "q_proj")(x).reshape(b, t, h, dh)
+        k = dense_module(cfg, kh * dh, cfg.attention_bias, "k_proj")(x).reshape(b, t, kh, dh)
+        v = dense_module(cfg, kh * dh, cfg.attention_bias, "v_proj")(x).reshape(b, t, kh, dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
         if cache is not None:  # write this step's keys/values at cache_index, attend to all S
@@ -233,7 +234,7 @@ class Attention(nn.Module):
         else:
             out = attend(q, k, v, mask, cfg.attention, causal=True)  # masks are causal
         out = out.reshape(b, t, h * dh)
-        return _dense(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out), new_cache
+        return dense_module(cfg, cfg.hidden_size, cfg.attention_bias, "o_proj")(out), new_cache
 
 
 class MLP(nn.Module):
@@ -242,9 +243,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
+        gate = dense_module(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
+        up = dense_module(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
+        return dense_module(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -296,11 +297,11 @@ class Llama(nn.Module):
             return x, new_cache
         if self.head == "score":
             std = 1.0 / np.sqrt(cfg.hidden_size + 1)
-            return _dense(cfg, 1, False, "score", std=std)(x)[..., 0].astype(jnp.float32), new_cache
+            return dense_module(cfg, 1, False, "score", std=std)(x)[..., 0].astype(jnp.float32), new_cache
         if cfg.tie_word_embeddings:  # as `lm_head_apply`
             logits = dense_matmul(x, embed.embedding.astype(x.dtype).T)
         else:
-            logits = _dense(cfg, cfg.vocab_size, False, "lm_head")(x)
+            logits = dense_module(cfg, cfg.vocab_size, False, "lm_head")(x)
         return logits.astype(jnp.float32), new_cache
 
 

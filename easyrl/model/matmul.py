@@ -1,5 +1,5 @@
 """The dense layers' matmul: `dense_matmul` (x @ W with its own VJP) and `dense_dot_general`,
-the `dot_general` that `nn.Dense` (`llama._dense`) and `lora.LoRADense` route x @ W through."""
+the `dot_general` that `nn.Dense` (`llama.dense_module`) and `lora.LoRADense` route x @ W through."""
 from __future__ import annotations
 
 import jax
