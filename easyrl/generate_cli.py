@@ -2,8 +2,12 @@
 
     python -m easyrl generate --model DIR --prompts prompts.jsonl --out out.jsonl \
         [--num_samples G] [--max_new_tokens 128] [--temperature 0.7] [--top_p 1.0] [--top_k 0] \
-        [--template plain] [--batch_size 8] [--seed 0] [--tokenizer PATH] \
+        [--template plain] [--batch_size 8 | --batch_slots B] [--seed 0] [--tokenizer PATH] \
         [--mesh dp:1,fsdp:-1,tp:1] [--dtype bfloat16]
+
+--batch_slots B runs the continuous-batching engine (`easyrl.engine`): B decode slots, a
+finished sample's slot taken by the next waiting one, each prompt prefilled once; samples depend
+only on (--seed, request, sample), not on B. Without it, static batches of --batch_size prompts.
 
 DIR is a Hugging Face model folder or an easyrl checkpoint / run directory (its tokenizer is read
 from `<dir>/tokenizer/` when present, else from `--tokenizer`). Each input line is a JSON object
@@ -151,6 +155,46 @@ def check_lengths(rows, prompt_ids, max_new_tokens: int, max_positions: int, pat
                          f"or lower --max_new_tokens")
 
 
+def _record(row, prompt_ids, tok, ids_g, lp_g) -> dict:
+    """One output line: the prompt (its messages too), G responses, their ids and log-probs."""
+    rec = {"prompt": row["prompt"] if isinstance(row.get("prompt"), str) else
+           tok.decode(prompt_ids, skip_special_tokens=True)}
+    if "messages" in row and not isinstance(row.get("prompt"), str):
+        rec["messages"] = row["messages"]
+    rec["responses"] = [tok.decode(x, skip_special_tokens=True) for x in ids_g]
+    rec["response"] = rec["responses"][0]
+    rec["response_ids"] = ids_g
+    rec["logprobs"] = [[round(float(x), 6) for x in lp] for lp in lp_g]
+    return rec
+
+
+def _summary(args, n_req: int, g: int, n_tokens: int, dt: float) -> None:
+    print(f"wrote {n_req} x {g} responses to {args.out}")
+    print(f"easyrl generate: {n_req} requests, {n_req * g} samples, {n_tokens} generated "
+          f"tokens in {dt:.1f}s ({n_tokens / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+
+
+def _run_engine(args, rows, prompt_ids, config, params, tok, eos, pad_id, mesh) -> None:
+    """--batch_slots: every request through the continuous-batching engine in one run."""
+    from easyrl.engine import Engine
+    eng = Engine(config, slots=args.batch_slots, max_prompt_len=max(map(len, prompt_ids)),
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, eos_token_id=tuple(sorted(eos)),
+                 pad_token_id=pad_id, mesh=mesh)
+    t0 = time.time()
+    out = eng.run(params, [dict(prompt_ids=ids, num_samples=args.num_samples)
+                           for ids in prompt_ids], seed=args.seed)
+    dt = time.time() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    n_tokens = 0
+    with open(args.out, "w", encoding="utf-8") as f:
+        for (_, row), ids, res in zip(rows, prompt_ids, out):
+            n_tokens += sum(len(x) for x in res["response_ids"])
+            rec = _record(row, ids, tok, res["response_ids"], res["logprobs"])
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    _summary(args, len(rows), args.num_samples, n_tokens, dt)
+
+
 # ---- command --------------------------------------------------------------------------------
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample responses for a JSONL file of prompts",
@@ -169,7 +213,9 @@ def add_parser(sub) -> None:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--template", default="plain", help="tulu | stackllama | plain | chat")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per static batch")
+    p.add_argument("--batch_slots", type=int, default=0,
+                   help="decode slots of the continuous-batching engine (0: static batches)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or sentencepiece .model")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. dp:1,fsdp:-1,tp:1 (default: one device)")
@@ -211,6 +257,10 @@ def run(args: argparse.Namespace) -> None:
         dp = parallel.data_parallel_size(mesh)
         bs = -(-bs // dp) * dp
     g = args.num_samples
+    if args.batch_slots < 0:
+        raise ValueError(f"--batch_slots must be >= 0 (0 = static batches), got {args.batch_slots}")
+    if args.batch_slots:
+        return _run_engine(args, rows, prompt_ids, config, params, tok, eos, pad_id, mesh)
     sampler = make_sampler(config, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            eos_token_id=tuple(sorted(eos)), pad_token_id=pad_id, mesh=mesh,
@@ -232,23 +282,13 @@ def run(args: argparse.Namespace) -> None:
             lps = parallel.to_host(out["logprobs"])
             for i in range(len(chunk)):
                 _, row = rows[bi * bs + i]
-                rec = {"prompt": row["prompt"] if isinstance(row.get("prompt"), str) else
-                       tok.decode(chunk[i], skip_special_tokens=True)}
-                if "messages" in row and not isinstance(row.get("prompt"), str):
-                    rec["messages"] = row["messages"]
                 ids_g, lp_g = [], []
                 for j in range(i * g, (i + 1) * g):  # rows i*G .. i*G+G-1: prompt i's samples
                     keep = rmask[j] > 0
                     ids_g.append([int(t) for t in resp[j][keep]])
-                    lp_g.append([round(float(x), 6) for x in lps[j][keep]])
+                    lp_g.append(lps[j][keep])
                 n_tokens += sum(len(x) for x in ids_g)
-                rec["responses"] = [tok.decode(x, skip_special_tokens=True) for x in ids_g]
-                rec["response"] = rec["responses"][0]
-                rec["response_ids"] = ids_g
-                rec["logprobs"] = lp_g
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.write(json.dumps(_record(row, chunk[i], tok, ids_g, lp_g),
+                                   ensure_ascii=False) + "\n")
             f.flush()
-    dt = time.time() - t0
-    print(f"wrote {len(rows)} x {g} responses to {args.out}")
-    print(f"easyrl generate: {len(rows)} requests, {len(rows) * g} samples, {n_tokens} generated "
-          f"tokens in {dt:.1f}s ({n_tokens / max(dt, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    _summary(args, len(rows), g, n_tokens, time.time() - t0)
