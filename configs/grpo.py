@@ -78,7 +78,10 @@ def get_config(preset: str = "tiny"):
     # behaviour (old) log-probs: the sampler's own (auto: when computing in float32, where they
     # equal the trainer's to ~1e-6; no old-log-prob pass) or the trainer's (a scoring pass when
     # off-policy), with an optional importance-sampling correction for the sampler's mismatch
-    c.rollout = mlc.ConfigDict(dict(behaviour_logprobs="auto", is_correction="none", is_cap=2.0))
+    # engine: static (one batch, shared prefixes) | continuous (easyrl.engine: slots freed by
+    # finished samples are refilled; rollout.slots, 0 = one per rollout row)
+    c.rollout = mlc.ConfigDict(dict(behaviour_logprobs="auto", is_correction="none", is_cap=2.0,
+                                    engine="static", slots=0))
     c.data.update(template="plain", eval="")
     if preset in ("tiny", "tiny_rm"):
         c.model.path = "runs/sft"

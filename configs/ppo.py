@@ -48,6 +48,8 @@ def get_config(preset: str = "tiny"):
         missing_eos_penalty=0.0, ratio_threshold=0.0, target_kl=0.0,
         samples_every=10, num_samples=4, true_reward="",
     ))
+    # rollout engine: static (one batch) | continuous (easyrl.engine; slots 0 = one per row)
+    c.rollout = mlc.ConfigDict(dict(engine="static", slots=0))
     c.data.update(template="plain", eval="")
     if preset == "tiny":
         c.model.path = "runs/sft"

@@ -73,3 +73,34 @@ def sequence_logprob(config, params, tokens, attn, resp_mask, prompt_len: int,
     lp, _ = response_logprobs(config, params, tokens, attn, prompt_len, temperature)
     return jnp.sum(lp * resp_mask.astype(jnp.float32), -1)
 
+
+
+def engine_sampler(engine, num_samples: int = 1):
+    """A sampler with `make_sampler`'s signature and outputs over the continuous-batching
+    engine (`easyrl.engine.Engine`), for the online-RL loop (one process): left-padded prompts
+    [B, P] in, B * num_samples rows out (rows b*G .. b*G+G-1 prompt b's samples), responses
+    right-padded to the engine's max_new_tokens with its pad id, the engine's log-probs."""
+    import numpy as np
+    g, n, pad = int(num_samples), engine.max_new_tokens, engine.pad_token_id
+
+    def sample(params, input_ids, attention_mask, rng) -> dict:
+        ids, mask = parallel.to_host(input_ids), parallel.to_host(attention_mask)
+        reqs = [dict(prompt_ids=[int(t) for t, m in zip(r, mr) if m], num_samples=g)
+                for r, mr in zip(ids, mask)]
+        out = engine.run(params, reqs, seed=rng)
+        rows = len(reqs) * g
+        resp = np.full((rows, n), pad, np.int32)
+        rmask = np.zeros((rows, n), np.int32)
+        lps = np.zeros((rows, n), np.float32)
+        eos = np.zeros((rows,), bool)
+        for b, res in enumerate(out):
+            for j, (x, lp, e) in enumerate(zip(res["response_ids"], res["logprobs"],
+                                               res["has_eos"])):
+                i = b * g + j
+                resp[i, :len(x)], rmask[i, :len(x)], lps[i, :len(x)], eos[i] = x, 1, lp, e
+        tokens = np.concatenate([np.repeat(ids, g, axis=0), resp], axis=1)
+        return dict(tokens=jnp.asarray(tokens), response=jnp.asarray(resp),
+                    response_mask=jnp.asarray(rmask), logprobs=jnp.asarray(lps),
+                    has_eos=jnp.asarray(eos))
+
+    return sample

@@ -446,3 +446,18 @@ def test_sampler_logprobs_as_old_equal_a_scoring_pass(policy_dir, tmp_path):
     with pytest.raises(ValueError, match="rollout.is_correction"):
         run_grpo(policy_dir, tmp_path / "bad", "--config.rollout.behaviour_logprobs=sampler",
                  "--config.rollout.is_correction=token_truncate")
+
+
+def test_continuous_engine_rollouts(policy_dir, tmp_path):
+    """rollout.engine=continuous (fewer slots than rollout rows): the engine's log-probs are the
+    behaviour log-probs and equal the trainer's (fp32), the run trains as with the static
+    sampler."""
+    _, rows = run_grpo(policy_dir, tmp_path, "--config.train.steps=2",
+                       "--config.rollout.engine=continuous", "--config.rollout.slots=5",
+                       "--config.grpo.num_iterations=2", varied(policy_dir))
+    for r in rows:
+        assert r["rollout/logprob_diff_max"] < 1e-5
+        assert r["ratio/first"] == pytest.approx(1.0, abs=1e-5)
+        assert r["nonfinite_updates"] == 0 and np.isfinite(r["loss"])
+    with pytest.raises(ValueError, match="rollout.engine"):
+        run_grpo(policy_dir, tmp_path / "bad", "--config.rollout.engine=paged")

@@ -324,3 +324,15 @@ def test_no_reward_source_names_the_keys(random_models, tmp_path):
                                             "--config.reward.functions=synthetic"))
     with pytest.raises(ValueError, match=r"value\.path"):
         ppo.train(c)
+
+
+def test_continuous_engine_rollouts(random_models, tmp_path):
+    from easyrl.algorithms import ppo
+    c = launch.parse_config("ppo", ppo_args(random_models, tmp_path, "--config.train.steps=2",
+                                            "--config.rollout.engine=continuous",
+                                            "--config.rollout.slots=6", "--config.optim.lr=0",
+                                            "--config.value_optim.lr=0"))
+    ppo.train(c)
+    for r in read_metrics(str(tmp_path)):
+        assert r["rollout/logprob_diff_max"] < 1e-5  # the engine's == the scoring pass's
+        assert r["policy/ratio_first"] == pytest.approx(1.0, abs=1e-6)

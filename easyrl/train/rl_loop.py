@@ -248,6 +248,23 @@ def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dic
     return state, metrics, roll, scored
 
 
+ENGINES = ("static", "continuous")
+
+
+def validate_rollout(c) -> None:
+    """The rollout section shared by the online trainers (rollout.engine, rollout.slots)."""
+    ro = c.get("rollout") or {}
+    eng = ro.get("engine", "static")
+    if eng not in ENGINES:
+        raise ValueError(f"config rollout.engine: {eng!r}; valid: {', '.join(ENGINES)}")
+    if int(ro.get("slots", 0)) < 0:
+        raise ValueError(f"config rollout.slots: {ro.get('slots')} must be >= 0 (0 = one per "
+                         f"rollout row)")
+    if eng == "continuous" and jax.process_count() > 1:
+        raise ValueError("config rollout.engine: 'continuous' runs its host loop in one "
+                         "process; use rollout.engine=static on multi-host runs")
+
+
 def run(c, algo) -> RunResult:
     """Train according to config `c` with registry record `algo` (its `online` spec)."""
     spec = algo.online
@@ -256,6 +273,7 @@ def run(c, algo) -> RunResult:
     tok = setup.load_tokenizer(c)
     pcfg = setup.model_config(c, tok)
     spec.validate(c, r.mesh, pcfg.max_position_embeddings)
+    validate_rollout(c)
     prompts = prompt_iterator(setup.data_source(c, "prompts", "train"), tok,
                               max_prompt_len=s.max_prompt_len, global_batch_size=c.train.batch_size,
                               template=c.data.template, format=fmt(c),
@@ -266,9 +284,21 @@ def run(c, algo) -> RunResult:
     # shared prefixes: each prompt prefilled once, its cache copied to its G samples on device
     # (needs the prompt batch itself to split over the data-parallel devices)
     shared = g if g > 1 and c.train.batch_size % parallel.data_parallel_size(r.mesh) == 0 else 1
-    sampler = make_sampler(pcfg, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                           top_k=s.top_k, top_p=s.top_p, eos_token_id=rollout.eos_ids(tok, pcfg),
-                           pad_token_id=tok.pad_token_id, mesh=r.mesh, num_samples=shared)
+    ro = c.get("rollout") or {}
+    if ro.get("engine", "static") == "continuous":  # the continuous-batching engine
+        from easyrl.engine import Engine
+        shared = g  # the engine always prefills a prompt once for its G samples
+        eng = Engine(pcfg, slots=int(ro.get("slots", 0)) or c.train.batch_size * g,
+                     max_prompt_len=s.max_prompt_len, max_new_tokens=s.max_new_tokens,
+                     temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                     eos_token_id=rollout.eos_ids(tok, pcfg), pad_token_id=tok.pad_token_id,
+                     mesh=r.mesh)
+        sampler = rollout.engine_sampler(eng, g)
+    else:
+        sampler = make_sampler(pcfg, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                               top_k=s.top_k, top_p=s.top_p,
+                               eos_token_id=rollout.eos_ids(tok, pcfg),
+                               pad_token_id=tok.pad_token_id, mesh=r.mesh, num_samples=shared)
     r.open(pcfg, "causal_lm", tok)
     restored = r.restore(built.items(built.state))
     if restored is not None:
