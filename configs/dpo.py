@@ -4,8 +4,16 @@ The policy starts from `model.path` (an SFT run directory or an HF folder; rando
 model.preset when empty) and the reference is that same initial policy.
 
 dpo.beta            inverse temperature of the implicit reward r = beta (logp - logp_ref)
-dpo.loss_type       sigmoid | robust | hinge | ipo (formulas in docs/algorithms.md)
-dpo.label_smoothing eps for sigmoid (conservative DPO) and robust DPO; must be < 0.5
+dpo.loss_type       sigmoid | robust | hinge | ipo | exo_pair | nca_pair | bco_pair | sppo_hard |
+                    aot | aot_pair (= aot_unpaired) | apo_zero | apo_down | discopop | sft (TRL
+                    DPOTrainer's loss types; formulas and sources in docs/algorithms.md), or a
+                    comma-separated list of them, e.g. sigmoid,sppo_hard: loss = sum_i w_i loss_i
+dpo.loss_weights    comma-separated weights w_i >= 0, one per dpo.loss_type entry; "" = 1 each
+dpo.rpo_alpha       RPO (TRL rpo_alpha): adds rpo_alpha x the mean token NLL of the chosen
+                    responses of the batch; 0 = off
+dpo.label_smoothing eps for sigmoid (conservative DPO), robust, exo_pair (0 -> 1e-3, as TRL), aot
+                    and aot_pair; must be < 0.5
+dpo.discopop_tau    temperature of the discopop loss (TRL discopop_tau, default 0.05)
 dpo.reference_free  reference log-probs are 0 (no reference model at all)
 dpo.precompute_ref  one pass of the initial policy over train and eval data before training
                     stores reference log-probs in the batches: no reference model is held
@@ -47,8 +55,9 @@ HARDWARE = {"stackllama2_7b": A100_8, "stackllama2_7b_lora": A100_8}
 
 def get_config(preset: str = "tiny"):
     c = base_config("dpo")
-    c.dpo = mlc.ConfigDict(dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
-                                reference_free=False, precompute_ref=False))
+    c.dpo = mlc.ConfigDict(dict(beta=0.1, loss_type="sigmoid", loss_weights="", rpo_alpha=0.0,
+                                label_smoothing=0.0, discopop_tau=0.05, reference_free=False,
+                                precompute_ref=False))
     if preset == "tiny":
         c.train.update(steps=200, batch_size=32, seq_len=24)
         c.optim.update(lr=1e-3, schedule="cosine", warmup=10, weight_decay=0.0)

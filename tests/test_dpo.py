@@ -110,12 +110,20 @@ def test_every_loss_type_runs(cache, tmp_path):
 
     refs = [fwd(params0, b)[:2] for b in batches]  # the reference = the initial policy
     beta = 0.1
+    e = 1e-3  # exo_pair's eps when label_smoothing is 0
     cases = [("sigmoid", 0.2, False, math.log(2)), ("robust", 0.2, False, math.log(2)),
              ("hinge", 0.0, False, 1.0), ("ipo", 0.0, False, (1 / (2 * beta)) ** 2),
-             ("sigmoid", 0.0, True, None)]
+             ("sigmoid", 0.0, True, None),
+             ("exo_pair", 0.0, False, 0.5 * (math.log(0.5 / (1 - e)) + math.log(0.5 / e))),
+             ("nca_pair", 0.0, False, 2 * math.log(2)), ("bco_pair", 0.0, False, 2 * math.log(2)),
+             ("sppo_hard", 0.0, False, 2 * (0.5 / beta) ** 2), ("aot", 0.1, False, math.log(2)),
+             ("aot_pair", 0.1, False, math.log(2)), ("apo_zero", 0.0, False, 1.0),
+             ("apo_down", 0.0, False, 1.0), ("discopop", 0.0, False, (math.log(2) + 1) / 2),
+             ("sigmoid,sppo_hard", 0.0, False, math.log(2) + 0.5 * 2 * (0.5 / beta) ** 2)]
     for loss_type, eps, free, at_init in cases:
         d = mlc.ConfigDict(dict(beta=beta, loss_type=loss_type, label_smoothing=eps,
-                                reference_free=free, precompute_ref=False))
+                                reference_free=free, precompute_ref=False,
+                                **({"loss_weights": "1,0.5"} if "," in loss_type else {})))
         head = jax.jit(jax.value_and_grad(
             lambda pc, pr, rc, rr, lc, lr: dpo.objective(d, pc, pr, rc, rr, lc, lr, 16.0),
             argnums=(0, 1), has_aux=True))
@@ -131,9 +139,32 @@ def test_every_loss_type_runs(cache, tmp_path):
         if at_init is not None:
             assert out[0]["loss"] == pytest.approx(at_init, rel=1e-5), name
             assert out[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6), name
-        else:  # reference-free: rewards are beta * policy log-probs
+        if free:  # reference-free: rewards are beta * policy log-probs
             assert out[0]["rewards/chosen"] == pytest.approx(beta * out[0]["logps/chosen"], rel=1e-5)
         assert out[0]["gnorm"] > 0 and out[1]["loss"] != out[0]["loss"], name
+
+
+def test_combined_loss_with_rpo_runs(cache, tmp_path):
+    """`dpo` with a weighted sigmoid + sppo_hard combination and the RPO term: finite metrics,
+    the components and nll_loss logged; at step 1 (policy == reference) the loss is
+    log 2 + 0.5 * 2 (1/(2 beta))^2 + 0.5 * nll_loss."""
+    c = make_config("dpo", tmp_path, **{
+        "data.train": small_pairs(tmp_path, n=16), "data.eval": "", "train.batch_size": 8,
+        "train.steps": 2, "log.every": 1, "optim.warmup": 0, "checkpoint.every": 0,
+        "dpo.loss_type": "sigmoid,sppo_hard", "dpo.loss_weights": "1.0,0.5", "dpo.rpo_alpha": 0.5})
+    dpo.train(c)
+    rows = read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        for k in ("loss", "nll_loss", "loss/sigmoid", "loss/sppo_hard") + TRL_KEYS:
+            assert k in r and np.isfinite(r[k]), (r["step"], k)
+    first, beta = rows[0], c.dpo.beta
+    assert first["loss/sigmoid"] == pytest.approx(math.log(2), rel=1e-5)
+    assert first["loss/sppo_hard"] == pytest.approx(2 * (0.5 / beta) ** 2, rel=1e-5)
+    assert first["nll_loss"] > 0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["loss/sppo_hard"]
+                                          + 0.5 * first["nll_loss"], rel=1e-5)
+    assert rows[1]["loss"] != first["loss"]
 
 
 def test_bad_config_and_bad_data(cache, tmp_path):
@@ -144,6 +175,21 @@ def test_bad_config_and_bad_data(cache, tmp_path):
     c.dpo.loss_type, c.dpo.label_smoothing = "robust", 0.5
     with pytest.raises(ValueError, match="dpo.label_smoothing"):
         dpo.check_config(c.dpo)
+    c.dpo.label_smoothing = 0.0
+    for key, value, msg in (("loss_type", "sigmoid,kto", r"dpo\.loss_type: unknown .*'kto'"),
+                            ("loss_type", "sigmoid,,hinge", r"dpo\.loss_type: .*empty"),
+                            ("loss_weights", "1.0,0.5", r"dpo\.loss_weights: .*2 weight.*1 loss type"),
+                            ("loss_weights", "-1", r"dpo\.loss_weights: .*>= 0"),
+                            ("rpo_alpha", -0.5, r"dpo\.rpo_alpha: .*>= 0"),
+                            ("discopop_tau", 0.0, r"dpo\.discopop_tau")):
+        bad = mlc.ConfigDict(c.dpo.to_dict())
+        bad.loss_type = "sigmoid"
+        bad[key] = value
+        with pytest.raises(ValueError, match=msg):
+            dpo.check_config(bad)
+    ok = mlc.ConfigDict(c.dpo.to_dict())
+    ok.update(loss_type="sigmoid,sppo_hard,sft", loss_weights="1,0.5,0.1", rpo_alpha=1.0)
+    dpo.check_config(ok)
     path = tmp_path / "pairs.jsonl"
     lines = [json.dumps({"prompt": "sort: b a", "chosen": "a b", "rejected": "b a"})] * 40
     lines[11] = '{"prompt": "sort: c a", "chosen": "a c", "rejected": '  # line 12: cut short

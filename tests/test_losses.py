@@ -94,6 +94,64 @@ def ref_dpo(pc, pr, rc, rr, beta, loss_type, eps, ref_free, lc=None, lr=None):
     return np.array(out), np.array(cr), np.array(rjr)
 
 
+def sig(x):
+    return math.exp(-np.logaddexp(0.0, -x))
+
+
+def ref_dpo_trl(pc, pr, rc, rr, beta, loss_type, eps, ref_free, lc=None, tau=0.05):
+    """TRL DPOTrainer.dpo_loss / the papers' formulas for the loss types beyond the original
+    four, pair by pair (batch statistics by explicit loops, sorting by `sorted`)."""
+    b = len(pc)
+    rc = [0.0] * b if ref_free else list(rc)
+    rr = [0.0] * b if ref_free else list(rr)
+    c = [pc[i] - rc[i] for i in range(b)]  # chosen log-ratio
+    r = [pr[i] - rr[i] for i in range(b)]  # rejected log-ratio
+    smooth = lambda z: -(1 - eps) * log_sig(z) - eps * log_sig(-z)  # noqa: E731
+    out = []
+    if loss_type == "bco_pair":
+        delta = 0.0
+        for i in range(b):
+            delta += beta * c[i] + beta * r[i]
+        delta /= 2 * b
+    if loss_type == "aot":
+        d = [x - y for x, y in zip(sorted(pc[i] - pr[i] for i in range(b)),
+                                   sorted(rc[i] - rr[i] for i in range(b)))]
+    if loss_type in ("aot_pair", "aot_unpaired"):
+        d = [x - y for x, y in zip(sorted(c), sorted(r))]
+    if loss_type == "sft":
+        tokens = nll = 0.0
+        for i in range(b):
+            nll -= pc[i]
+            tokens += lc[i]
+    for i in range(b):
+        h = c[i] - r[i]
+        if loss_type == "exo_pair":
+            e = eps if eps > 0 else 1e-3
+            z = beta * h
+            out.append(sig(z) * (log_sig(z) - math.log(1 - e)) + sig(-z) * (log_sig(-z) - math.log(e)))
+        elif loss_type == "nca_pair":
+            out.append(-log_sig(beta * c[i]) - 0.5 * log_sig(-beta * c[i]) - 0.5 * log_sig(-beta * r[i]))
+        elif loss_type == "bco_pair":
+            out.append(-log_sig(beta * c[i] - delta) - log_sig(-(beta * r[i] - delta)))
+        elif loss_type == "sppo_hard":
+            out.append((c[i] - 0.5 / beta) ** 2 + (r[i] + 0.5 / beta) ** 2)
+        elif loss_type in ("aot", "aot_pair", "aot_unpaired"):
+            out.append(smooth(beta * d[i]))
+        elif loss_type == "apo_zero":
+            out.append((1 - sig(beta * c[i])) + sig(beta * r[i]))
+        elif loss_type == "apo_down":
+            out.append(sig(beta * c[i]) + (1 - sig(beta * h)))
+        elif loss_type == "discopop":
+            z = beta * h
+            m = sig(z / tau)
+            out.append(-log_sig(z) * (1 - m) + math.exp(-z) * m)
+        elif loss_type == "sft":
+            out.append(nll / tokens)
+        else:
+            raise AssertionError(loss_type)
+    return np.array(out), beta * np.array(c), beta * np.array(r)
+
+
 def ref_rrhf(logp, lengths, scores, valid, nll, alpha, w):
     b, n = logp.shape
     rank = 0.0
@@ -427,6 +485,126 @@ def test_dpo_errors_and_metrics():
     assert set(met) == set(want)
     for k, v in want.items():
         close(met[k], v)
+
+
+NEW_DPO_CASES = [("exo_pair", 0.0), ("exo_pair", 0.2), ("nca_pair", 0.0), ("bco_pair", 0.0),
+                 ("sppo_hard", 0.0), ("aot", 0.0), ("aot", 0.15), ("aot_pair", 0.0),
+                 ("aot_pair", 0.15), ("aot_unpaired", 0.15), ("apo_zero", 0.0), ("apo_down", 0.0),
+                 ("discopop", 0.0), ("sft", 0.0)]
+
+
+def random_pairs(seed, b=7):
+    rng = np.random.default_rng(seed)
+    pc, pr, rc, rr = (rng.normal(size=b) * 20 - 50 for _ in range(4))
+    lc, lr = (rng.integers(1, 40, size=b).astype(np.float64) for _ in range(2))
+    return pc, pr, rc, rr, lc, lr
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("loss_type,eps", NEW_DPO_CASES)
+@pytest.mark.parametrize("ref_free", [False, True])
+def test_dpo_trl_loss_types_vs_reference(seed, loss_type, eps, ref_free):
+    pc, pr, rc, rr, lc, lr = random_pairs(seed)
+    beta, tau = (0.1, 0.05) if seed != 2 else (0.3, 0.2)
+    fn = jax.jit(functools.partial(L.dpo_losses, beta=beta, loss_type=loss_type, label_smoothing=eps,
+                                   reference_free=ref_free, discopop_tau=tau))
+    got = fn(pc, pr, None if ref_free else rc, None if ref_free else rr,
+             chosen_lengths=lc, rejected_lengths=lr)
+    want = ref_dpo_trl(pc, pr, rc, rr, beta, loss_type, eps, ref_free, lc, tau)
+    for g, w in zip(got, want):
+        close(g, w)
+
+
+def test_dpo_trl_loss_types_gradients():
+    """Batch statistics carry no gradient (bco_pair's shift); aot's sort routes each gradient
+    to the pair that holds the quantile; sppo_hard's gradient in closed form."""
+    pc, pr, rc, rr, lc, lr = random_pairs(0, b=5)
+    beta = 0.1
+    grad = lambda kind, **kw: jax.grad(  # noqa: E731
+        lambda x: L.dpo_losses(x, pr, rc, rr, beta=beta, loss_type=kind, **kw)[0].sum())(jnp.asarray(pc))
+    c, r = pc - rc, pr - rr
+    delta = beta * (c.sum() + r.sum()) / (2 * len(pc))
+    close(grad("bco_pair"), -beta * np.array([sig(-(beta * x - delta)) for x in c]))
+    close(grad("sppo_hard"), 2 * (c - 0.5 / beta))
+    order = np.argsort(c)  # chosen ratio of rank k meets the rejected ratio of rank k
+    d = np.sort(c) - np.sort(r)
+    want = np.zeros(len(pc))
+    want[order] = -beta * np.array([sig(-beta * x) for x in d])
+    close(grad("aot_pair"), want)
+
+
+def test_dpo_loss_combination_is_the_weighted_sum():
+    pc, pr, rc, rr, lc, lr = random_pairs(1)
+    kw = dict(beta=0.2, label_smoothing=0.1, chosen_lengths=lc, rejected_lengths=lr)
+    kinds, weights = ("sigmoid", "sppo_hard", "bco_pair", "ipo", "exo_pair"), (1.0, 0.5, 0.0, 2.0, 0.3)
+    single = {k: L.dpo_losses(pc, pr, rc, rr, loss_type=k, **kw) for k in kinds}
+    want = sum(w * np.asarray(single[k][0], np.float64) for k, w in zip(kinds, weights))
+    for lt, lw in ((",".join(kinds), ",".join(map(str, weights))), (kinds, weights),
+                   (" sigmoid , sppo_hard,bco_pair, ipo,exo_pair", " 1, 0.5 ,0,2,0.3")):
+        got, cr, rjr, terms = L.dpo_losses(pc, pr, rc, rr, loss_type=lt, loss_weights=lw,
+                                           return_terms=True, **kw)
+        close(got, want)
+        close(cr, single["sigmoid"][1])  # rewards: plain beta * log-ratio, not weighted
+        close(rjr, single["sigmoid"][2])
+        assert set(terms) == {f"loss/{k}" for k in kinds}
+        for k in kinds:
+            close(terms[f"loss/{k}"], single[k][0])
+    # default weights are 1 each; a single type with weight 2 doubles it
+    close(L.dpo_losses(pc, pr, rc, rr, loss_type="sigmoid,hinge", **kw)[0],
+          np.asarray(single["sigmoid"][0]) + np.asarray(L.dpo_losses(pc, pr, rc, rr, loss_type="hinge", **kw)[0]))
+    close(L.dpo_losses(pc, pr, rc, rr, loss_type="sigmoid", loss_weights="2", **kw)[0],
+          2 * np.asarray(single["sigmoid"][0]))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo,apo_zero"])
+def test_rpo_alpha_adds_alpha_times_chosen_nll(loss_type):
+    pc, pr, rc, rr, lc, lr = random_pairs(2)
+    alpha, kw = 0.7, dict(beta=0.1, loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr)
+    nll = 0.0
+    for i in range(len(pc)):
+        nll -= pc[i]
+    nll /= lc.sum()  # TRL nll_loss: token-mean cross-entropy over the batch's chosen responses
+    base = np.asarray(L.dpo_losses(pc, pr, rc, rr, **kw)[0], np.float64)
+    got, cr, rjr, terms = L.dpo_losses(pc, pr, rc, rr, rpo_alpha=alpha, return_terms=True, **kw)
+    close(np.asarray(got) - base, np.full(len(pc), alpha * nll))
+    close(terms["nll_loss"], np.full(len(pc), nll))
+    close(L.chosen_nll(pc, lc), nll)
+    # == the "sft" loss type with weight alpha (TRL's newer spelling of RPO)
+    close(L.dpo_losses(pc, pr, rc, rr, **dict(kw, loss_type=loss_type + ",sft"),
+                       loss_weights=",".join(["1"] * len(loss_type.split(",")) + [str(alpha)]))[0], got)
+    # gradient of the added term: policy chosen log-probs only (-alpha / tokens per pair, summed
+    # over the B pairs); nothing to the rejected, the reference or the lengths
+    extra = lambda a, b, c, d, n: (L.dpo_losses(a, b, c, d, rpo_alpha=alpha, **dict(kw, chosen_lengths=n))[0]  # noqa: E731
+                                   - L.dpo_losses(a, b, c, d, **dict(kw, chosen_lengths=n))[0]).sum()
+    g = jax.grad(extra, argnums=(0, 1, 2, 3, 4))(*map(jnp.asarray, (pc, pr, rc, rr, lc)))
+    close(g[0], np.full(len(pc), -alpha * len(pc) / lc.sum()))
+    for gi in g[1:]:
+        assert np.all(np.asarray(gi) == 0)
+    # alpha = 0 is off: bit-identical to no RPO
+    np.testing.assert_array_equal(L.dpo_losses(pc, pr, rc, rr, rpo_alpha=0.0, **kw)[0], base)
+
+
+def test_dpo_loss_type_and_weight_errors():
+    x = np.zeros(3)
+    with pytest.raises(ValueError, match="'kto'.*valid: sigmoid.*sppo_hard"):
+        L.dpo_losses(x, x, x, x, beta=0.1, loss_type="sigmoid,kto")
+    with pytest.raises(ValueError, match="empty"):
+        L.dpo_losses(x, x, x, x, beta=0.1, loss_type="sigmoid,")
+    with pytest.raises(ValueError, match="3 weight.*2 loss type"):
+        L.dpo_losses(x, x, x, x, beta=0.1, loss_type="sigmoid,hinge", loss_weights="1,1,1")
+    with pytest.raises(ValueError, match="1 weight.*2 loss type"):
+        L.dpo_losses(x, x, x, x, beta=0.1, loss_type="sigmoid,hinge", loss_weights="1")
+    with pytest.raises(ValueError, match=">= 0"):
+        L.dpo_losses(x, x, x, x, beta=0.1, loss_type="sigmoid", loss_weights="-1")
+    with pytest.raises(ValueError, match="numbers"):
+        L.dpo_losses(x, x, x, x, beta=0.1, loss_type="sigmoid", loss_weights="one")
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        L.dpo_losses(x, x, x, x, beta=0.1, loss_type="sft")
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        L.dpo_losses(x, x, x, x, beta=0.1, rpo_alpha=1.0)
+    assert L.parse_loss_types(" sigmoid, sppo_hard ") == ("sigmoid", "sppo_hard")
+    assert L.parse_loss_weights("", 3) == (1.0, 1.0, 1.0)
+    assert L.parse_loss_weights((1, 0.5), 2) == (1.0, 0.5)
 
 
 # ----------------------------------------------------------------------------- RRHF

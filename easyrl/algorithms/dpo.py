@@ -1,5 +1,8 @@
-"""Direct preference optimization (DPO) and its variants: sigmoid (+ label smoothing), robust,
-hinge and IPO, with a live frozen reference or precomputed reference log-probs.
+"""Direct preference optimization (DPO) and its variants: every TRL `DPOTrainer.dpo_loss` loss type
+that is a formula over the four log-probs (sigmoid (+ label smoothing), robust, hinge, IPO,
+EXO, NCA, BCO, SPPO, AOT, APO, DiscoPOP) and the chosen NLL, a weighted sum of several
+(`dpo.loss_type=a,b` with `dpo.loss_weights=w_a,w_b`), and the RPO term (`dpo.rpo_alpha`), with a
+live frozen reference or precomputed reference log-probs.
 
 Log-probs are sums of token log-probs over response tokens (`loss_mask`; prompt and pad
 excluded), chosen and rejected in one forward of 2B rows. The reference is either
@@ -16,9 +19,17 @@ excluded), chosen and rejected in one forward of 2B rows. The reference is eithe
 
 With `dpo.reference_free` the reference terms are 0. Metrics (TRL names): rewards/chosen,
 rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (each a sum
-over pairs / pairs in the global batch), and their `eval/` versions on data.eval.
+over pairs / pairs in the global batch), `nll_loss` with rpo_alpha > 0, `loss/<type>` per loss
+type when several are combined, and their `eval/` versions on data.eval.
+
+Batch-level loss types (bco_pair's reward shift, aot's sorting, the chosen NLL of sft and
+rpo_alpha) see one micro-batch (`train.micro_batch_size` pairs, the whole global batch without
+accumulation) across all devices: their value depends on the accumulation split, as TRL's does on
+its per-device batch.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -44,13 +55,27 @@ def pair_logps(config, params, batch, rng=None):
     return lp[:b], lp[b:], n[:b], n[b:]
 
 
+def loss_options(d) -> dict:
+    """dpo_losses keyword arguments of config section `d` (loss_weights, rpo_alpha and
+    discopop_tau take configs/dpo.py's defaults where the section lacks them)."""
+    return dict(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                reference_free=d.reference_free, loss_weights=d.get("loss_weights", ""),
+                rpo_alpha=float(d.get("rpo_alpha", 0.0)),
+                discopop_tau=float(d.get("discopop_tau", 0.05)))
+
+
 def objective(d, pc, pr, rc, rr, lc, lr, denom):
     """(loss, metrics) as sums over the pairs / `denom` from policy log-probs pc, pr, reference
     log-probs rc, rr (None when reference_free) and response lengths lc, lr, all [B]."""
-    per_pair, r_c, r_r = losses.dpo_losses(
-        pc, pr, rc, rr, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-        reference_free=d.reference_free, chosen_lengths=lc, rejected_lengths=lr)
+    opts = loss_options(d)
+    per_pair, r_c, r_r, terms = losses.dpo_losses(pc, pr, rc, rr, chosen_lengths=lc,
+                                                  rejected_lengths=lr, return_terms=True, **opts)
     means = losses.dpo_metrics(r_c, r_r, pc, pr)  # batch means -> sums / global pairs
+    if len(losses.parse_loss_types(opts["loss_type"])) > 1:
+        means.update({k: jnp.mean(v) for k, v in terms.items() if k.startswith("loss/")})
+    if "nll_loss" in terms:
+        means["nll_loss"] = jnp.mean(terms["nll_loss"])
+    means = {k: jax.lax.stop_gradient(v) for k, v in means.items()}
     b = pc.shape[0]
     return jnp.sum(per_pair) / denom, {k: v * b / denom for k, v in means.items()}
 
@@ -141,9 +166,21 @@ def precompute_reference(env: loop.Env, iterators) -> None:
 
 # ----------------------------------------------------------------------------- wiring
 def check_config(d) -> None:
-    if d.loss_type not in losses.DPO_LOSS_TYPES:
-        raise ValueError(f"config dpo.loss_type: {d.loss_type!r} is not one of "
-                         f"{', '.join(losses.DPO_LOSS_TYPES)}")
+    try:
+        kinds = losses.parse_loss_types(d.loss_type)
+    except ValueError as e:
+        raise ValueError(f"config dpo.loss_type: {e}") from None
+    try:
+        losses.parse_loss_weights(d.get("loss_weights", ""), len(kinds))
+    except ValueError as e:
+        raise ValueError(f"config dpo.loss_weights: {e} (dpo.loss_type={d.loss_type!r})") from None
+    rpo = d.get("rpo_alpha", 0.0)
+    if not (isinstance(rpo, (int, float)) and math.isfinite(rpo) and rpo >= 0):
+        raise ValueError(f"config dpo.rpo_alpha: must be a finite number >= 0 (0 = off), "
+                         f"got {rpo!r}")
+    tau = d.get("discopop_tau", 0.05)
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"config dpo.discopop_tau: must be positive, got {tau!r}")
     if d.beta <= 0:
         raise ValueError(f"config dpo.beta: must be positive, got {d.beta}")
     if not 0.0 <= d.label_smoothing < 0.5:
@@ -182,7 +219,7 @@ def batch_spec(c, rows: int) -> dict:
 
 
 ALGORITHM = Algorithm(
-    command="dpo", help="direct preference optimization (sigmoid / robust / hinge / IPO)",
+    command="dpo", help="direct preference optimization (sigmoid / IPO / ... TRL loss types, RPO)",
     loop="supervised", order=30, check_config=lambda c: check_config(c.dpo),
     build_task=build_task, make_loss=lambda c, cfg, adapters_off=False: make_loss(cfg, c.dpo, adapters_off),
     denom=pair_denom, batch_spec=batch_spec)

@@ -29,8 +29,9 @@ from easyrl.losses.group import (ADVANTAGE_KINDS, GROUP_LOSS_TYPES, IS_LEVELS, S
                                  k3_kl, overlong_penalty, reinforce_pp_returns, reverse_cumsum)
 from easyrl.losses.ppo import (KL_KINDS, adaptive_kl_update, gae, kl_penalty, ppo_policy_loss,
                                ppo_rewards, ppo_value_loss)
-from easyrl.losses.preference import (DPO_LOSS_TYPES, dpo_losses, dpo_metrics, reward_loss,
-                                      reward_losses)
+from easyrl.losses.preference import (DPO_BATCH_LOSS_TYPES, DPO_LOSS_TYPES, chosen_nll,
+                                      dpo_losses, dpo_metrics, parse_loss_types,
+                                      parse_loss_weights, reward_loss, reward_losses)
 from easyrl.losses.rrhf import RRHF_METRICS, rrhf_loss, rrhf_sums
 from easyrl.losses.sft import (LM_HEAD_CHUNK_TOKENS, head_scan, lm_head_loss_sums, sft_loss,
                                sft_loss_sums)
@@ -43,7 +44,8 @@ __all__ = [
     "reinforce_pp_returns", "reverse_cumsum",
     "KL_KINDS", "adaptive_kl_update", "gae", "kl_penalty", "ppo_policy_loss", "ppo_rewards",
     "ppo_value_loss",
-    "DPO_LOSS_TYPES", "dpo_losses", "dpo_metrics", "reward_loss", "reward_losses",
+    "DPO_BATCH_LOSS_TYPES", "DPO_LOSS_TYPES", "chosen_nll", "dpo_losses", "dpo_metrics",
+    "parse_loss_types", "parse_loss_weights", "reward_loss", "reward_losses",
     "RRHF_METRICS", "rrhf_loss", "rrhf_sums",
     "LM_HEAD_CHUNK_TOKENS", "head_scan", "lm_head_loss_sums", "sft_loss", "sft_loss_sums",
 ]
