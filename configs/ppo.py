@@ -48,8 +48,9 @@ def get_config(preset: str = "tiny"):
         missing_eos_penalty=0.0, ratio_threshold=0.0, target_kl=0.0,
         samples_every=10, num_samples=4, true_reward="",
     ))
-    # rollout engine: static (one batch) | continuous (easyrl.engine; slots 0 = one per row)
-    c.rollout = mlc.ConfigDict(dict(engine="static", slots=0))
+    # rollout engine: static (one batch) | continuous (easyrl.engine; slots 0 = one per row);
+    # behaviour (old) log-probs: trainer (auto: the scoring pass runs anyway) | sampler
+    c.rollout = mlc.ConfigDict(dict(engine="static", slots=0, behaviour_logprobs="auto"))
     c.data.update(template="plain", eval="")
     if preset == "tiny":
         c.model.path = "runs/sft"

@@ -336,3 +336,22 @@ def test_continuous_engine_rollouts(random_models, tmp_path):
     for r in read_metrics(str(tmp_path)):
         assert r["rollout/logprob_diff_max"] < 1e-5  # the engine's == the scoring pass's
         assert r["policy/ratio_first"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sampler_behaviour_logprobs_skip_the_policy_pass(random_models, tmp_path):
+    """rollout.behaviour_logprobs=sampler: the sampler's log-probs are the old ones (no policy
+    forward in the scoring pass); at lr 0 the metrics equal the trainer-log-prob run's, the
+    entropy and the sampler-vs-trainer difference now measured in the update."""
+    from easyrl.algorithms import ppo
+    rows = {}
+    for mode in ("trainer", "sampler"):
+        out = tmp_path / mode
+        ppo.train(launch.parse_config("ppo", ppo_args(
+            random_models, out, "--config.train.steps=2", "--config.optim.lr=0",
+            "--config.value_optim.lr=0", f"--config.rollout.behaviour_logprobs={mode}")))
+        rows[mode] = read_metrics(str(out))
+    for a, b in zip(rows["trainer"], rows["sampler"]):
+        for k in ("objective/scores", "objective/entropy", "objective/kl", "policy/ratio_first",
+                  "loss/value"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+        assert b["rollout/logprob_diff_max"] < 1e-5

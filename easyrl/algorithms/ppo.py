@@ -50,7 +50,7 @@ def response_values(config, params, tokens, attn, prompt_len: int):
 
 
 def score_rollout(cfgs, models, tokens, attn, resp_mask, *, prompt_len: int, temperature: float,
-                  top_k: int = 0, top_p: float = 1.0):
+                  top_k: int = 0, top_p: float = 1.0, policy_pass: bool = True):
     """The single scoring pass. cfgs/models: dicts with keys policy, ref, value, reward (cfgs
     may give the reference its own config, e.g. LoRA adapters off; default: the policy's).
 
@@ -61,9 +61,14 @@ def score_rollout(cfgs, models, tokens, attn, resp_mask, *, prompt_len: int, tem
     estimate is then of the sampling distribution against the plain reference, and a sampled
     token outside the reference's own nucleus cannot make it infinite. top_k = 0, top_p = 1
     (the default): unfiltered everywhere, bit-identical to the unfiltered pass."""
-    # lp filtered by top_k / top_p, the entropy never (`rollout.response_logprobs`)
-    lp, ent = response_logprobs(cfgs["policy"], models["policy"], tokens, attn, prompt_len,
-                                temperature, top_k, top_p)
+    # lp filtered by top_k / top_p, the entropy never (`rollout.response_logprobs`).
+    # policy_pass=False (rollout.behaviour_logprobs=sampler): the sampler's log-probs are the
+    # old ones (`make_iteration` puts them in) and the update measures the entropy
+    if policy_pass:
+        lp, ent = response_logprobs(cfgs["policy"], models["policy"], tokens, attn, prompt_len,
+                                    temperature, top_k, top_p)
+    else:
+        lp = ent = jnp.zeros(resp_mask.shape, jnp.float32)
     ref_cfg = cfgs.get("ref", cfgs["policy"])
     ref_lp, _ = response_logprobs(ref_cfg, models["ref"], tokens, attn, prompt_len, temperature)
     values = response_values(cfgs["value"], models["value"], tokens, attn, prompt_len)
@@ -102,7 +107,8 @@ def advantages(scored, resp_mask, has_eos, *, kl_coef, kl_estimator, gamma, lam,
 def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, temperature: float,
                 ppo_epochs: int, num_minibatches: int, cliprange: float, cliprange_value: float,
                 vf_coef: float, ratio_threshold: float = 0.0, target_kl: float = 0.0,
-                policy_mask=None, value_mask=None, top_k: int = 0, top_p: float = 1.0):
+                policy_mask=None, value_mask=None, top_k: int = 0, top_p: float = 1.0,
+                sampler_logprobs: bool = False):
     """update(state, rollout, rng) -> (state, metrics). rollout: tokens, attn, resp_mask,
     logprobs, values, advantages, returns ([B, ...]); minibatches are random row subsets.
 
@@ -117,13 +123,16 @@ def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, 
     def loss_fn(params, fixed, mb):
         policy, value = (combine(t, f) for t, f in zip(params, fixed))
         mask = mb["resp_mask"].astype(jnp.float32)
-        lp, _ = response_logprobs(policy_cfg, policy, mb["tokens"], mb["attn"], prompt_len,
-                                  temperature, top_k, top_p)
+        lp, ent = response_logprobs(policy_cfg, policy, mb["tokens"], mb["attn"], prompt_len,
+                                    temperature, top_k, top_p)
         v = response_values(value_cfg, value, mb["tokens"], mb["attn"], prompt_len)
         pg, pstats = losses.ppo_policy_loss(lp, mb["logprobs"], mb["advantages"], mask, cliprange)
         vf, vstats = losses.ppo_value_loss(v, mb["values"], mb["returns"], mask, cliprange_value)
         loss = pg + vf_coef * vf
-        return loss, {**pstats, **vstats, "loss/policy": pg, "loss/value": vf}
+        d = jnp.abs(jax.lax.stop_gradient(lp) - mb["logprobs"]) * mask
+        extra = {"entropy_seq": jnp.mean(jnp.sum(jax.lax.stop_gradient(ent) * mask, -1)),
+                 "diff_max": jnp.max(d), "diff_mean": jnp.sum(d) / jnp.maximum(jnp.sum(mask), 1)}
+        return loss, {**pstats, **vstats, "loss/policy": pg, "loss/value": vf, **extra}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -162,7 +171,12 @@ def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, 
                          for e in range(ppo_epochs)]).reshape(ppo_epochs * num_minibatches, mbs)
         (state, _, stopped), stats = jax.lax.scan(minibatch, (state, rollout, jnp.array(False)), idx)
         first = jax.tree.map(lambda x: x[0], stats)  # the first minibatch (rho == 1 at lr 0)
+        extra = {k: stats.pop(k) for k in ("entropy_seq", "diff_max", "diff_mean")}
         metrics = jax.tree.map(jnp.mean, stats)
+        if sampler_logprobs:  # no policy scoring pass: measured in the update instead
+            metrics["objective/entropy"] = jnp.mean(extra["entropy_seq"][:num_minibatches])
+            metrics["rollout/logprob_diff_max"] = extra["diff_max"][0]
+            metrics["rollout/logprob_diff_mean"] = extra["diff_mean"][0]
         metrics["policy/approxkl_first"] = first["policy/approxkl"]
         metrics["policy/ratio_first"] = first["policy/ratio"]
         metrics["ppo/early_stopped"] = stopped.astype(jnp.float32)
@@ -174,7 +188,8 @@ def make_update(policy_cfg, value_cfg, policy_tx, value_tx, *, prompt_len: int, 
 
 # ----------------------------------------------------------------------------- the iteration
 def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask=None,
-                   state_sharding=None, mesh=None, host_rewards=None, reward_weight=1.0):
+                   state_sharding=None, mesh=None, host_rewards=None, reward_weight=1.0,
+                   behaviour_logprobs: str = "trainer"):
     """PPO's jitted pieces of one online-RL iteration (`rl_loop.Iteration`) for config section
     `p` (= c.ppo). cfgs: model configs by role (policy, ref, value, reward; reward None: no
     reward model). With a mesh, the update's output state keeps `state_sharding`. The sampler's
@@ -182,16 +197,24 @@ def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask
     (`score_rollout`, `make_update`).
 
     host_rewards (`rl_loop.HostRewards`, from reward.functions): the sequence score is then
-    reward_weight * (reward-model score) + the weighted sum of the reward functions."""
+    reward_weight * (reward-model score) + the weighted sum of the reward functions.
+
+    behaviour_logprobs="sampler": the sampler's log-probs are the old ones (no policy forward in
+    the scoring pass); the entropy and the sampler-vs-trainer difference are then measured in
+    the update (first epoch / first minibatch)."""
+    sampler_lp = behaviour_logprobs == "sampler"
     from easyrl import parallel
     from easyrl.train.rl_loop import Iteration
     plen = p.max_prompt_len
     top_k, top_p = int(p.get("top_k", 0)), float(p.get("top_p", 1.0))
     score = jax.jit(lambda models, tokens, attn, m: score_rollout(
         cfgs, models, tokens, attn, m, prompt_len=plen, temperature=p.temperature, top_k=top_k,
-        top_p=top_p))
+        top_p=top_p, policy_pass=not sampler_lp))
 
     def adv(scored, roll, ctrl):
+        if sampler_lp:
+            scored = dict(scored, logprobs=roll["logprobs"].astype(jnp.float32)
+                          * roll["resp_mask"].astype(jnp.float32))
         if host_rewards is not None:
             scored = dict(scored, scores=reward_weight * scored["scores"] + roll["rewards"])
         elif reward_weight != 1.0:
@@ -216,7 +239,8 @@ def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask
         temperature=p.temperature, ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches,
         cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
         ratio_threshold=p.ratio_threshold, target_kl=p.target_kl, policy_mask=policy_mask,
-        value_mask=value_mask, top_k=top_k, top_p=top_p), donate_argnums=(0,),
+        value_mask=value_mask, top_k=top_k, top_p=top_p, sampler_logprobs=sampler_lp),
+        donate_argnums=(0,),
         out_shardings=out_sh)
 
     def models(state, frozen):  # LoRA: the policy's own base (+ the frozen initial adapters)
@@ -228,7 +252,18 @@ def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask
 
 
 # ----------------------------------------------------------------------------- wiring
+def behaviour(c) -> str:
+    """rollout.behaviour_logprobs: sampler | trainer (auto = trainer for PPO: its scoring pass
+    runs anyway for the values, the reference and the reward model)."""
+    mode = (c.get("rollout") or {}).get("behaviour_logprobs", "auto")
+    return "trainer" if mode == "auto" else mode
+
+
 def validate(c, mesh, max_positions: int) -> None:
+    mode = (c.get("rollout") or {}).get("behaviour_logprobs", "auto")
+    if mode not in ("auto", "sampler", "trainer"):
+        raise ValueError(f"config rollout.behaviour_logprobs: {mode!r}; valid: auto, sampler, "
+                         f"trainer")
     from easyrl import parallel
     p = c.ppo
     if not p.temperature > 0:
@@ -313,7 +348,8 @@ def build(env):
             context={"max_completion_length": int(p.max_new_tokens)}), env.tokenizer, mesh)
     it = make_iteration(cfgs, p, policy_tx, value_tx, policy_mask=pol_mask, value_mask=val_mask,
                         state_sharding=state_sh, mesh=mesh, host_rewards=hr,
-                        reward_weight=float(c.reward.get("weight", 1.0)))
+                        reward_weight=float(c.reward.get("weight", 1.0)),
+                        behaviour_logprobs=behaviour(c))
 
     def items(s):
         return dict(params=s.policy, value=s.value, policy_opt=s.policy_opt, value_opt=s.value_opt)
