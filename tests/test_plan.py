@@ -527,6 +527,210 @@ def test_grpo_cli_plan_suggestions_and_compile(capsys):
         plan.compiled_memory(planner, p.setting)
 
 
+# ---- rollout.engine=continuous: the engine's slots, prefix store, prefill and weight copy -----
+ENGINE_LINES = ("KV cache (engine slots)", "prefix store (engine)", "prefill activations (engine)",
+                "decoder weights, per-layer copy (engine)")
+STATIC_LINES = ("KV cache (sampler)", "prefix KV cache (before its copy)", "prefill activations",
+                "decoder weights, per-layer copy")
+
+
+def _gsm8k(*extra, devices=16, platform="gpu"):
+    c = plan.load_config("configs/grpo.py:gsm8k_rlvr", list(extra))
+    return plan.make_plan(c, devices, 80, platform=platform)
+
+
+def _names(p) -> list:
+    return [x.name for x in p.lines]
+
+
+def test_continuous_engine_kv_cache_is_slots_times_blocks():
+    """gsm8k_rlvr (llama2_7b, bf16 compute, P = N = 512, 16 prompts x 64) on 16 devices with
+    rollout.engine=continuous: the engine's KV cache is slots x NB x block keys per layer for
+    keys and values, NB = ceil((P + N) / 64); slots over fsdp 16 when they divide it."""
+    L, K, Dh, a = 32, 32, 128, 2  # llama2_7b, bfloat16
+    nb, block = -(-(512 + 512) // 64), 64
+    for slots, div in ((256, 16), (250, 1)):
+        planner, p = _gsm8k("--config.rollout.engine=continuous",
+                            f"--config.rollout.slots={slots}")
+        assert (p.engine, p.slots) == ("continuous", slots) and not p.problems
+        kv = p.line("KV cache (engine slots)")
+        assert kv.phase == "rollout"
+        assert kv.total == slots * nb * block * (2 * L * K * Dh * a)
+        assert kv.per_device == kv.total / div
+        names = _names(p)
+        assert all(n in names for n in ENGINE_LINES), names
+        assert not [n for n in STATIC_LINES if n in names], names  # no static sampler lines
+        assert any("rollout engine: continuous" in x for x in p.info)
+    # the engine's own sizes (rl_loop.run builds it with its defaults)
+    from easyrl.engine import Engine
+    eng = planner.rollout_engine(512, 512)
+    assert isinstance(eng, Engine) and (eng.slots, eng.nblocks, eng.block) == (250, nb, block)
+    # a prompt / response length that is not a whole number of blocks: NB rounds up
+    p = _gsm8k("--config.rollout.engine=continuous", "--config.rollout.slots=256",
+               "--config.grpo.max_prompt_len=100", "--config.grpo.max_new_tokens=50")[1]
+    assert p.line("KV cache (engine slots)").total == 256 * 3 * 64 * (2 * L * K * Dh * a)
+
+
+def test_continuous_engine_slots_zero_is_one_per_rollout_row():
+    """rollout.slots=0 (the default): one slot per rollout row, B x G = 1024 here, whose cache
+    (P + N = 16 whole blocks) is the static sampler's KV cache; PPO: B rows."""
+    _, p = _gsm8k("--config.rollout.engine=continuous")
+    _, st = _gsm8k()
+    assert p.slots == 1024 and st.engine == "static" and st.slots == 0
+    kv = p.line("KV cache (engine slots)")
+    assert "rollout.slots=0: one per rollout row" in kv.note
+    assert (kv.total, kv.per_device) == (st.line("KV cache (sampler)").total,
+                                         st.line("KV cache (sampler)").per_device)
+    # more slots than prompts x G would need: every prompt prefilled at once, no older batch
+    assert "all are prefilled before the first admission" in p.line("prefix store (engine)").note
+    c = plan.load_config("configs/ppo.py:tulu25_13b", ["--config.rollout.engine=continuous"])
+    q = plan.make_plan(c, 256, 16, platform="tpu")[1]
+    assert q.slots == 64  # train.batch_size, one sample per prompt
+    assert q.line("KV cache (engine slots)").total == 64 * 32 * 64 * 2 * 40 * 40 * 128 * 2
+
+
+def test_fewer_slots_lower_the_rollout_peak():
+    """Fewer slots: less KV cache, a smaller prefix store bound, a lower rollout phase and peak
+    (the rest of the plan unchanged); the static plan is what it was."""
+    plans = {s: _gsm8k("--config.rollout.engine=continuous", f"--config.rollout.slots={s}")[1]
+             for s in (0, 512, 256, 64)}
+    order = [plans[s] for s in (0, 512, 256, 64)]
+    for big, small in zip(order, order[1:]):
+        assert small.phases["rollout"] < big.phases["rollout"]
+        assert small.peak < big.peak or small.peak_phase != "rollout"
+        assert small.line("KV cache (engine slots)").per_device < big.line(
+            "KV cache (engine slots)").per_device
+        assert small.resident == big.resident
+        assert {k: v for k, v in small.phases.items() if k != "rollout"} == {
+            k: v for k, v in big.phases.items() if k != "rollout"}
+    st = _gsm8k()[1]
+    assert st.peak == pytest.approx(39.017 * plan.GiB, abs=1e-3 * plan.GiB)  # configs/grpo.py
+    assert plans[256].peak < st.peak < plans[0].peak  # 256 slots: a quarter of the rows
+
+
+def test_prefix_store_prefill_and_weight_copy_of_the_engine():
+    """The prefix store: 2 L K Dh Pb a + 4 V bytes per row of the prefill batches its bound
+    allows (gsm8k, 256 slots, G 64: ceil(256/64) = 4 prompts in one batch of 4 rows + one older
+    batch of 4; 4 rows do not divide fsdp 16: whole on every device); one prefill call of 4
+    prompts x 512 tokens; the per-layer weight copy in the parameters' dtype (float32), counted
+    on every platform (the static sampler's only where 'auto' unrolls)."""
+    planner, p = _gsm8k("--config.rollout.engine=continuous", "--config.rollout.slots=256")
+    L, K, Dh, a, V = 32, 32, 128, 2, 32000
+    assert plan.engine_prefix_rows(16, 64, 256, 8) == [4, 4]
+    pre = p.line("prefix store (engine)")
+    assert pre.per_device == pre.total == 8 * (2 * L * K * Dh * 512 * a + 4 * V)
+    assert "4+4 rows" in pre.note and "ceil(slots/G)=4" in pre.note
+    cfg = planner.models["policy"].config
+    lb = plan.layer_bytes_per_token(cfg, 1, 512, train=False)
+    assert p.line("prefill activations (engine)").per_device == pytest.approx(
+        4 * 512 * (lb["working"] + plan.head_bytes_per_token(cfg, "hidden", 1, False)))
+    copy = p.line("decoder weights, per-layer copy (engine)")
+    layers = planner.models["policy"].params["layers"]
+    assert copy.total == plan.tree_bytes(layers)  # float32, as the parameters
+    assert copy.per_device == plan.per_device_bytes({"layers": layers},
+                                                    {"dp": 1, "fsdp": 16, "tp": 1})
+    for platform in ("cpu", "tpu", None):
+        q = _gsm8k("--config.rollout.engine=continuous", "--config.rollout.slots=256",
+                   platform=platform)[1]
+        assert q.line("decoder weights, per-layer copy (engine)").per_device == copy.per_device
+        assert q.phases["rollout"] == p.phases["rollout"], platform
+
+
+def test_engine_weight_copy_is_the_real_sharded_layers():
+    """PPO tiny on fsdp 2 x tp 2: the engine's copy per device = the first device's shards of the
+    real sharded decoder layers, in their own dtype (float32: the engine slices, not casts);
+    LoRA: no adapters in the copy (merged first), the merged kernels counted besides."""
+    planner, p = _ppo("tpu", "--config.rollout.engine=continuous")
+    cfg = planner.models["policy"].config
+    mesh = parallel.create_mesh("dp:1,fsdp:2,tp:2", devices=jax.devices()[:4])
+    params = parallel.sharded_init(lambda r: M.init_params(cfg, r), mesh, jax.random.PRNGKey(0))
+    line = p.line("decoder weights, per-layer copy (engine)")
+    assert line.per_device == shard0_bytes(params["layers"])
+    assert "LoRA merge (engine)" not in _names(p)
+    lp, lplan = _ppo("tpu", "--config.rollout.engine=continuous", "--config.model.lora.rank=4")
+    assert lplan.line("decoder weights, per-layer copy (engine)").total == line.total
+    merge = lplan.line("LoRA merge (engine)")
+    flat = trainable.flatten(lp.models["policy"].params)
+    kernels = [k[:-len("lora_a")] + "kernel" for k in flat if k.endswith("/lora_a")]
+    assert kernels and merge.total == sum(plan.tree_bytes(flat[k]) for k in kernels)
+
+
+def test_prefix_store_bound_holds_in_a_real_engine_run(monkeypatch):
+    """`engine_prefix_rows` bounds the rows of the prefill batches alive at once in a real
+    `Engine.run` (variable lengths: random EOS; fewer slots than samples)."""
+    import weakref
+
+    import numpy as np
+
+    import easyrl.engine as E
+    cfg = get_preset("tiny")
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    real = E.programs
+    for prompts, g, slots, pbatch in ((12, 3, 5, 4), (10, 1, 4, 8), (9, 5, 16, 2)):
+        live, peak = [], [0]
+
+        def note():
+            peak[0] = max(peak[0], sum(r for ref, r in live if ref() is not None))
+
+        def programs(st):
+            init, prefill, admit, chunk = real(st)
+
+            def prefill_(p, ids, lens):
+                out = prefill(p, ids, lens)
+                live.append((weakref.ref(out[0][0]), ids.shape[0]))
+                note()
+                return out
+
+            def chunk_(*args):
+                note()
+                return chunk(*args)
+            return init, prefill_, admit, chunk_
+        monkeypatch.setattr(E, "programs", programs)
+        eng = E.Engine(cfg, slots=slots, max_prompt_len=8, max_new_tokens=12, temperature=1.0,
+                       eos_token_id=tuple(range(3, cfg.vocab_size // 6)), block=8, chunk=2,
+                       prefill_batch=pbatch)
+        rs = np.random.RandomState(0)
+        eng.run(params, [dict(prompt_ids=rs.randint(3, cfg.vocab_size, rs.randint(1, 9)).tolist(),
+                              num_samples=g) for _ in range(prompts)], seed=0)
+        bound = plan.engine_prefix_rows(prompts, g, slots, pbatch)
+        print(f"{prompts} prompts x {g} on {slots} slots, prefill_batch {pbatch}: alive "
+              f"prefix rows {peak[0]}, bound {bound}")
+        assert 0 < peak[0] <= sum(bound)
+
+
+def test_cli_prints_the_engine_lines_and_names_rollout_slots(capsys):
+    out = run_cli(capsys, "--config", "configs/grpo.py:gsm8k_rlvr",
+                  "--config.rollout.engine=continuous", "--config.rollout.slots=256")
+    assert "[rollout (continuous engine)]" in out
+    assert re.search(r"KV cache \(engine slots\)\s+8\.000\s+128\.000", out)  # over fsdp 16
+    for name in ENGINE_LINES:
+        assert name in out
+    assert "verdict: FITS" in out and "(rollout)" in out
+    assert "lever: the peak is the rollout (continuous engine, rollout.slots=256)" in out
+    out = run_cli(capsys, "--config", "configs/ppo.py:tulu25_13b",
+                  "--config.rollout.engine=continuous", "--config.rollout.slots=256")
+    assert re.search(r"KV cache \(engine slots\)\s+1\.562\s+400\.000", out)  # fsdp 32 x tp 8
+    assert "192 slots are never filled" in out
+    for name in ENGINE_LINES:
+        assert name in out
+    # static gsm8k on 8 GPUs does not fit (the rollout): the report finds slots that do
+    args = ["--config", "configs/grpo.py:gsm8k_rlvr", "--devices", "8", "--device-memory", "80",
+            "--platform", "gpu"]
+    out = run_cli(capsys, *args)
+    assert "verdict: does NOT fit" in out and "lever: the peak is the rollout (static" in out
+    flags = re.search(r"(--config\.rollout\.engine=continuous --config\.rollout\.slots=\d+) "
+                      r"fits", out).group(1).split()
+    assert "verdict: FITS" in run_cli(capsys, *args, *flags)
+
+
+def test_bad_rollout_engine_is_refused():
+    for flags, msg in ((["--config.rollout.engine=paged"], "rollout.engine: 'paged'"),
+                       (["--config.rollout.engine=continuous", "--config.rollout.slots=-1"],
+                        "rollout.slots: -1")):
+        p = _grpo(*flags)[1]
+        assert not p.fits and any(msg in x for x in p.problems), p.problems
+
+
 # ---- big presets: no allocation ---------------------------------------------------------------
 def test_tulu25_13b_on_256_devices_plans_on_cpu_without_allocating(tmp_path):
     spec = "configs/ppo.py:tulu25_13b"

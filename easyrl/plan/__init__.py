@@ -30,6 +30,12 @@ build full logits), and PPO's / GRPO's rollout counts the unrolled decode loop's
 decoder weights when the target backend is CPU (`--platform`; default: this machine's backend
 without `--devices`, else unknown and not counted); the report says which.
 
+PPO / GRPO: `rollout.engine=continuous` plans the continuous-batching engine instead of the
+static sampler: its per-slot KV cache (`rollout.slots`, 0 = one per rollout row), the prefix store
+(a bound on the prefilled prompts alive at once), one prefill call and its per-layer weight copy
+(counted on every platform); when the rollout is the peak the report names rollout.slots as a
+lever (and, when the plan does not fit, the most slots that fit).
+
 LoRA (`model.lora.rank > 0`) is planned as the trainers hold it: the real init with adapters,
 the frozen base in `model.lora.base_dtype`, gradients and optimizer state of the adapters (+ a
 reward / value model's score head) only, and no reference copy (DPO / PPO / GRPO: adapters off).
@@ -46,7 +52,7 @@ search for a setting that fits), `compiled.py` (`--compile`: XLA's memory analys
 """
 from easyrl.plan.compiled import compiled_memory
 from easyrl.plan.memory import (GiB, activation_bytes, count, decode_copy_bytes, decode_mode,
-                                fake_mesh, fused_head_bytes, head_bytes_per_token, head_chunk,
+                                engine_copy_tree, engine_merge_tree, engine_prefix_rows, fake_mesh, fused_head_bytes, head_bytes_per_token, head_chunk,
                                 kv_cache_bytes, layer_bytes_per_token, lora_bytes_per_token,
                                 per_device_bytes, tree_bytes)
 from easyrl.plan.models import ModelInfo, build_models, guess_preset, resolve_model_config
@@ -60,7 +66,8 @@ from easyrl.plan.suggest import candidate_meshes, min_devices, setting_flags, su
 __all__ = [
     "GiB", "DEFAULT_HEADROOM", "DEFAULT_DEVICE_MEMORY_GIB", "COMPILE_MAX_PARAMS",
     "ModelInfo", "build_models", "guess_preset", "resolve_model_config",
-    "activation_bytes", "count", "decode_copy_bytes", "decode_mode", "fake_mesh",
+    "activation_bytes", "count", "decode_copy_bytes", "decode_mode", "engine_copy_tree",
+    "engine_merge_tree", "engine_prefix_rows", "fake_mesh",
     "fused_head_bytes", "head_bytes_per_token", "head_chunk", "kv_cache_bytes",
     "layer_bytes_per_token", "lora_bytes_per_token", "per_device_bytes", "tree_bytes",
     "FUSED_HEAD_COMMANDS", "Line", "Plan", "Planner", "Setting", "make_plan",

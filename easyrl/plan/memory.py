@@ -70,7 +70,8 @@ f = F/tp, v = V/tp, h = H/tp whenever tp divides them, as the partition rules sh
                                .decode`: "unrolled" on CPU) a second copy of the decoder-layer
                                weights, their per-device elements x a (`decode_copy_bytes`);
                                scoring = the largest forward-only pass over the rollout
-                               batch; update = policy + value gradients and training activations
+                               batch (rollout: as configured by rollout.engine, see "rollout
+                               engine" below); update = policy + value gradients and training activations
                                of one minibatch (batch / ppo.num_minibatches rows, both models).
   GRPO                         train.batch_size counts prompts, each with G = grpo.num_generations
                                completions. resident: policy + its optimizer state, a reference
@@ -83,6 +84,29 @@ f = F/tp, v = V/tp, h = H/tp whenever tp divides them, as the partition rules sh
                                minibatch of B*G / grpo.num_minibatches rows is accumulated over
                                several micro-batches of train.micro_batch_size*G rows; 0 = the
                                whole minibatch) + training activations of one micro-batch.
+  rollout engine               PPO / GRPO, rollout.engine: "static" (the sampler above: one
+                               batch of B*G rows; GRPO's shared prefixes when B divides over
+                               dp*fsdp: the prefix cache before its copy + a prefill over the B
+                               prompts) or "continuous" (`easyrl.engine.Engine` as rl_loop.run
+                               builds it, rollout.slots S, 0 = one per rollout row; block 64,
+                               prefill_batch 8: the engine's defaults):
+      KV cache         S*NB*block*2*L*K*Dh*a, NB = ceil((P+N)/block) block buffers per layer
+                       for keys and values (slots over dp*fsdp when they divide, kv heads over
+                       tp: the engine pins them so)
+      prefix store     prefilled prompts' KV 2*L*K*Dh*Pb*a + last logits V*4 per prefill-batch
+                       row (Pb: the prompt bucket of a P-token prompt), kept until their G
+                       samples are admitted. Bound (`engine_prefix_rows`): the host loop
+                       prefills only while fewer samples wait than slots are free, so a round
+                       prefills <= ceil(S/G) prompts (batches of <= prefill_batch rows,
+                       padded to a power of two) alive with one older batch; ceil(S/G) >= the
+                       prompts: every prompt before the first admission. A batch is split over dp*fsdp
+                       only when it divides it (`parallel.constrain_batch`), else whole on
+                       every device; kv heads over tp
+      prefill          one prefill call: its rows x Pb x (W + 10*D*a), key length Pb
+      weight copy      always (the engine's decode is unrolled on every platform): the stacked
+                       decoder layers sliced per layer once per run (`jit(unstack_layers)`:
+                       the leaves' own dtype, not the compute dtype); LoRA: + the kernels
+                       `lora.merge` rebuilds (W + s*A*B)
   peak                         resident + the largest phase; "fits" = peak <= (1 - headroom) *
                                device memory (default headroom 10%: XLA temporaries, fragmentation).
 
@@ -260,6 +284,53 @@ def decode_copy_tree(params, dtype) -> dict:
     decode loop's copy, shaped for the partition rules."""
     dt = np.dtype(dtype)
     return {"layers": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), params["layers"])}
+
+
+def engine_copy_tree(params) -> dict:
+    """{'layers': the stacked decoder-layer leaves without adapters, in their own dtypes}: the
+    continuous engine's per-layer weight copy (`Engine.run`: `lora.merge`, then
+    `jax.jit(unstack_layers)`, whose slices keep each leaf's dtype), shaped for the partition
+    rules (a slice keeps its leaf's sharding)."""
+    from easyrl.model.trainable import strip
+    return {"layers": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   strip(params)["layers"])}
+
+
+def engine_merge_tree(params) -> dict:
+    """The kernels `lora.merge` rebuilds (W + s A B, in W's dtype: every kernel with adapters),
+    a new array each while the engine runs (the trainer keeps the unmerged ones)."""
+    from easyrl.model.trainable import flatten, unflatten
+    flat = flatten(params)
+    return unflatten({k[: -len("lora_a")] + "kernel": flat[k[: -len("lora_a")] + "kernel"]
+                      for k in flat if k.endswith("/lora_a")})
+
+
+def _pow2_capped(n: int, cap: int) -> int:
+    """`easyrl.engine._pow2_at_least`: the prefill batch's padded rows."""
+    return min(1 << max(int(n) - 1, 0).bit_length(), cap)
+
+
+def engine_prefix_rows(prompts: int, group: int, slots: int, prefill_batch: int) -> list:
+    """Rows of the prefill batches whose prefix KV can be alive at once in `Engine.run` (an
+    upper bound), `prompts` requests of `group` samples each on `slots` slots.
+
+    The host loop prefills only while fewer samples wait (`ready`) than slots are free, each
+    call taking up to prefill_batch prompts until the waiting samples cover the free slots: so a
+    round of prefills (before the admissions that follow it) takes at most W = ceil(slots / G)
+    prompts (batches of prefill_batch, then one of the rest padded to a power of two), and after
+    the admissions fewer than G samples (one prompt's) are left waiting. A batch lives while a
+    sample of it waits or it was the last admitted from: at a round's last prefill that is the
+    round's batches + one older batch (<= min(prefill_batch, pow2(W)) rows). With W >= prompts
+    the first round prefills every prompt and no older batch exists."""
+    g, pb = max(int(group), 1), int(prefill_batch)
+
+    def split(n: int) -> list:
+        q, r = divmod(n, pb)
+        return [pb] * q + ([_pow2_capped(r, pb)] if r else [])
+    w = -(-int(slots) // g)
+    if w >= prompts:
+        return split(prompts)
+    return [_pow2_capped(min(pb, w), pb)] + split(min(w, prompts - 1))
 
 
 def decode_mode(platform: Optional[str]) -> Optional[str]:

@@ -1,14 +1,17 @@
 """The plan of one setting (mesh, micro-batch, remat): resident state + the peak phase."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Dict, List, Optional
 
+import jax
 import numpy as np
 
 from easyrl.algorithms.rrhf import PLAN_RESPONSES
 from easyrl.plan.memory import (GiB, activation_bytes, count, decode_copy_tree,
+                               engine_copy_tree, engine_merge_tree, engine_prefix_rows,
                                head_bytes_per_token, head_chunk, kv_cache_bytes,
                                layer_bytes_per_token, per_device_bytes, tree_bytes)
 from easyrl.plan.models import ModelInfo, build_models, grpo_reference, live_reference
@@ -22,6 +25,7 @@ RRHF_DEFAULT_RESPONSES = PLAN_RESPONSES  # the algorithm's own assumption (its b
 TWO_MICRO_STEPS_OVERLAP = 2
 LORA_REFERENCE = "reference: the policy with its LoRA adapters off (no copy of the weights)"
 GRPO_NO_REFERENCE = "reference: none (grpo.beta = 0: no KL term, no reference model held)"
+ROLLOUT_ENGINES = ("static", "continuous")  # rollout.engine (easyrl.train.rl_loop.ENGINES)
 # trainers whose loss fuses the LM head with the cross-entropy in chunks (no [B, T, V] logits):
 # `algorithms.sft.make_loss` -> `losses.lm_head_loss_sums`; DPO / RRHF / PPO build full logits
 FUSED_HEAD_COMMANDS = ("sft",)
@@ -65,6 +69,8 @@ class Plan:
     problems: List[str]  # reasons the trainer would refuse this setting
     info: List[str]  # batch / shape notes
     group: int = 1  # completions per prompt (GRPO's grpo.num_generations; else 1)
+    engine: str = "static"  # PPO / GRPO: rollout.engine (static | continuous)
+    slots: int = 0  # continuous engine: its decode slots (rollout.slots, 0 resolved to the rows)
 
     @property
     def limit(self) -> float:
@@ -101,6 +107,39 @@ class Planner:
         self._decode_copy = None  # PPO / GRPO, unrolled decode: decoder layers in the compute dtype
         # GRPO: completions per prompt; train.batch_size counts prompts
         self.group = int(c.grpo.num_generations) if self.command == "grpo" else 1
+        # PPO / GRPO: the rollout engine (rollout.engine, rollout.slots: 0 = one per row)
+        ro = (c.get("rollout") or {}) if self.command in ("ppo", "grpo") else {}
+        self.engine = str(ro.get("engine", "static"))
+        self.slots = int(ro.get("slots", 0))
+        self._engines = {}  # (slots, P, N) -> easyrl.engine.Engine (its sizes; nothing allocated)
+        self._engine_copy = None  # continuous engine: the per-layer copy (leaves' own dtypes)
+        self._engine_merge = None  # continuous engine + LoRA: the merged target kernels
+
+    def with_rollout(self, engine: str, slots: int) -> "Planner":
+        """The same planner (models, caches) with rollout.engine / rollout.slots replaced."""
+        other = copy.copy(self)
+        other.engine, other.slots = str(engine), int(slots)
+        return other
+
+    def rollout_rows(self) -> int:
+        """PPO / GRPO: rows of one rollout, train.batch_size x G (PPO: G = 1)."""
+        return int(self.c.train.batch_size) * self.group
+
+    def engine_slots(self) -> int:
+        """The continuous engine's decode slots as rl_loop.run sizes it: rollout.slots, or 0 =
+        one per rollout row (train.batch_size x G)."""
+        return self.slots or self.rollout_rows()
+
+    def rollout_engine(self, P: int, N: int):
+        """The `easyrl.engine.Engine` rl_loop.run builds (its defaults for block / chunk /
+        prefill_batch, which the trainer does not set): only its sizes are read (nothing is
+        allocated or compiled)."""
+        key = (self.engine_slots(), P, N)
+        if key not in self._engines:
+            from easyrl.engine import Engine
+            self._engines[key] = Engine(self.models["policy"].config, slots=key[0],
+                                        max_prompt_len=P, max_new_tokens=N, eos_token_id=())
+        return self._engines[key]
 
     # the knobs as configured
     def current(self) -> Setting:
@@ -207,7 +246,22 @@ class Planner:
         pol = self.models["policy"]
         pcfg = pol.config.replace(remat=s.remat)
 
-        def rollout(rows: int, P: int, S: int, b_roll: float, shared: int = 1):
+        def rollout(rows: int, P: int, S: int, b_roll: float, shared: int = 1, group: int = 1):
+            """The rollout of `rows` sequences (`group` samples per prompt) by rollout.engine:
+            the static sampler or the continuous engine."""
+            if self.engine not in ROLLOUT_ENGINES:
+                problems.append(f"config rollout.engine: {self.engine!r}; valid: "
+                                f"{', '.join(ROLLOUT_ENGINES)}")
+            if self.engine == "continuous":
+                if self.slots < 0:
+                    problems.append(f"config rollout.slots: {self.slots} must be >= 0 (0 = one "
+                                    f"per rollout row)")
+                    return
+                engine_rollout(rows, P, S - P, group)
+            else:
+                static_rollout(rows, P, S, b_roll, shared)
+
+        def static_rollout(rows: int, P: int, S: int, b_roll: float, shared: int = 1):
             """The sampler over `rows` sequences: KV cache, prefill, the unrolled decode's copy.
             shared = G > 1: prompts prefilled once (rows / G of them), their cache then copied
             to the G samples (`generate.make_sampler(num_samples=G)`)."""
@@ -236,6 +290,80 @@ class Planner:
                                   f"unrolled decode: params['layers'] sliced per layer, x {a}B "
                                   f"({np.dtype(pcfg.dtype).name})", "rollout"))
 
+        def engine_rollout(rows: int, P: int, N: int, G: int):
+            """The continuous engine (`easyrl.engine`, as rl_loop.run builds it): per-slot KV
+            block buffers, the prefix store, one prefill call, the per-layer weight copy."""
+            from easyrl.model import lora
+            try:
+                eng = self.rollout_engine(P, N)
+            except ValueError as e:
+                problems.append(f"rollout.engine=continuous: {e}")
+                return
+            L, K, Dh = pcfg.num_hidden_layers, pcfg.num_key_value_heads, pcfg.head_dim
+            a = np.dtype(pcfg.dtype).itemsize
+            slots, nb, blk, pbatch = eng.slots, eng.nblocks, eng.block, eng.prefill_batch
+            kv_total, kv_dev = kv_cache_bytes(pcfg, slots, nb * blk, m)
+            how = "rollout.slots=0: one per rollout row" if not self.slots else "rollout.slots"
+            lines.append(Line("KV cache (engine slots)", kv_dev, kv_total,
+                              f"slots*NB*block*2*L*K*Dh*{a}B = {slots}*{nb}*{blk}*2*{L}*{K}*{Dh}*"
+                              f"{a} ({how}; NB = ceil(({P}+{N})/{blk}))", "rollout"))
+            prompts = rows // max(G, 1)
+            batches = engine_prefix_rows(prompts, G, slots, pbatch)
+            pb = eng._prompt_bucket(P)  # the padded prompt length of a full-length prompt
+            kdiv = tp if K % tp == 0 else 1
+            row_kv = 2.0 * L * K * Dh * pb * a
+            row_logits = 4.0 * pcfg.vocab_size  # last-position logits [Bp, V] float32
+
+            def on_device(r: int) -> float:  # a prefill batch: split over dp*fsdp if it divides
+                return r / dpf if r % dpf == 0 else float(r)
+            wait = -(-slots // max(G, 1))
+            if wait >= prompts:
+                bound = (f"ceil(slots/G)={wait} >= {prompts} prompts: all are prefilled before "
+                         f"the first admission")
+            else:
+                bound = (f"prefills start only while fewer samples wait than slots are free, so "
+                         f"a round prefills at most ceil(slots/G)={wait} prompts, alive with "
+                         f"one older batch")
+            lines.append(Line(
+                "prefix store (engine)", sum(on_device(r) for r in batches) * (row_kv / kdiv
+                                                                              + row_logits),
+                sum(batches) * (row_kv + row_logits),
+                f"prefilled prompts' KV ({pb} keys) + last logits, kept until their {G} "
+                f"sample(s) are admitted; bound: {bound}: prefill batches (<= prefill_batch="
+                f"{pbatch} rows, padded to powers of two) of {'+'.join(map(str, batches))} rows"
+                + ("" if dpf == 1 else f", each whole on every device unless it divides "
+                                       f"dp*fsdp={dpf}"), "rollout"))
+            rows_call = max(batches)
+            ecfg = lora.disabled(pcfg)  # the engine runs the merged model (rank 0)
+            lb = layer_bytes_per_token(ecfg, tp, pb, train=False)
+            lines.append(Line("prefill activations (engine)", on_device(rows_call) * pb * (
+                lb["working"] + head_bytes_per_token(ecfg, "hidden", tp, False)), None,
+                f"one prefill call: {rows_call} prompts x {pb} tokens (prefill_batch="
+                f"{pbatch})", "rollout"))
+            params = pol.params
+            if self._engine_copy is None:
+                self._engine_copy = engine_copy_tree(params)
+            dts = sorted({np.dtype(x.dtype).name for x in jax.tree.leaves(self._engine_copy)})
+            lines.append(Line("decoder weights, per-layer copy (engine)",
+                              self._per_device(self._engine_copy, m),
+                              tree_bytes(self._engine_copy),
+                              f"the engine always unrolls: params['layers'] sliced per layer once "
+                              f"per run (jit(unstack_layers), in the leaves' own dtype: "
+                              f"{'/'.join(dts)})", "rollout"))
+            if pol.lora:
+                if self._engine_merge is None:
+                    self._engine_merge = engine_merge_tree(params)
+                lines.append(Line("LoRA merge (engine)", self._per_device(self._engine_merge, m),
+                                  tree_bytes(self._engine_merge),
+                                  "lora.merge: W + s*A*B of every targeted kernel, a new array "
+                                  "(the engine decodes the merged model)", "rollout"))
+            if slots > rows:
+                info.append(f"note: rollout.slots={slots} > the {rows} rollout rows: "
+                            f"{slots - rows} slots are never filled (their KV cache counted)")
+            info.append(f"rollout engine: continuous ({slots} slots, {nb} blocks of {blk} keys "
+                        f"each, prefill_batch {pbatch}): the decode layers are always unrolled, "
+                        f"their per-layer weight copy counted on every platform")
+
         if self.command == "ppo":
             p = c.ppo
             P, N = int(p.max_prompt_len), int(p.max_new_tokens)
@@ -252,7 +380,7 @@ class Planner:
             add_state(self.models["reward"], "reward", opt=False)
             add_state(self.models["value"], "value")
             b_roll = rows_per_device(B, "rollout batch", "train.batch_size", report=False)
-            rollout(B, P, S, b_roll)
+            rollout(B, P, S, b_roll, group=1)
             scoring = max(activation_bytes(x.config, x.kind, b_roll, S, "none", tp, train=False)
                           for x in self.models.values())
             lines.append(Line("scoring activations", scoring, None,
@@ -311,8 +439,10 @@ class Planner:
             if x.phase != "resident":
                 phases[x.phase] = phases.get(x.phase, 0.0) + x.per_device
         peak = resident + (max(phases.values()) if phases else 0.0)
+        engine = self.engine if self.command in ("ppo", "grpo") else "static"
         return Plan(self.command, self.devices, self.device_memory, self.headroom, s, lines,
-                    resident, phases, peak, problems, info, self.group)
+                    resident, phases, peak, problems, info, self.group, engine,
+                    self.engine_slots() if engine == "continuous" else 0)
 
     def _grpo(self, c, s: Setting, pcfg, lines, problems, info, add_state, grads, rows_per_device,
               rollout) -> None:
@@ -357,7 +487,7 @@ class Planner:
         b_roll = rows_per_device(rows, "rollout batch", "train.batch_size", report=False)
         # shared prefixes when the prompt batch splits over the data-parallel devices (rl_loop)
         dp = s.mesh["dp"] * s.mesh["fsdp"]
-        rollout(rows, P, S, b_roll, shared=G if G > 1 and B % dp == 0 else 1)
+        rollout(rows, P, S, b_roll, shared=G if G > 1 and B % dp == 0 else 1, group=G)
         if rew is not None:
             lines.append(Line("reward model forward", activation_bytes(
                 rew.config, "reward", b_roll, S, "none", tp, train=False), None,

@@ -39,8 +39,63 @@ ROLLOUT_SIZE_KEYS = {
             "grpo.max_new_tokens"}
 
 
-def phase_title(command: str, phase: str) -> str:
-    return COMMAND_PHASE_TITLES.get(command, {}).get(phase) or PHASE_TITLES.get(phase, phase)
+# rollout.engine=continuous: the rollout phase is the engine's
+ENGINE_PHASE_TITLES = {"continuous": {"rollout": "rollout (continuous engine)"}}
+
+
+def phase_title(command: str, phase: str, engine: str = "static") -> str:
+    return (ENGINE_PHASE_TITLES.get(engine, {}).get(phase)
+            or COMMAND_PHASE_TITLES.get(command, {}).get(phase) or PHASE_TITLES.get(phase, phase))
+
+
+def slot_candidates(rows: int, dpf: int) -> List[int]:
+    """rollout.slots values the lever search tries, largest first: multiples of dp*fsdp (the
+    engine splits its slots over it when they divide) and halvings of the rollout rows."""
+    cand = {rows >> k for k in range(rows.bit_length()) if rows >> k} | {
+        dpf * k for k in range(1, rows // max(dpf, 1) + 1)}
+    return sorted((x for x in cand if 1 <= x <= rows), reverse=True)
+
+
+def slots_that_fit(planner, plan: Plan) -> Optional[Tuple[int, Plan]]:
+    """The most continuous-engine slots (<= the rollout rows) with which the configured setting
+    fits, and that plan; None when none does."""
+    s = plan.setting
+    dpf = s.mesh["dp"] * s.mesh["fsdp"]
+    for slots in slot_candidates(planner.rollout_rows(), dpf):
+        p = planner.with_rollout("continuous", slots).estimate(s)
+        if p.fits:
+            return slots, p
+    return None
+
+
+def rollout_lever(planner, plan: Plan, search: bool) -> List[str]:
+    """Lines on rollout.engine / rollout.slots when the peak is the rollout (PPO / GRPO): the
+    engine's slots size its KV cache without changing the algorithm's batch or its samples.
+    `search` (the plan does not fit): also the most slots that fit."""
+    if plan.peak_phase != "rollout" or plan.command not in ROLLOUT_SIZE_KEYS:
+        return []
+    rows = planner.rollout_rows()
+    if plan.engine == "continuous":
+        kv, pre = plan.line("KV cache (engine slots)"), plan.line("prefix store (engine)")
+        out = [f"lever: the peak is the rollout (continuous engine, rollout.slots={plan.slots}): "
+               f"rollout.slots sizes the engine's KV cache ({human(kv.per_device)} per device) "
+               f"and bounds its prefix store ({human(pre.per_device)}); fewer slots hold less "
+               f"and decode fewer rows at once (slower; the samples and the algorithm's batch "
+               f"are unchanged)"]
+    else:
+        out = [f"lever: the peak is the rollout (static sampler: the KV cache of all {rows} "
+               f"rows); --config.rollout.engine=continuous --config.rollout.slots=S decodes "
+               f"on S slots, refilled as samples finish (the samples and the algorithm's "
+               f"batch are unchanged)"]
+    if search:
+        found = slots_that_fit(planner, plan)
+        if found:
+            slots, p = found
+            out.append(f"  --config.rollout.engine=continuous --config.rollout.slots={slots} "
+                       f"fits: peak {human(p.peak)}")
+        else:
+            out.append("  no rollout.slots fits with this setting")
+    return out
 
 
 def format_plan(plan: Plan, models: Dict[str, ModelInfo], config_spec: str) -> str:
@@ -72,13 +127,14 @@ def format_plan(plan: Plan, models: Dict[str, ModelInfo], config_spec: str) -> s
     for x in plan.lines:
         if x.phase != phase:
             phase = x.phase
-            title = "resident" if phase == "resident" else phase_title(plan.command, phase)
+            title = ("resident" if phase == "resident"
+                     else phase_title(plan.command, phase, plan.engine))
             out.append(f"[{title}]")
         out.append(f"  {x.name:42s} {_g(x.per_device, unit)} {_g(x.total, unit):>10s}  {x.note}")
     out.append("")
     out.append(f"  {'resident (params + optimizer states)':42s} {_g(plan.resident, unit)}")
     for ph, v in plan.phases.items():
-        out.append(f"  {'+ ' + phase_title(plan.command, ph):42s} {_g(v, unit)}")
+        out.append(f"  {'+ ' + phase_title(plan.command, ph, plan.engine):42s} {_g(v, unit)}")
     out.append(f"  {'peak = resident + largest phase':42s} {_g(plan.peak, unit)}  ({plan.peak_phase})")
     return "\n".join(out)
 
@@ -231,6 +287,8 @@ def run(args: argparse.Namespace) -> None:
     print(format_plan(plan, planner.models, args.config) + ("" if not mem_note else
                                                              f"\n  device memory {mem:.1f} GiB{mem_note}"))
     print(verdict(plan))
+    for line in rollout_lever(planner, plan, search=not plan.fits and not args.no_suggest):
+        print(line)
     if not plan.fits and not args.no_suggest:
         cur = planner.current()
         sugg = suggest(planner)
@@ -259,10 +317,12 @@ def run(args: argparse.Namespace) -> None:
                       "optimizer state (numerics change); model.lora.rank=8 trains adapters only "
                       "(no optimizer state or gradients for the base)")
             if plan.peak_phase == "rollout" and plan.command in ROLLOUT_SIZE_KEYS:
-                print(f"  the peak is the rollout (sampler): its KV cache and prefill grow with "
+                print(f"  the peak is the rollout ({'engine' if plan.engine == 'continuous' else 'sampler'}): "
+                      f"its KV cache and prefill grow with "
                       f"the rollout batch x (prompt + response tokens), set by "
                       f"{ROLLOUT_SIZE_KEYS[plan.command]} (changing them changes the "
-                      f"algorithm's batch), not by mesh / micro-batch / remat")
+                      f"algorithm's batch), not by mesh / micro-batch / remat; and with "
+                      f"rollout.slots (rollout.engine=continuous, above)")
     if args.compile:
         n = planner.models["policy"].num_params
         if plan.command in COMPILE_UNSUPPORTED:
