@@ -209,7 +209,8 @@ def run_dtype(a, folder, dtype, impls):
             if name in samples:
                 same[name] = samples[name] == samples["engine"]
     return dict(workload=dict(limits=limits, eos_tokens=len(eos), max_limit=n_max,
-                              samples=r * g), results=res, engine_variants_identical=same)
+                              samples=r * g, vocab_size=int(config.vocab_size)),
+                results=res, engine_variants_identical=same)
 
 
 def main(argv=None):

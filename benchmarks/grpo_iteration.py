@@ -5,6 +5,7 @@
     python benchmarks/grpo_iteration.py --preset bench_100m --batch 2 --group 8 --prompt 64 \
         --new 64 --iters 3 --out benchmarks/results/grpo_bench_100m.json
     ... --beta 0     # no reference model held, no scoring pass (only the advantages)
+    ... --engine continuous [--slots N]   # the rollout through easyrl.engine.Engine
 
 Random-init policy of the preset's shape (and, with beta > 0, a reference: a copy of it), placed
 on a `dp:1,fsdp:-1,tp:1` mesh over the available devices (1 CPU device unless XLA_FLAGS says
@@ -17,6 +18,13 @@ as train.micro_batch_size), temperature 1.0, and its optimizer (lr 1e-6, constan
 iteration is the one `easyrl grpo` runs: `easyrl.train.rl_loop.iterate` over
 `easyrl.algorithms.grpo.make_iteration`:
   rollout = `make_sampler` (temperature 1.0, EOS disabled so every response has --new tokens),
+            on the expanded prompts [B x G, P] (--engine static), or, with --engine continuous,
+            the continuous-batching engine as `easyrl grpo` builds it with
+            rollout.engine=continuous: `easyrl.engine.Engine` with --slots decode slots (0 = one
+            per completion, as rollout.slots=0) wrapped by `rollout.engine_sampler(eng, G)`, fed
+            the UNexpanded prompts [B, P] (`iterate(shared=G)`: each prompt prefilled once, its
+            cache copied to its G slots); EOS disabled the same way (eos_token_id=()), so the
+            two rows are comparable (every sample runs to --new tokens: no slot frees early),
   rewards = `rl_loop.HostRewards` on the host: the completions decoded and rewarded by the
             built-in `length_penalty` reward function (needs no tokenizer semantics). The bundled
             synthetic tokenizer has 160 ids, fewer than either preset's vocabulary (tiny 256,
@@ -101,11 +109,15 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5, help="iterations (the first compiles)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--remat", default="dots", help="remat policy of the update")
+    ap.add_argument("--engine", default="static", choices=["static", "continuous"],
+                    help="rollout: make_sampler (static) or easyrl.engine.Engine (continuous)")
+    ap.add_argument("--slots", type=int, default=0,
+                    help="the engine's decode slots (0: one per completion, as rollout.slots=0)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
     from easyrl import model as M
-    from easyrl import parallel, rewards
+    from easyrl import parallel, rewards, rollout
     from easyrl.algorithms.grpo import make_iteration, micro_rows, needs_old, needs_ref
     from easyrl.generate import make_sampler
     from easyrl.train.config import load_config_file
@@ -150,8 +162,19 @@ def main(argv=None):
                                           context={"max_completion_length": int(a.new)})
     hr = HostRewards(rs_fn, tok, mesh, missing_eos_penalty=float(g.missing_eos_penalty))
     # EOS disabled: every response has --new tokens
-    sampler = make_sampler(cfg, max_new_tokens=a.new, temperature=g.temperature, top_k=g.top_k,
-                           top_p=g.top_p, eos_token_id=(), pad_token_id=0, mesh=mesh)
+    if a.engine == "continuous":  # as rl_loop.run with rollout.engine=continuous
+        from easyrl.engine import Engine
+        eng = Engine(cfg, slots=a.slots or rows, max_prompt_len=a.prompt, max_new_tokens=a.new,
+                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, eos_token_id=(),
+                     pad_token_id=0, mesh=mesh)
+        sampler = rollout.engine_sampler(eng, a.group)
+        shared = a.group  # prompts go in unexpanded; the engine prefills each once
+    else:
+        eng = None
+        sampler = make_sampler(cfg, max_new_tokens=a.new, temperature=g.temperature,
+                               top_k=g.top_k, top_p=g.top_p, eos_token_id=(), pad_token_id=0,
+                               mesh=mesh)
+        shared = 1
     it = make_iteration(dict(policy=cfg, ref=cfg), g, tx, host_rewards=hr, state_sharding=state_sh,
                         mesh=mesh, n_micro=n_micro, score_chunks=score_chunks)
     frozen = dict(ref=ref, ref_adapters=None, reward=None)
@@ -163,10 +186,12 @@ def main(argv=None):
         ids = rs.randint(3, cfg.vocab_size, size=(a.batch, a.prompt)).astype(np.int32)
         batch = dict(input_ids=ids, attention_mask=np.ones_like(ids))
         host = dict(prompts=[f"prompt {i}.{j}" for j in range(a.batch)], columns={})
-        batch, host = expand(batch, host, a.group)
+        expanded, host = expand(batch, host, a.group)  # the host info always per completion
+        if shared == 1:  # as rl_loop._Loop._next
+            batch = expanded
         prompts = parallel.to_global_batch(batch, mesh)
         state, m, _, _ = iterate(it, sampler, state, frozen, prompts, jax.random.PRNGKey(i), ctrl,
-                                 host=host)
+                                 host=host, shared=shared)
         ctrl = dict(ctrl, num_tokens=ctrl["num_tokens"] + m.get("num_tokens_iter", 0.0))
         times.append(tuple(m[k] for _, k in PHASES))
         kl = f", kl {m['kl']:.2e}" if "kl" in m else ""
@@ -186,7 +211,9 @@ def main(argv=None):
           f"model(s)), {a.batch} prompts x G {a.group} = {rows} completions, prompt {a.prompt}, "
           f"{a.new} new tokens, beta {g.beta}, loss {g.loss_type}, {n_micro} micro-batch(es) of "
           f"{micro}, {a.dtype}, remat={cfg.remat}, rewards: length_penalty, tokenizer "
-          f"{tok_name}, median of {len(steady)} iterations")
+          f"{tok_name}, rollout: "
+          + (f"engine continuous ({eng.slots} slots)" if eng is not None else "static sampler")
+          + f", median of {len(steady)} iterations")
     print(C.table(table, ["phase", "s (median)", "share", "iter 0 s (compile)"]))
     print(f"completions/s over the whole iteration: {rows / total:.1f}; response tokens/s: "
           f"{tok_n / total:.0f}")
@@ -199,7 +226,9 @@ def main(argv=None):
         models=models, completions=rows, beta=float(g.beta), loss_type=g.loss_type,
         advantage=g.advantage, old_logprob_pass=needs_old(g), n_micro=n_micro,
         micro_rows=micro, score_chunks=score_chunks, reward_functions="length_penalty",
-        tokenizer=tok_name, steady_iterations=len(steady),
+        tokenizer=tok_name, steady_iterations=len(steady), engine=a.engine,
+        slots=None if eng is None else eng.slots,
+        engine_stats=None if eng is None else dict(eng.stats),
         results={n: dict(s=s, share=s / total, s_all=[t[i] for t in times],
                          first_iteration_s=times[0][i])
                  for i, (n, s) in enumerate(zip(names, med))},

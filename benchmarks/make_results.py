@@ -247,7 +247,149 @@ easyrl's decode step is at {100 * e['bandwidth_floor_fraction']:.0f}% of that fl
 """
 
 
-def ppo_section(docs):
+ENGINE_IMPLS = (
+    ("engine", "`Engine(slots)`: each prompt prefilled once and shared by its G samples, slots "
+               "refilled as samples finish, attention over the live cache blocks only"),
+    ("engine_no_cb", "continuous batching off: one slot per sample from the start (a finished "
+                     "slot stays empty until the run ends)"),
+    ("engine_no_skip", "block skipping off: the same slots, attention reads every cache block"),
+    ("static_sampler", "`make_sampler` on the prompts repeated G times, one static batch with "
+                       "max_new_tokens = the largest request limit, cut per request afterwards"),
+    ("transformers", "`generate(num_return_sequences=G, do_sample=True, top_k=0)` to the largest "
+                     "request limit, cut the same way"),
+)
+
+
+def _preset_vocab(preset):
+    try:  # older engine JSON has no vocab_size: the preset's
+        from easyrl.model import get_preset
+        return get_preset(preset).vocab_size
+    except Exception:  # noqa: BLE001 (no easyrl on the path: the percentage is left out)
+        return None
+
+
+def engine_section(d, title="## 2c. Rollout engine (continuous batching)"):
+    if not d:
+        return f"{title}\n\nnot measured\n"
+    a, m, out = d["args"], d["machine"], d["results"]
+    wl = next(iter(out.values()))["workload"]
+    vocab = wl.get("vocab_size") or _preset_vocab(a["preset"])
+    p_eos = wl["eos_tokens"] / vocab if vocab else None
+    eos = (f"{wl['eos_tokens']} ids drawn at random from the vocabulary all count as EOS"
+           + (f" (~{100 * p_eos:.1f}% per token of V = {vocab} under a random-init model's "
+              f"near-uniform next-token distribution: geometric response lengths, mean "
+              f"~{1 / p_eos:.0f} tokens, different for every sample)" if p_eos else ""))
+    rows = []
+    for dtype, x in out.items():
+        res = x["results"]
+        hf = res.get("transformers", {}).get("tokens_per_s")
+        for name, _ in ENGINE_IMPLS:
+            if name not in res:
+                continue
+            r = res[name]
+            st = r.get("stats") or {}
+            toks = sorted(r["useful_tokens"])[len(r["useful_tokens"]) // 2]
+            rows.append([f"`{name}`", dtype, f"{r['wall_s']:.2f}", toks, f"{r['tokens_per_s']:.0f}",
+                         ("**%.2fx**" if name == "engine" else "%.2fx") % (r["tokens_per_s"] / hf)
+                         if hf else "n/a",
+                         st.get("decode_steps", "-"),
+                         f"{st['slot_utilization']:.2f}" if "slot_utilization" in st else "-",
+                         f"{r['warmup_s']:.1f}"])
+    what = "\n".join(f"- `{n}`: {t}" for n, t in ENGINE_IMPLS
+                      if any(n in x["results"] for x in out.values()))
+    same = []
+    for dtype, x in out.items():
+        for k, v in (x.get("engine_variants_identical") or {}).items():
+            same.append(f"{k} {'identical' if v else '**different**'} ({dtype})")
+    text = f"""{title}
+
+`{m['argv']}`
+
+GRPO-shaped workload: {a['prompts']} prompts x G {a['group']} = {wl['samples']} samples,
+prompt {a['prompt']} tokens, at most {a['new']} new tokens, temperature 1.0 (no top-k / top-p),
+{a['preset']}, the same weights on every side (random init saved by transformers, loaded by
+`easyrl.hf.load`), every side in the row's dtype. EOS on: {eos}. Length limits: each request has
+its own, drawn from a long-tailed log-normal (median {a['limit_median']:g}, sigma
+{a['limit_sigma']:g}) rounded and clipped to [{a['limit_min']}, {a['new']}]: drawn
+{wl['limits']} (the static batches run to the largest, {wl['max_limit']}). A sample stops at its
+first EOS or at its request's limit; only those "useful" tokens count, and tokens/s = useful
+tokens / wall seconds end to end (prefill, decode, outputs on the host). Engine: {a['slots']}
+slots, cache blocks of {a['block']} keys, {a['chunk']} decode steps per call. {a['reps']}
+repetition(s) after one warm-up (compilation) per implementation, median; {d['threads']}
+threads; {m.get('host_cpu')} x{m.get('cores')} (not the machine of sections 1-3), load
+{m.get('loadavg_start')} -> {m.get('loadavg_end')}.
+
+{_table(rows, ["impl", "dtype", "wall s", "useful tokens", "tokens/s", "vs transformers generate", "decode steps", "slot use", "warm-up s"])}
+
+{what}
+
+"vs transformers generate": tokens/s over `generate`'s at the same dtype. The engine variants
+draw the same samples (keys from (seed, request, sample, token)): {', '.join(same) or 'n/a'}.
+The static sampler and `generate` draw from other random streams, so their useful-token counts
+differ from the engine's (sampling noise at {wl['samples']} samples); a static batch's wall time
+is set by its longest sample whatever the count.
+"""
+    return text
+
+
+def _gap(a, b):
+    """Seconds between two benchmark runs (their machine.date)."""
+    import datetime
+    try:
+        ta, tb = (datetime.datetime.fromisoformat(d["machine"]["date"]) for d in (a, b))
+        return abs((ta - tb).total_seconds())
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
+
+
+def engine_rows(static, paired, eng, phases, what):
+    """The rows of a PPO / GRPO split with the rollout through the continuous-batching engine,
+    beside the static sampler's (the section's table, and re-measured beside the engine)."""
+    if not eng:
+        return ""
+    # a `*_static_paired` run counts only while it is closer in time to the engine run than the
+    # section's own static run (a later full run_all measures both again, side by side)
+    if paired and static and _gap(paired, eng) >= _gap(static, eng):
+        paired = None
+    rows = []
+    docs = [("static sampler (the table above)", static),
+            ("static sampler, re-measured beside the engine", paired),
+            (f"rollout engine: continuous ({eng.get('slots')} slots)", eng)]
+    for label, d in docs:
+        if not d:
+            continue
+        m = d["machine"]
+        rows.append([label] + [f"{d['results'][k]['s']:.3f}" for k in phases]
+                    + [f"{d['total_s']:.3f}", f"{d['first_iteration_s']:.1f}",
+                       f"{d['response_tokens_per_s']:.0f}",
+                       f"{m.get('host_cpu')}, {m.get('date', '')[:10]}, load "
+                       f"{m.get('loadavg_start')} -> {m.get('loadavg_end')}"])
+    st = eng.get("engine_stats") or {}
+    base = paired or static
+    ratio = (f" Rollout {eng['results']['rollout']['s']:.3f} s with the engine vs "
+             f"{base['results']['rollout']['s']:.3f} s static "
+             f"({'re-measured beside it' if paired else 'the table above'}): "
+             f"**{base['results']['rollout']['s'] / eng['results']['rollout']['s']:.2f}x** the "
+             f"static sampler's speed; the whole iteration {base['total_s'] / eng['total_s']:.2f}x."
+             if base else "")
+    stats = (f" Engine, last rollout: {st.get('prefill_calls')} prefill call(s) for "
+             f"{st.get('prefilled_prompts')} prompt(s), {st.get('admit_calls')} admit call(s), "
+             f"{st.get('decode_chunks')} decode chunks / {st.get('decode_steps')} steps, slot "
+             f"use {st.get('slot_utilization', 0):.2f}." if st else "")
+    return f"""
+#### Rollout engine: continuous
+
+`{eng['machine']['argv']}`
+
+{_table(rows, ["rollout", *[f"{k} s" for k in phases], "total s", "first iteration s (compiles)", "response tokens/s", "CPU, date, load"])}
+
+{what} EOS off on both sides, as in the static rows (`eos_token_id=()`: every response has
+{eng['args']['new']} tokens), so the rows are comparable; it also means no slot frees early and
+continuous batching has nothing to refill (slots = rollout rows, as `rollout.slots=0`).{ratio}{stats}
+"""
+
+
+def ppo_section(docs, engine=None, paired=None):
     text = "## 3. PPO iteration (rollout / scoring / update)\n\n"
     found = False
     for name, d in docs.items():
@@ -272,10 +414,16 @@ batch {a['batch']}, prompt {a['prompt']}, {a['new']} new tokens (temperature 0.7
 Response tokens per second over the whole iteration: {d['response_tokens_per_s']:.0f}.
 
 """
+        e = (engine or {}).get(name)
+        if e:
+            text = text.rstrip("\n") + "\n" + engine_rows(d, (paired or {}).get(name), e, list(r), (
+                "The engine rollout is `easyrl ppo`'s with rollout.engine=continuous: "
+                "`easyrl.engine.Engine` wrapped by `rollout.engine_sampler(eng, 1)` (G = 1)."))
+            text += "\n"
     return text if found else text + "not measured\n"
 
 
-def grpo_section(docs, ppo_docs=None):
+def grpo_section(docs, ppo_docs=None, engine=None, paired=None):
     text = "## 3b. GRPO iteration (rollout / rewards / scoring / update)\n\n"
     found = False
     for name, d in docs.items():
@@ -318,6 +466,15 @@ is the same whatever the rewards.)
                      f"{p['total_s']:.3f} s"
                      + (f" (measured on another machine: {p['machine'].get('host_cpu')})"
                         if other else "") + ".\n")
+        e = (engine or {}).get(name)
+        if e:
+            text += engine_rows(d, (paired or {}).get(name), e, list(r), (
+                "The engine rollout is `easyrl grpo`'s with rollout.engine=continuous: "
+                "`easyrl.engine.Engine` wrapped by `rollout.engine_sampler(eng, G)`, fed the "
+                "unexpanded prompts [B, P] (`iterate(shared=G)`: each prompt prefilled once, its "
+                "cache copied into its G slots); the static rows sample the expanded prompts "
+                "[B x G, P] (one prefill per completion; `easyrl grpo` with rollout.engine=static "
+                "would share prefixes too, through `make_sampler(num_samples=G)`)."))
         text += "\n"
     return text if found else text + "not measured\n"
 
@@ -329,7 +486,15 @@ def main(argv=None):
     a = ap.parse_args(argv)
     docs = {n: _load(a.folder, n) for n in ("train_step", "profile_step", "sampler",
                                             "train_step_bf16", "sampler_bf16", "ppo_tiny",
-                                            "ppo_bench_100m", "grpo_tiny", "grpo_bench_100m")}
+                                            "ppo_bench_100m", "grpo_tiny", "grpo_bench_100m",
+                                            "engine")}
+    iters = ("ppo_tiny", "ppo_bench_100m", "grpo_tiny", "grpo_bench_100m")
+    # the splits with the rollout through the engine, and the static split re-measured beside
+    # them (a `*_static_paired` file, when the static table is from another session)
+    for suffix in ("_engine", "_static_paired"):
+        docs.update({n + suffix: _load(a.folder, n + suffix) for n in iters})
+    eng = {n: docs.get(n + "_engine") for n in iters}
+    paired = {n: docs.get(n + "_static_paired") for n in iters}
     if not any(docs.values()):
         raise SystemExit(f"no benchmark JSON in {a.folder} (run benchmarks/run_all.py first)")
     run_all = _load(a.folder, "run_all")
@@ -349,9 +514,10 @@ def main(argv=None):
                       "## 1b. Training step (SFT), bfloat16 compute (float32 parameters)"),
         sampler_section(docs["sampler"], "## 2. Sampler (decode), float32"),
         sampler_section(docs["sampler_bf16"], "## 2b. Sampler (decode), bfloat16"),
-        ppo_section({k: docs[k] for k in ("ppo_tiny", "ppo_bench_100m")}),
+        engine_section(docs.get("engine")),
+        ppo_section({k: docs[k] for k in ("ppo_tiny", "ppo_bench_100m")}, eng, paired),
         grpo_section({k: docs[k] for k in ("grpo_tiny", "grpo_bench_100m")},
-                     {k: docs[k] for k in ("ppo_tiny", "ppo_bench_100m")}),
+                     {k: docs[k] for k in ("ppo_tiny", "ppo_bench_100m")}, eng, paired),
         "## 4. GPU\n\nNot measured: no GPU was lent to the session that produced these figures. "
         "The same scripts run on a GPU unchanged (`pip install -e \".[cuda]\"` and a CUDA torch; "
         "the torch side moves to `cuda` when jax's backend is `gpu`; use `--dtype bfloat16`).\n",

@@ -1,6 +1,6 @@
-"""Run every CPU benchmark of issue 7 at its sizes, then write benchmarks/RESULTS.md.
+"""Run every CPU benchmark of issues 7 and 17 at their sizes, then write benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py --out benchmarks/results            # the full run (15-23 min, 2 cores)
+    python benchmarks/run_all.py --out benchmarks/results            # the full run (22-32 min, 2 cores)
     python benchmarks/run_all.py --out /tmp/bench --quick --no-md    # smoke test (tiny sizes)
     python benchmarks/make_results.py benchmarks/results             # RESULTS.md from saved JSON
 
@@ -40,6 +40,17 @@ FULL = [
      "--preset tiny --batch 8 --group 8 --prompt 32 --new 32 --iters 5"),
     ("grpo_bench_100m", "grpo_iteration.py",
      "--preset bench_100m --batch 2 --group 8 --prompt 64 --new 64 --iters 3"),
+    # issue 17: the continuous-batching rollout engine, and the PPO / GRPO splits through it
+    ("engine", "engine.py",
+     "--preset bench_100m --prompts 2 --group 8 --prompt 128 --new 256 --slots 8 --reps 1"),
+    ("ppo_tiny_engine", "ppo_iteration.py",
+     "--preset tiny --batch 16 --prompt 32 --new 32 --iters 6 --engine continuous"),
+    ("ppo_bench_100m_engine", "ppo_iteration.py",
+     "--preset bench_100m --batch 8 --prompt 64 --new 64 --iters 3 --engine continuous"),
+    ("grpo_tiny_engine", "grpo_iteration.py",
+     "--preset tiny --batch 8 --group 8 --prompt 32 --new 32 --iters 5 --engine continuous"),
+    ("grpo_bench_100m_engine", "grpo_iteration.py",
+     "--preset bench_100m --batch 2 --group 8 --prompt 64 --new 64 --iters 3 --engine continuous"),
 ]
 QUICK = [
     ("train_step", "train_step.py",
@@ -49,6 +60,13 @@ QUICK = [
     ("ppo_tiny", "ppo_iteration.py", "--preset tiny --batch 4 --prompt 8 --new 8 --iters 2"),
     ("grpo_tiny", "grpo_iteration.py",
      "--preset tiny --batch 2 --group 4 --prompt 8 --new 8 --iters 2"),
+    ("engine", "engine.py",  # tiny's vocabulary is 256 ids: 3 EOS ids ~1% per token
+     "--preset tiny --prompts 2 --group 4 --prompt 16 --new 32 --slots 4 --eos-tokens 3 "
+     "--limit-median 16 --reps 1"),
+    ("ppo_tiny_engine", "ppo_iteration.py",
+     "--preset tiny --batch 4 --prompt 8 --new 8 --iters 2 --engine continuous"),
+    ("grpo_tiny_engine", "grpo_iteration.py",
+     "--preset tiny --batch 2 --group 4 --prompt 8 --new 8 --iters 2 --engine continuous"),
 ]
 
 
