@@ -44,3 +44,22 @@ def heldout_pairs(cache, tmp_path_factory):
     path = tmp_path_factory.mktemp("preference_heldout") / "pairs_1024.jsonl"
     synthetic.write_jsonl(str(path), synthetic.preference_pairs(1024, seed=1, split="eval"))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory):
+    """Random-init tiny policy and reward model as easyrl checkpoints (synthetic tokenizer),
+    shared by the online-RL tests (test_ppo, test_grpo)."""
+    import jax
+
+    from easyrl import checkpoint, model as M
+    from easyrl.data.synthetic import synthetic_tokenizer_path
+    from easyrl.data.tokenizer import load_tokenizer
+    d = tmp_path_factory.mktemp("rl_models")
+    tok = load_tokenizer(synthetic_tokenizer_path())
+    cfg = M.get_preset("tiny").replace(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    checkpoint.save_model(str(d / "policy"), cfg, M.init_params(cfg, jax.random.PRNGKey(1)))
+    checkpoint.save_model(str(d / "rm"), cfg, M.init_params(cfg, jax.random.PRNGKey(2), "reward"),
+                          kind="reward")
+    return d

@@ -14,9 +14,7 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from easyrl import checkpoint, model as M
-from easyrl.data.synthetic import synthetic_tokenizer_path
-from easyrl.data.tokenizer import load_tokenizer
+from easyrl import model as M
 from easyrl.train import launch
 from easyrl.train.metrics import read_metrics
 
@@ -25,15 +23,12 @@ ROOT = os.path.dirname(HERE)
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    """A random-init tiny policy as an easyrl checkpoint (synthetic tokenizer)."""
+def policy_dir(random_models, tmp_path_factory):
+    """The shared random tiny policy / RM (conftest) plus a reward file whose values differ
+    between samples."""
     d = tmp_path_factory.mktemp("grpo_models")
-    tok = load_tokenizer(synthetic_tokenizer_path())
-    cfg = M.get_preset("tiny").replace(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    checkpoint.save_model(str(d / "policy"), cfg, M.init_params(cfg, jax.random.PRNGKey(1)))
-    checkpoint.save_model(str(d / "rm"), cfg, M.init_params(cfg, jax.random.PRNGKey(2), "reward"),
-                          kind="reward")
+    for name in ("policy", "rm"):
+        os.symlink(random_models / name, d / name)
     (d / "varied.py").write_text("def varied(prompts, completions, completion_ids, **kw):\n"
                                  "    return [float(sum(x) % 7) for x in completion_ids]\n")
     return d

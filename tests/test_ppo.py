@@ -11,26 +11,11 @@ import numpy as np
 import pytest
 
 from easyrl import checkpoint, model as M
-from easyrl.data.synthetic import synthetic_tokenizer_path
-from easyrl.data.tokenizer import load_tokenizer
 from easyrl.train import launch
 from easyrl.train.metrics import read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-@pytest.fixture(scope="module")
-def random_models(tmp_path_factory):
-    """Random-init tiny policy and reward model as easyrl checkpoints (synthetic tokenizer)."""
-    d = tmp_path_factory.mktemp("ppo_models")
-    tok = load_tokenizer(synthetic_tokenizer_path())
-    cfg = M.get_preset("tiny").replace(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    checkpoint.save_model(str(d / "policy"), cfg, M.init_params(cfg, jax.random.PRNGKey(1)))
-    checkpoint.save_model(str(d / "rm"), cfg, M.init_params(cfg, jax.random.PRNGKey(2), "reward"),
-                          kind="reward")
-    return d
 
 
 def ppo_args(models, out, *extra):

@@ -27,16 +27,14 @@ import types
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from easyrl import losses, parallel
 from easyrl.algorithms.common import config_at, reference, reference_params
 from easyrl.algorithms.registry import Algorithm
 from easyrl.losses import group as G
-from easyrl.model.trainable import combine, partition
+from easyrl.model.trainable import partition
 from easyrl.rollout import response_logprobs
-from easyrl.train.optim import all_finite, global_norm
-from easyrl.train.step import TrainState, accumulate, split_micro
+from easyrl.train.step import TrainState, optimizer_step, split_micro
 
 ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 BEHAVIOUR = ("auto", "sampler", "trainer")
@@ -248,19 +246,12 @@ def make_update(policy_cfg, tx, g, *, n_micro: int = 1, trainable_mask=None):
 
     def one_step(state, mb, rng):
         denom = denominators(mb["loss_mask"], g, n_micro)
-        train, fixed = partition(state.params, trainable_mask)
-        fn = loss_fn if trainable_mask is None else (
-            lambda tp, fr, x, r, d: loss_fn(combine(tp, fixed), fr, x, r, d))
-        loss, metrics, grads = accumulate(fn, train, None, mb, rng, denom, n_micro)
-        gnorm = global_norm(grads)
-        updates, new_opt = tx.update(grads, state.opt_state, train)
-        new_train = optax.apply_updates(train, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & all_finite(updates) & all_finite(new_train)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        params, opt_state, loss, metrics, gnorm, ok = optimizer_step(
+            loss_fn, tx, state.params, state.opt_state, None, mb, rng, denom, n_micro,
+            trainable_mask)
         bad = (~ok).astype(jnp.int32)
-        state = state.replace(params=combine(keep(new_train, train), fixed),
-                              opt_state=keep(new_opt, state.opt_state),
-                              nonfinite=state.nonfinite + bad, streak=(state.streak + bad) * bad)
+        state = state.replace(params=params, opt_state=opt_state, nonfinite=state.nonfinite + bad,
+                              streak=(state.streak + bad) * bad)
         return state, dict(metrics, loss=loss, grad_norm=gnorm,
                            nonfinite_updates=bad.astype(jnp.float32))
 

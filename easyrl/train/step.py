@@ -96,6 +96,27 @@ def accumulate(loss_fn, params, frozen, batch, rng, denom, micro_steps: int, wit
     return carry
 
 
+def optimizer_step(loss_fn, tx, params, opt_state, frozen, batch, rng, denom, micro_steps: int,
+                   trainable_mask=None):
+    """One optimizer step with the non-finite skip, shared by every trainer's update:
+    accumulate `loss_fn` over `micro_steps` micro-batches, apply `tx` to the trainable leaves
+    (`trainable_mask`; None: all), and keep the old parameters and optimizer state when the
+    loss, gradient norm, update or a new parameter is non-finite.
+    Returns (params, opt_state, loss, metrics, grad_norm, ok)."""
+    train, fixed = partition(params, trainable_mask)
+    fn = loss_fn if trainable_mask is None else (
+        lambda tp, fr, mb, r, d: loss_fn(combine(tp, fixed), fr, mb, r, d))
+    loss, metrics, grads = accumulate(fn, train, frozen, batch, rng, denom, micro_steps)
+    gnorm = global_norm(grads)
+    updates, new_opt = tx.update(grads, opt_state, train)
+    new_train = optax.apply_updates(train, updates)
+    # a non-finite loss, gradient, update (e.g. optim.lr=inf) or new parameter skips the step
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & all_finite(updates) & all_finite(new_train)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    return (combine(keep(new_train, train), fixed), keep(new_opt, opt_state), loss, metrics,
+            gnorm, ok)
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule,
                     denom_fn: Callable, micro_steps: int = 1, trainable_mask=None):
     """step(state, batch, rng) -> (state, metrics). Skips the update (parameters and optimizer
@@ -106,20 +127,11 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     leaves; the rest is passed through untouched."""
     def step(state: TrainState, batch: dict, rng):
         denom = jnp.maximum(denom_fn(batch).astype(jnp.float32), 1.0)
-        train, fixed = partition(state.params, trainable_mask)
-        fn = loss_fn if trainable_mask is None else (
-            lambda tp, frozen, mb, r, d: loss_fn(combine(tp, fixed), frozen, mb, r, d))
-        loss, metrics, grads = accumulate(fn, train, state.frozen, batch, rng, denom, micro_steps)
-        gnorm = global_norm(grads)
-        updates, new_opt = tx.update(grads, state.opt_state, train)
-        new_train = optax.apply_updates(train, updates)
-        # a non-finite loss, gradient, update (e.g. optim.lr=inf) or new parameter skips the step
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & all_finite(updates) & all_finite(new_train)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        params, opt_state, loss, metrics, gnorm, ok = optimizer_step(
+            loss_fn, tx, state.params, state.opt_state, state.frozen, batch, rng, denom,
+            micro_steps, trainable_mask)
         bad = (~ok).astype(jnp.int32)
-        new_state = state.replace(step=state.step + 1,
-                                  params=combine(keep(new_train, train), fixed),
-                                  opt_state=keep(new_opt, state.opt_state),
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   nonfinite=state.nonfinite + bad, streak=(state.streak + bad) * bad)
         metrics = dict(metrics, loss=loss, grad_norm=gnorm, lr=schedule(state.step),
                        nonfinite=new_state.nonfinite, nonfinite_streak=new_state.streak)
