@@ -101,14 +101,13 @@ class HostRewards:
 
     def values(self, models, roll, host):
         """(values [N, K] float64 on every host, this host's completion texts)."""
-        n = roll["tokens"].shape[0]
-        nl, lo = n // jax.process_count(), jax.process_index() * (n // jax.process_count())
+        mine = host_rows(roll["tokens"].shape[0])
         resp, mask = parallel.to_host(roll["response"]), parallel.to_host(roll["resp_mask"])
-        ids = [[int(t) for t, m in zip(resp[i], mask[i]) if m] for i in range(lo, lo + nl)]
+        ids = [[int(t) for t, m in zip(r, mr) if m] for r, mr in zip(resp[mine], mask[mine])]
         texts = [self.tok.decode(x, skip_special_tokens=True).strip() for x in ids]
         if self._rm_fn is not None:
             scores = parallel.to_host(self._rm_fn(models["reward"], roll["tokens"], roll["attn"]))
-            self._rm_local = scores[lo:lo + nl]
+            self._rm_local = scores[mine]
         vals = self.set.values(host["prompts"], texts, ids, host["columns"])
         if jax.process_count() > 1:
             vals = parallel.to_host(parallel.to_global_batch({"v": vals}, self.mesh)["v"])
@@ -121,6 +120,13 @@ class HostRewards:
             metrics["reward"] = float(total.mean())
             metrics["reward_std"] = float(total.std())
         return total, metrics
+
+
+def host_rows(n: int) -> slice:
+    """This process's rows of a global batch of `n` rows (`parallel.to_global_batch` places
+    process p's local rows at p * n / P ...)."""
+    nl = n // jax.process_count()
+    return slice(jax.process_index() * nl, (jax.process_index() + 1) * nl)
 
 
 def expand(batch: dict, host: dict, g: int):
@@ -213,8 +219,8 @@ def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dic
             _, idx, flat = pick_groups(totals, it.group, jax.process_count())
             roll = _take_rows([r for r, _, _ in rounds], idx)
             n = len(totals[0])
-            nl, lo = n // jax.process_count(), jax.process_index() * (n // jax.process_count())
-            picks = [(int(i) // n, int(i) % n - lo) for i in idx[lo:lo + nl]]
+            mine = host_rows(n)
+            picks = [(int(i) // n, int(i) % n - mine.start) for i in idx[mine]]
             hs = [h for _, h, _ in rounds]
             host.update(prompts=[hs[r]["prompts"][i] for r, i in picks],
                         completions=[hs[r]["completions"][i] for r, i in picks],
@@ -229,11 +235,9 @@ def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dic
         if it.group > 1:  # of the first rollout (what the policy generated, before filtering)
             rmetrics["frac_reward_zero_std"] = float(np.mean(
                 np.ptp(totals[0].reshape(-1, it.group), axis=1) == 0))
-        n = len(total)
-        nl, lo = n // jax.process_count(), jax.process_index() * (n // jax.process_count())
-        host["rewards"] = total[lo:lo + nl]
+        host["rewards"] = total[host_rows(len(total))]
         roll = dict(roll, rewards=parallel.to_global_batch(
-            {"r": total[lo:lo + nl]}, it.rewards.mesh)["r"])
+            {"r": host["rewards"]}, it.rewards.mesh)["r"])
     t2 = time.time()
     scored = it.score(models, roll["tokens"], roll["attn"], roll["resp_mask"])
     inputs, stats = it.advantages(scored, roll, {k: np.float32(v) for k, v in ctrl.items()})
@@ -353,11 +357,8 @@ class _Loop:
         b.ctrl = b.after_iteration(b.ctrl, metrics)
         want_samples = s.samples_every and done % s.samples_every == 0
         if (self.true_reward is not None or want_samples) and "completions" not in host:
-            n = roll["response"].shape[0]
-            nl = n // jax.process_count()
-            lo = jax.process_index() * nl
-            host["completions"] = rollout.decode(self.tok, roll["response"],
-                                                 roll["resp_mask"])[lo:lo + nl]
+            host["completions"] = rollout.decode(self.tok, roll["response"], roll["resp_mask"])[
+                host_rows(roll["response"].shape[0])]
         if self.true_reward is not None:  # this host's rows
             metrics["objective/true_reward"] = float(np.mean(
                 [self.true_reward(q, a) for q, a in zip(host["prompts"], host["completions"])]))
