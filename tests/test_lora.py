@@ -267,7 +267,7 @@ def test_dpo_adapters_off_reference_equals_a_separate_reference_copy(base_lm, da
     denom = common.pair_denom(b)
     adapters_off = jax.jit(lambda p: task.loss_fn(p, None, b, None, denom))
     with_copy = jax.jit(lambda p, f: dpo.make_loss(cfg, c.dpo)(p, f, b, None, denom))
-    ref_copy = dpo.frozen_copy(params)  # the non-LoRA wiring: a copy of the initial policy
+    ref_copy = common.frozen_copy(params)  # the non-LoRA wiring: a copy of the initial policy
     l0, _ = adapters_off(params)
     assert float(l0) == pytest.approx(np.log(2), abs=1e-6)  # policy == reference at step 1
     moved = _random_adapters(params, std=0.3)

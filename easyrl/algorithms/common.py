@@ -50,9 +50,35 @@ def pair_inputs(batch: dict):
     return ids, attn
 
 
+def pair_logps(config, params, batch, rng=None):
+    """(logp_chosen, logp_rejected, len_chosen, len_rejected), all [B], from one 2B-row forward."""
+    ids, attn = pair_inputs(batch)
+    mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=0)
+    lp, n = response_logps(config, params, ids, attn, mask, rng)
+    b = batch["chosen_input_ids"].shape[0]
+    return lp[:b], lp[b:], n[:b], n[b:]
+
+
 def pair_denom(batch):
     """Number of pairs in the whole global batch."""
     return jnp.asarray(batch["chosen_input_ids"].shape[0], jnp.float32)
+
+
+def pair_nll_denom(batch):
+    """{pairs, chosen_tokens} of the whole global batch: the normalizers of a pair loss plus a
+    token-mean NLL of the chosen responses (ORPO, CPO), so both are split-invariant."""
+    m = batch["chosen_loss_mask"][:, 1:]  # column 0 has no predictor (response_logps)
+    return {"pairs": pair_denom(batch), "chosen_tokens": jnp.sum(m).astype(jnp.float32)}
+
+
+def pair_metrics(r_c, r_r, lp_c, lp_r, pairs) -> dict:
+    """TRL's pair metrics as sums over the micro-batch / the global `pairs` (rewards/*, logps/*);
+    all without gradient."""
+    sg = jax.lax.stop_gradient
+    m = {"rewards/chosen": r_c, "rewards/rejected": r_r,
+         "rewards/accuracies": (r_c > r_r).astype(r_c.dtype), "rewards/margins": r_c - r_r,
+         "logps/chosen": lp_c, "logps/rejected": lp_r}
+    return {k: jnp.sum(sg(v)) / pairs for k, v in m.items()}
 
 
 def pair_tokens(batch) -> int:
@@ -76,6 +102,89 @@ def pair_batch_spec(rows: int, seq_len: int) -> dict:
          for k in ("input_ids", "attention_mask", "loss_mask")}
     b["margin"] = jax.ShapeDtypeStruct((rows,), jnp.float32)  # 0 where the data has none
     return b
+
+
+# ---- the frozen reference of the supervised trainers (DPO, KTO) ----------------------------
+REFERENCE_MODES = ("copy", "adapters_off", "frozen_adapters")
+
+
+def frozen_copy(params):
+    """A distinct, identically sharded copy of `params` (the train state is donated)."""
+    sh = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh)(params)
+
+
+def live_reference(env):
+    """(frozen, mode) of a live reference = the initial policy: `copy` (frozen = a copy of the
+    params), with LoRA `adapters_off` (frozen None: the policy's own base, adapters off; no
+    copy of the weights) or, continuing a loaded adapter (model.lora.init_from),
+    `frozen_adapters` (frozen = a copy of that adapter, applied on the policy's base)."""
+    from easyrl.model.trainable import adapters
+    if env.model_config.lora_rank > 0 and env.config.model.lora.init_from:
+        return frozen_copy(adapters(env.params)), "frozen_adapters"
+    if env.model_config.lora_rank > 0:
+        return None, "adapters_off"
+    return frozen_copy(env.params), "copy"
+
+
+def reference_of(config, mode: str, params, frozen):
+    """(model config, params) of the reference in `mode` (see `live_reference`), inside a loss."""
+    from easyrl.model.lora import disabled
+    from easyrl.model.trainable import combine, strip
+    if mode == "frozen_adapters":
+        return config, combine(frozen, strip(params))
+    if mode == "adapters_off":
+        return disabled(config), params
+    return config, frozen
+
+
+def reference_logps(it, logps_fn, params, mesh, chunk: int) -> tuple:
+    """Reference log-probs of every example of iterator `it` (one float32 array [len(items)] per
+    output of `logps_fn(params, global batch)`), in global batches of `chunk` examples (the last
+    one padded by repeating example 0). Every process holds all items and feeds its slice of
+    each chunk; results are gathered to all."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from easyrl import parallel
+    n = len(it.items)
+    outs = None
+    nproc, pid = jax.process_count(), jax.process_index()
+    local = chunk // nproc
+    for start in range(0, n, chunk):
+        idx = list(range(start, min(start + chunk, n)))
+        idx += [0] * (chunk - len(idx))
+        batch = it.collate([it.items[i] for i in idx[pid * local:(pid + 1) * local]])
+        batch = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)
+                 and not k.startswith("ref_")}
+        vals = logps_fn(params, parallel.to_global_batch(batch, mesh))
+        if nproc > 1:
+            vals = multihost_utils.process_allgather(vals, tiled=True)
+        vals = [np.asarray(v) for v in vals]
+        if outs is None:
+            outs = [np.zeros(n, np.float32) for _ in vals]
+        m = min(chunk, n - start)
+        for o, v in zip(outs, vals):
+            o[start:start + m] = v[:m]
+    return tuple(outs)
+
+
+def attach_reference(it, keys, values) -> None:
+    """Store reference log-probs (`values`, one array per key) in the iterator's examples under
+    `keys` and add them to its batches (float32 [B])."""
+    import numpy as np
+    for i, ex in enumerate(it.items):
+        for k, v in zip(keys, values):
+            ex[k] = float(v[i])
+    base = it.collate
+
+    def collate(items):
+        batch = base(items)
+        for k in keys:
+            batch[k] = np.array([ex[k] for ex in items], np.float32)
+        return batch
+
+    it.collate = collate
 
 
 # ---- the frozen reference of the online trainers -------------------------------------------

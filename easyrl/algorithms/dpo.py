@@ -33,26 +33,15 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from easyrl import losses, parallel
-from easyrl.algorithms.common import (pair_batch_spec, pair_denom, pair_inputs, pair_iterators,
-                                      pair_tokens, response_logps)
+from easyrl import losses
+from easyrl.algorithms.common import (attach_reference, live_reference, pair_batch_spec, pair_denom,
+                                      pair_iterators, pair_logps, pair_tokens, reference_logps,
+                                      reference_of)
 from easyrl.algorithms.registry import Algorithm
-from easyrl.model import lora
-from easyrl.model.trainable import adapters, combine, strip
 from easyrl.train import loop
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def pair_logps(config, params, batch, rng=None):
-    """(logp_chosen, logp_rejected, len_chosen, len_rejected), all [B], from one 2B-row forward."""
-    ids, attn = pair_inputs(batch)
-    mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=0)
-    lp, n = response_logps(config, params, ids, attn, mask, rng)
-    b = batch["chosen_input_ids"].shape[0]
-    return lp[:b], lp[b:], n[:b], n[b:]
 
 
 def loss_options(d) -> dict:
@@ -90,7 +79,8 @@ def make_loss(config, d, adapters_off_reference: bool = False, frozen_adapters: 
     if (adapters_off_reference or frozen_adapters) and config.lora_rank <= 0:
         raise ValueError("adapters_off_reference / frozen_adapters need a LoRA model "
                          "(model.lora.rank > 0)")
-    ref_config = lora.disabled(config)
+    mode = ("frozen_adapters" if frozen_adapters else "adapters_off" if adapters_off_reference
+            else "copy")
 
     def loss_fn(params, frozen, batch, rng, denom):
         pc, pr, lc, lr = pair_logps(config, params, batch, rng)
@@ -98,62 +88,14 @@ def make_loss(config, d, adapters_off_reference: bool = False, frozen_adapters: 
             rc = rr = None
         elif d.precompute_ref:
             rc, rr = (batch[k].astype(pc.dtype) for k in REF_KEYS)
-        elif frozen_adapters:
-            ref = combine(frozen, strip(params))
-            rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(config, ref, batch))
-        elif adapters_off_reference:
-            rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(ref_config, params, batch))
         else:
-            rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(config, frozen, batch))
+            rcfg, ref = reference_of(config, mode, params, frozen)
+            rc, rr, _, _ = jax.lax.stop_gradient(pair_logps(rcfg, ref, batch))
         return objective(d, pc, pr, rc, rr, lc, lr, denom)
     return loss_fn
 
 
 # ----------------------------------------------------------------------------- reference
-def frozen_copy(params):
-    """A distinct, identically sharded copy of `params` (the train state is donated)."""
-    sh = jax.tree.map(lambda x: x.sharding, params)
-    return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh)(params)
-
-
-def reference_logps(it, logps_fn, params, mesh, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference (chosen, rejected) log-probs [len(items)] of every example of iterator `it`,
-    in global batches of `chunk` pairs (the last one padded by repeating example 0). Every
-    process holds all items and feeds its slice of each chunk; results are gathered to all."""
-    from jax.experimental import multihost_utils
-    n = len(it.items)
-    pc_all, pr_all = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    nproc, pid = jax.process_count(), jax.process_index()
-    local = chunk // nproc
-    for start in range(0, n, chunk):
-        idx = list(range(start, min(start + chunk, n)))
-        idx += [0] * (chunk - len(idx))
-        batch = it.collate([it.items[i] for i in idx[pid * local:(pid + 1) * local]])
-        batch = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and k not in REF_KEYS}
-        pc, pr = logps_fn(params, parallel.to_global_batch(batch, mesh))
-        if nproc > 1:
-            pc, pr = multihost_utils.process_allgather((pc, pr), tiled=True)
-        pc, pr = np.asarray(pc), np.asarray(pr)
-        m = min(chunk, n - start)
-        pc_all[start:start + m], pr_all[start:start + m] = pc[:m], pr[:m]
-    return pc_all, pr_all
-
-
-def attach_reference(it, ref_c: np.ndarray, ref_r: np.ndarray) -> None:
-    """Store reference log-probs in the iterator's examples and add them to its batches."""
-    for ex, a, b in zip(it.items, ref_c, ref_r):
-        ex["ref_chosen_logps"], ex["ref_rejected_logps"] = float(a), float(b)
-    base = it.collate
-
-    def collate(items):
-        batch = base(items)
-        for k in REF_KEYS:
-            batch[k] = np.array([ex[k] for ex in items], np.float32)
-        return batch
-
-    it.collate = collate
-
-
 def precompute_reference(env: loop.Env, iterators) -> None:
     """One jitted pass of the initial policy over each iterator's examples."""
     c = env.config
@@ -161,7 +103,7 @@ def precompute_reference(env: loop.Env, iterators) -> None:
     fn = jax.jit(lambda p, b: pair_logps(env.model_config, p, b)[:2])
     for it in iterators:
         if it is not None:
-            attach_reference(it, *reference_logps(it, fn, env.params, env.mesh, chunk))
+            attach_reference(it, REF_KEYS, reference_logps(it, fn, env.params, env.mesh, chunk))
 
 
 # ----------------------------------------------------------------------------- wiring
@@ -192,20 +134,15 @@ def build_task(env: loop.Env) -> loop.Task:
     d = c.dpo
     check_config(d)
     train, ev = pair_iterators(c, env.tokenizer)
-    frozen = None
-    adapters_off = False
+    frozen, mode = None, "copy"
     if not d.reference_free:
         if d.precompute_ref:
             precompute_reference(env, (train, ev))
-        elif env.model_config.lora_rank > 0 and c.model.lora.init_from:
-            frozen = frozen_copy(adapters(env.params))  # the initial adapter, kept as it was
-        elif env.model_config.lora_rank > 0:
-            adapters_off = True  # the frozen base is the reference: no copy of the weights
         else:
-            frozen = frozen_copy(env.params)
-    frozen_adapters = env.model_config.lora_rank > 0 and frozen is not None
-    return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config, d, adapters_off,
-                                                         frozen_adapters),
+            frozen, mode = live_reference(env)
+    return loop.Task(kind="causal_lm", loss_fn=make_loss(env.model_config, d,
+                                                         mode == "adapters_off",
+                                                         mode == "frozen_adapters"),
                      denom_fn=pair_denom, train_data=train, eval_data=ev, frozen=frozen,
                      tokens_fn=pair_tokens)
 

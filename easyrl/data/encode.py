@@ -11,6 +11,9 @@ Batches
              restart at 0 for each segment (0 on pad). Without packing, segment_ids == attention_mask.
   preference ``chosen_input_ids, chosen_attention_mask, chosen_loss_mask`` and ``rejected_...``:
              [B, T] right padded; ``margin``: float32 [B].
+  unpaired   ``completion_input_ids, completion_attention_mask, completion_loss_mask`` (prompt +
+             completion) and ``kl_...`` (the same prompt + another example's completion, for KTO's
+             KL estimate): [B, T] right padded; ``label``: int32 [B] (1 desirable, 0 undesirable).
   RRHF       ``input_ids, attention_mask, loss_mask``: [B, N, T]; ``scores``: float32 [B, N];
              ``valid``: int32 [B, N] (0 for padding responses, whose other entries are 0 / pad).
   prompts    ``input_ids, attention_mask``: [B, P] LEFT padded; ``prompts``: list of B raw prompt
@@ -24,7 +27,9 @@ Preference / RRHF keep the responses and cut the prompt from the LEFT (keeping B
 longer than the room left is cut on the right. Preference pairs whose chosen and rejected sequences
 are identical are dropped and counted (``num_dropped_identical``, of which
 ``num_dropped_identical_truncated`` became identical only by the truncation); an empty response is
-just EOS (``num_empty_responses``). Prompts longer than P are cut from the left (keeping BOS).
+just EOS (``num_empty_responses``). Unpaired rows are cut like preference pairs (main and KL rows
+each on their own); one left with no completion token is dropped (``num_dropped_no_target``).
+Prompts longer than P are cut from the left (keeping BOS).
 """
 
 from __future__ import annotations
@@ -165,6 +170,83 @@ def tokenize_preference(rows: Sequence[dict], tokenizer, template: str, seq_len:
                     "margin": float(row.get("margin", 0.0))})
     stats["num_examples"] = len(out)
     return out, stats
+
+
+def _kl_sources(keys: Sequence) -> tuple[list[int], int]:
+    """For each i the nearest previous index j (cyclically) with ``keys[j] != keys[i]``; where no
+    key differs, ``i - 1``. Returns (sources, how many fell back to a same-key ``i - 1``)."""
+    n = len(keys)
+    src: list = [None] * n
+    last = None  # over the list twice: the nearest previous differing index, in O(n)
+    for t in range(1, 2 * n):
+        i, prev = t % n, (t - 1) % n
+        if keys[prev] != keys[i]:
+            last = prev  # else (same key as prev) prev's nearest differing index is i's too
+        if t >= n:
+            src[i] = last
+    same = sum(j is None for j in src)
+    return [(i - 1) % n if j is None else j for i, j in enumerate(src)], same
+
+
+def tokenize_unpaired(rows: Sequence[dict], tokenizer, template: str, seq_len: int
+                      ) -> tuple[list[dict], dict]:
+    """Unpaired (KTO) rows -> examples ``{ids, mask, kl_ids, kl_mask, kl_from, label}``.
+
+    ``ids``/``mask``: prompt + completion (loss on the completion), fit to ``seq_len`` with
+    ``fit_prompt_responses``. ``kl_ids``/``kl_mask``: the same prompt + the completion of example
+    ``kl_from`` (an index into the returned examples): the nearest previous kept example
+    (cyclically, in dataset order) whose prompt (its template-rendered ids) differs. TRL
+    KTOTrainer's ``_get_kl_dataset`` shifts completions by one the same way; skipping same-prompt
+    examples means a pair's rejected row never gets its own chosen. When every prompt is the
+    same: example ``i - 1``'s (``num_kl_same_prompt`` counts these). Fixed per example, so
+    reference log-probs can be precomputed once per example.
+    """
+    stats = dict(_new_stats(len(rows)), num_empty_responses=0, num_kl_truncated=0,
+                 num_kl_same_prompt=0, num_desirable=0, num_undesirable=0)
+    bos = tokenizer.bos_token_id
+    kept = []  # (prompt ids, completion ids before truncation, label, ids, loss mask)
+    for row in rows:
+        stats["num_empty_responses"] += int(not row["completion"].strip())
+        p0, c0 = templates.tokenize_prompt_completion(template, row["prompt"], row["completion"],
+                                                      tokenizer)
+        p, (c,), cut = fit_prompt_responses(p0, [c0], seq_len, bos)
+        stats["num_truncated"] += int(cut)
+        mask = _target_mask(len(p), len(c))
+        if not any(mask):  # no completion token left that is a target
+            stats["num_dropped_no_target"] += 1
+            continue
+        kept.append((p0, c0, bool(row["label"]), p + c, mask))
+    sources, stats["num_kl_same_prompt"] = _kl_sources([tuple(k[0]) for k in kept])
+    out = []
+    for (p0, _, label, ids, mask), j in zip(kept, sources):
+        kp, (kc,), cut = fit_prompt_responses(p0, [kept[j][1]], seq_len, bos)
+        stats["num_kl_truncated"] += int(cut)
+        out.append({"ids": ids, "mask": mask, "kl_ids": kp + kc,
+                    "kl_mask": _target_mask(len(kp), len(kc)), "kl_from": j, "label": label})
+        stats["num_desirable" if label else "num_undesirable"] += 1
+    stats["num_examples"] = len(out)
+    return out, stats
+
+
+def _target_mask(n_prompt: int, n_completion: int) -> list[int]:
+    mask = [0] * n_prompt + [1] * n_completion
+    return [0] + mask[1:] if mask else mask  # the first token is never a target
+
+
+def collate_unpaired(examples: Sequence[dict], seq_len: int, pad_id: int) -> dict:
+    """Unpaired examples -> ``{completion,kl}_{input_ids,attention_mask,loss_mask}`` [B, T] and
+    ``label`` [B] (int32: 1 desirable, 0 undesirable)."""
+    b = len(examples)
+    batch = {}
+    for side, key, mask_key in (("completion", "ids", "mask"), ("kl", "kl_ids", "kl_mask")):
+        ids = np.full((b, seq_len), pad_id, np.int32)
+        attn = np.zeros((b, seq_len), np.int32)
+        mask = np.zeros((b, seq_len), np.int32)
+        for i, ex in enumerate(examples):
+            _fill(ids[i], attn[i], mask[i], ex[key], ex[mask_key])
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": attn, f"{side}_loss_mask": mask})
+    batch["label"] = np.array([int(ex["label"]) for ex in examples], np.int32)
+    return batch
 
 
 def _fill(ids_arr, attn_arr, mask_arr, ids, mask):

@@ -22,6 +22,12 @@ Formats (``FORMATS``; a row is normalized to the canonical dict on the right):
                                     (strings ``"\\n\\nHuman: ..\\n\\nAssistant: .."`` or message lists):
                                     prompt = shared text up to and including the last
                                     ``Assistant:`` both share; responses = what follows.
+  unpaired    ``unpaired``          {"prompt": str|messages, "completion": str, "label": bool} (KTO;
+                                    TRL's unpaired preference format: completion as for
+                                    ``prompt_completion``; label true = desirable, a real boolean,
+                                    not 1 / "yes"). ``preference`` / ``implicit_preference`` rows
+                                    also work: each pair becomes two rows, chosen -> label true then
+                                    rejected -> label false (bad rows named by their source row).
   RRHF        ``rrhf``              {"prompt", "responses": [str], "scores": [float]}
   prompts     ``prompt``            {"prompt": str|messages, "columns": {name: value}};
                                     ``messages`` rows also work for prompts (trailing assistant
@@ -41,15 +47,18 @@ import dataclasses
 import math
 from typing import Any, Iterable
 
+import numpy as np
+
 from easyrl.data.reading import DataError, apply_holdout, load_rows, source_info, tag
 
 __all__ = ["FORMATS", "KINDS", "DataError", "Loaded", "detect_format", "load_data", "load_rows",
-           "normalize_row", "parse_columns", "rename_columns", "split_implicit"]
+           "normalize_row", "parse_columns", "rename_columns", "split_implicit", "unpair"]
 
-KINDS = ("sft", "preference", "rrhf", "prompts")
+KINDS = ("sft", "preference", "unpaired", "rrhf", "prompts")
 FORMATS = {
     "sft": ("messages", "prompt_completion", "text"),
     "preference": ("preference", "implicit_preference"),
+    "unpaired": ("unpaired", "preference", "implicit_preference"),
     "rrhf": ("rrhf",),
     "prompts": ("prompt", "messages"),
 }
@@ -116,6 +125,11 @@ def rename_columns(raw: list, columns: dict, label: str) -> list:
 
 
 # ----------------------------------------------------------------------------- detection
+def _no_label(cols) -> str:
+    return (f"the 'label' column is missing (columns: {sorted(cols)}); unpaired rows need prompt, "
+            f"completion and label true/false (true = desirable)")
+
+
 def detect_format(columns: Iterable[str], kind: str | None = None) -> str:
     """Format name for a set of column names (optionally restricted to a ``kind`` in ``KINDS``)."""
     cols = set(columns)
@@ -125,6 +139,7 @@ def detect_format(columns: Iterable[str], kind: str | None = None) -> str:
         ("rrhf", {"prompt", "responses", "scores"}),
         ("preference", {"prompt", "chosen", "rejected"}),
         ("implicit_preference", {"chosen", "rejected"}),
+        ("unpaired", {"prompt", "completion", "label"}),
         ("messages", {"messages"}),
         ("prompt_completion", {"prompt", "completion"}),
         ("text", {"text"}),
@@ -134,6 +149,8 @@ def detect_format(columns: Iterable[str], kind: str | None = None) -> str:
     for fmt, need in order:
         if need <= cols and fmt in allowed:
             return fmt
+    if kind == "unpaired" and {"prompt", "completion"} <= cols:
+        raise ValueError(_no_label(cols))
     want = {f: sorted(n) for f, n in order if f in allowed}
     raise ValueError(f"cannot detect a {kind or 'data'} format from columns {sorted(cols)}; "
                      f"expected one of {want}")
@@ -236,6 +253,25 @@ def _margin(row: dict) -> float:
     return m
 
 
+_UNPAIRED = "unpaired rows: prompt, completion, label true/false"
+
+
+def _label(row: dict) -> bool:
+    """An unpaired row's ``label``: a real boolean (bool or numpy.bool_), not 1, "true" or null."""
+    if "label" not in row:
+        raise BadRow(f"missing 'label' ({_UNPAIRED})")
+    v = row["label"]
+    if not isinstance(v, (bool, np.bool_)):
+        raise BadRow(f"'label' must be true or false, got {v!r}")
+    return bool(v)
+
+
+def unpair(row: dict) -> list[dict]:
+    """A canonical preference row -> two unpaired rows: chosen (label True), rejected (False)."""
+    return [{"prompt": row["prompt"], "completion": row[k], "label": k == "chosen"}
+            for k in ("chosen", "rejected")]
+
+
 def _json_like(v) -> bool:
     if v is None or isinstance(v, (str, bool, int, float)):
         return True
@@ -264,6 +300,8 @@ def normalize_row(row: Any, fmt: str) -> dict:
         return {"prompt": _prompt(row), "completion": _response(row, "completion")}
     if fmt == "text":
         return {"text": _text(row, "text")}
+    if fmt == "unpaired":
+        return {"prompt": _prompt(row), "completion": _response(row, "completion"), "label": _label(row)}
     if fmt == "preference":
         p = _prompt(row)
         return {"prompt": p, "chosen": _response(row, "chosen", allow_empty=True),
@@ -314,23 +352,27 @@ def load_data(source, kind: str, format: str | None = None, skip_bad_rows: bool 
     if info.holdout:
         raw, bad_json = apply_holdout(raw, bad_json, info, where)
     raw = rename_columns(raw, columns, where)
+    cols: set[str] = set()
+    for _, r in raw[:1000]:
+        if isinstance(r, dict):
+            cols |= set(r)
     if format is None:
-        cols: set[str] = set()
-        for _, r in raw[:1000]:
-            if isinstance(r, dict):
-                cols |= set(r)
         try:
             format = detect_format(cols, kind)
         except ValueError as e:
             raise DataError(f"{where}: {e}") from None
     elif format not in FORMATS[kind]:
         raise ValueError(f"format {format!r} is not a {kind} format; choose from {FORMATS[kind]}")
+    elif format == "unpaired" and cols and "label" not in cols:
+        raise DataError(f"{where}: {_no_label(cols)}")
     errors = list(bad_json)
     rows = []
     for loc, r in raw:
         try:
             if kind == "prompts" and format == "messages":
                 rows.append(_prompt_from_messages(r) if isinstance(r, dict) else normalize_row(r, "prompt"))
+            elif kind == "unpaired" and format != "unpaired":
+                rows.extend(unpair(normalize_row(r, format)))
             else:
                 rows.append(normalize_row(r, format))
         except BadRow as e:

@@ -6,12 +6,14 @@ every host sees equal shapes) and gives process ``i`` of ``n`` rows ``[i*G/n, (i
 global batch. Its position is ``{"epoch": e, "index": k}`` (JSON-able): ``set_state`` on a fresh
 iterator built from the same data and arguments continues at exactly the next batch.
 
-Builders (``sft_iterator``, ``preference_iterator``, ``rrhf_iterator``, ``prompt_iterator``) load a
-source (see ``formats.load_data``), tokenize with a template, and return a ``BatchIterator`` whose
-``stats`` dict counts rows, bad rows skipped, truncations and dropped examples. Rows dropped while
-tokenizing (a prompt that leaves no target within ``seq_len``, chosen == rejected) give ONE warning
-line naming the source, the counts and the reasons; a source left with less than one global batch
-is a ``DataError`` saying the same. Batch keys and shapes are documented in ``easyrl.data.encode``.
+Builders (``sft_iterator``, ``preference_iterator``, ``unpaired_iterator``, ``rrhf_iterator``,
+``prompt_iterator``) load a source (see ``formats.load_data``), tokenize with a template, and
+return a ``BatchIterator`` whose ``stats`` dict counts rows, bad rows skipped, truncations and
+dropped examples. Rows dropped while tokenizing (a prompt that leaves no target within
+``seq_len``, chosen == rejected) give ONE warning line naming the source, the counts and the
+reasons; a source left with less than one global batch is a ``DataError`` saying the same.
+Unpaired (KTO) data whose kept examples all have one label gives one warning line too. Batch
+keys and shapes are documented in ``easyrl.data.encode``.
 """
 
 from __future__ import annotations
@@ -168,6 +170,30 @@ def preference_iterator(source, tokenizer, *, seq_len: int, global_batch_size: i
     pad = pad_id(tokenizer)
     return _iterator(examples, lambda items: encode.collate_preference(items, seq_len, pad), stats,
                      loaded, global_batch_size=global_batch_size, seq_len=seq_len, **iter_kw)
+
+
+def unpaired_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int,
+                      template: str = "plain", format: str | None = None, skip_bad_rows: bool = False,
+                      split: str | None = None, **iter_kw) -> BatchIterator:
+    """Unpaired preference batches for KTO (``completion_*``/``kl_*`` [B, T], ``label`` [B]).
+
+    Rows are ``unpaired`` (prompt, completion, label) or preference pairs, each unpaired into a
+    desirable (chosen) and an undesirable (rejected) example (``stats["num_pairs_unpaired"]``).
+    """
+    templates.check_template(template)
+    loaded = formats.load_data(source, "unpaired", format, skip_bad_rows, split)
+    examples, stats = encode.tokenize_unpaired(loaded.rows, tokenizer, template, seq_len)
+    stats["num_pairs_unpaired"] = 0 if loaded.format == "unpaired" else len(loaded.rows) // 2
+    pad = pad_id(tokenizer)
+    it = _iterator(examples, lambda items: encode.collate_unpaired(items, seq_len, pad), stats,
+                   loaded, global_batch_size=global_batch_size, seq_len=seq_len, **iter_kw)
+    n, good = stats["num_examples"], stats["num_desirable"]
+    if good in (0, n) and iter_kw.get("process_index", 0) == 0:
+        kind, label, other = (("desirable", "true", "undesirable") if good else
+                              ("undesirable", "false", "desirable"))
+        log.warning("%s: all %d examples are %s (label %s): KTO sees no %s examples (TRL warns the "
+                    "same way)", loaded.where or loaded.source, n, kind, label, other)
+    return it
 
 
 def rrhf_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int, template: str = "plain",

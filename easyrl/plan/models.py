@@ -195,7 +195,10 @@ def build_models(c, model_preset: Optional[str] = None,
 
 
 def live_reference(c) -> bool:
-    """Does the trainer run a reference forward pass every step (DPO, not precomputed / free)?"""
+    """Does the trainer run a reference forward pass every step (DPO, KTO: not precomputed /
+    reference-free)?"""
+    if c.get("command") == "kto":
+        return not c.kto.precompute_ref
     d = c.get("dpo")
     return c.get("command") == "dpo" and not d.reference_free and not d.precompute_ref
 

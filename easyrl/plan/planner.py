@@ -17,7 +17,8 @@ from easyrl.plan.models import ModelInfo, build_models, grpo_reference, live_ref
 from easyrl.platform_tuning import Tuning, tuning_for
 
 DEFAULT_HEADROOM = 0.10
-ROWS_PER_EXAMPLE = {"sft": 1, "rm": 2, "dpo": 2}  # rrhf: rrhf.num_responses; ppo: 1; grpo: G
+# rrhf: rrhf.num_responses; ppo: 1; grpo: G; kto: the example and its KL row
+ROWS_PER_EXAMPLE = {"sft": 1, "rm": 2, "dpo": 2, "kto": 2, "orpo": 2, "cpo": 2, "simpo": 2}
 RRHF_DEFAULT_RESPONSES = PLAN_RESPONSES  # the algorithm's own assumption (its batch_spec)
 # easyrl.train.step.accumulate peels micro-batch 0 off the scan; with 2 micro-steps the scan has
 # length 1 and XLA schedules both micro-batches together (compiled temporaries ~ no accumulation).

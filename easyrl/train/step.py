@@ -7,7 +7,9 @@ A loss function has the signature
 where `loss` and every metric are SUMS over the micro-batch divided by `denom`, a normalizer the
 algorithm computes from the whole global batch (`denom_fn(batch)`, e.g. its number of target
 tokens). Summing over micro-batches then gives exactly the global-batch value, so any
-micro-batch split yields the same loss and gradient.
+micro-batch split yields the same loss and gradient. `denom_fn` may return a scalar or a dict of
+scalars (several normalizers, e.g. pairs and chosen tokens); each is floored at 1, and
+evaluation weights its batches by the scalar or by the dict's first entry.
 """
 from __future__ import annotations
 
@@ -117,6 +119,11 @@ def optimizer_step(loss_fn, tx, params, opt_state, frozen, batch, rng, denom, mi
             gnorm, ok)
 
 
+def normalizers(denom):
+    """A denom_fn's value (a scalar or a dict of scalars) as float32, each at least 1."""
+    return jax.tree.map(lambda d: jnp.maximum(jnp.asarray(d).astype(jnp.float32), 1.0), denom)
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule,
                     denom_fn: Callable, micro_steps: int = 1, trainable_mask=None):
     """step(state, batch, rng) -> (state, metrics). Skips the update (parameters and optimizer
@@ -126,7 +133,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
     optimizer state (`tx` initialized on `trainable.partition(params, mask)[0]`) cover only the True
     leaves; the rest is passed through untouched."""
     def step(state: TrainState, batch: dict, rng):
-        denom = jnp.maximum(denom_fn(batch).astype(jnp.float32), 1.0)
+        denom = normalizers(denom_fn(batch))
         params, opt_state, loss, metrics, gnorm, ok = optimizer_step(
             loss_fn, tx, state.params, state.opt_state, state.frozen, batch, rng, denom,
             micro_steps, trainable_mask)
@@ -146,8 +153,9 @@ def make_eval_step(loss_fn: Callable, denom_fn: Callable):
     loss gets rng=None (no LoRA adapter dropout)."""
     def eval_step(params, frozen, batch, rng):
         del rng
-        denom = jnp.maximum(denom_fn(batch).astype(jnp.float32), 1.0)
+        denom = normalizers(denom_fn(batch))
         loss, metrics, _ = accumulate(loss_fn, params, frozen, batch, None, denom, 1, with_grad=False)
-        return dict(metrics, loss=loss), denom
+        weight = next(iter(denom.values())) if isinstance(denom, dict) else denom
+        return dict(metrics, loss=loss), weight
 
     return eval_step
