@@ -24,6 +24,8 @@ transformers and loaded with `easyrl.hf.load`; same dtype on both sides):
   engine_no_cb    continuous batching off: slots = prompts x G (every sample has a slot from
                   the start; a finished slot stays empty until the run ends)
   engine_no_skip  block skipping off: --slots slots, attention reads all cache blocks each step
+  engine_no_share shared prefixes off: each of the G samples of a prompt is its own request
+                  (its prompt prefilled again), --slots slots
   static_sampler  `make_sampler` on the prompts repeated G times ([prompts x G, prompt]), one
                   call with max_new_tokens = the largest request limit (a static batch has one
                   limit; its loop stops once every row has emitted EOS), responses cut at each
@@ -50,7 +52,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-IMPLS = ("engine", "engine_no_cb", "engine_no_skip", "static_sampler", "transformers")
+IMPLS = ("engine", "engine_no_cb", "engine_no_skip", "engine_no_share", "static_sampler",
+         "transformers")
 
 
 def workload(a, vocab: int) -> dict:
@@ -115,23 +118,27 @@ def run_dtype(a, folder, dtype, impls):
     n_max = max(limits)
     reqs = [dict(prompt_ids=p.tolist(), num_samples=g, max_new_tokens=lim)
             for p, lim in zip(prompts, limits)]
-    warm_reqs = [dict(q, max_new_tokens=min(2, q["max_new_tokens"])) for q in reqs]
     kw = dict(max_prompt_len=a.prompt, max_new_tokens=a.new, temperature=1.0, eos_token_id=eos,
               block=a.block, chunk=a.chunk)
     engines = dict(engine=Engine(config, slots=a.slots, **kw),
                    engine_no_cb=Engine(config, slots=r * g, **kw),
-                   engine_no_skip=Engine(config, slots=a.slots, skip_blocks=False, **kw))
+                   engine_no_skip=Engine(config, slots=a.slots, skip_blocks=False, **kw),
+                   engine_no_share=Engine(config, slots=a.slots, **kw))
+    # shared prefixes off: G requests of one sample each per prompt (same limits)
+    unshared = [dict(q, num_samples=1) for q in reqs for _ in range(g)]
     fns, warm = {}, {}
     rep = [0]
     for name, eng in engines.items():
         if name not in impls:
             continue
+        rq = unshared if name == "engine_no_share" else reqs
 
-        def fn(eng=eng):
-            out = eng.run(params, reqs, seed=rep[0])
+        def fn(eng=eng, rq=rq):
+            out = eng.run(params, rq, seed=rep[0])
             return [x for o in out for x in o["response_ids"]], dict(eng.stats)
         fns[name] = fn
-        warm[name] = lambda eng=eng: eng.run(params, warm_reqs, seed=0)
+        warm[name] = lambda eng=eng, rq=rq: eng.run(
+            params, [dict(q, max_new_tokens=min(2, q["max_new_tokens"])) for q in rq], seed=0)
     if "static_sampler" in impls:
         ids = jnp.asarray(np.repeat(prompts, g, axis=0))
         mask = jnp.ones_like(ids)

@@ -253,6 +253,8 @@ ENGINE_IMPLS = (
     ("engine_no_cb", "continuous batching off: one slot per sample from the start (a finished "
                      "slot stays empty until the run ends)"),
     ("engine_no_skip", "block skipping off: the same slots, attention reads every cache block"),
+    ("engine_no_share", "shared prefixes off: each of a prompt's G samples is its own request, "
+                        "its prompt prefilled again (the same slots)"),
     ("static_sampler", "`make_sampler` on the prompts repeated G times, one static batch with "
                        "max_new_tokens = the largest request limit, cut per request afterwards"),
     ("transformers", "`generate(num_return_sequences=G, do_sample=True, top_k=0)` to the largest "
