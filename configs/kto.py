@@ -44,6 +44,7 @@ def get_config(preset: str = "tiny"):
     c.kto = mlc.ConfigDict(dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
                                 loss_type="kto", precompute_ref=False))
     if preset == "tiny":
+        c.kto.beta = 0.5  # from the tiny SFT model: held-out true reward 0.42 (beta 0.1: 0.39)
         c.train.update(steps=200, batch_size=32, seq_len=24)
         c.optim.update(lr=1e-3, schedule="cosine", warmup=10, weight_decay=0.0)
         c.log.every = 25

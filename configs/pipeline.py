@@ -9,10 +9,16 @@ Stages run in order, each in `<output_dir>/<stage>/` (an ordinary easyrl run dir
     rm     reward model initialized from the SFT model          (configs/rm.py preset)
     ppo    PPO from the SFT policy against the reward model     (configs/ppo.py preset)
     grpo   GRPO from the SFT policy, reward.functions (no RM)   (configs/grpo.py preset)
+    online_dpo  online DPO from the SFT policy: pairs of its own samples ranked by reward.functions
+                                                            (configs/online_dpo.py preset)
     dpo    DPO from the SFT policy (reference = SFT)            (configs/dpo.py preset)
+    kto    KTO from the SFT policy, the pairs unpaired          (configs/kto.py preset)
+    orpo   ORPO from the SFT policy (no reference)              (configs/orpo.py preset)
+    cpo    CPO from the SFT policy (no reference)               (configs/cpo.py preset)
+    simpo  SimPO from the SFT policy (no reference)             (configs/simpo.py preset)
     rrhf   RRHF from the SFT policy                             (configs/rrhf.py preset)
 
-The pipeline wires the paths: rm/ppo/grpo/dpo/rrhf get `model.path = <output_dir>/sft` and ppo gets
+The pipeline wires the paths: every stage after sft gets `model.path = <output_dir>/sft` and ppo gets
 `reward.path = <output_dir>/rm` when those stages are in `stages` (otherwise the stage's own
 model.path / reward.path are used). Top-level `seed` and `mesh` are copied into every stage.
 Every stage key can be overridden: `--config.ppo.train.steps=50`, `--config.sft.optim.lr=1e-3`.
@@ -35,7 +41,8 @@ Top-level keys
   redo              comma-separated stages to delete and retrain, with the stages built on them
                     (e.g. `--config.redo=ppo` after changing a ppo key; `redo=sft` redoes all)
   seed, mesh        copied into every stage config
-  stages            comma-separated subset of sft,rm,ppo,grpo,dpo,rrhf (in that order)
+  stages            comma-separated subset of sft,rm,ppo,grpo,online_dpo,dpo,kto,orpo,cpo,simpo,rrhf
+                    (run in that order; the tiny preset's default: sft,rm,ppo,grpo,dpo,rrhf)
   export            write the HF folders (True)
   eval.prompts      held-out prompts: "synthetic" (the bundled task's eval split), a .jsonl / .parquet
                     of {"prompt": ...} rows, or "" to skip evaluation
@@ -54,7 +61,10 @@ Top-level keys
 
 Presets
   tiny            the bundled synthetic sort task with a random-init 2-layer LLaMA (D=64):
-                  every stage's `tiny` preset (RM 300 steps), ~3.5 minutes on 2 CPU cores in all.
+                  stages sft,rm,ppo,grpo,dpo,rrhf with their `tiny` presets (RM 300 steps), ~3.5
+                  minutes on 2 CPU cores in all. Every other stage is configured too
+                  (`--config.stages=sft,kto` runs just those).
+  tiny_all        the same with every stage (+ online_dpo, kto, orpo, cpo, simpo).
   stackllama_7b   StackLLaMA (TRL stack_llama): LLaMA-7B -> SFT on stack-exchange-paired answers
                   (`Question: ...\\n\\nAnswer: ...`) -> reward model on its preference pairs
                   -> PPO with adaptive KL (init 0.2, target 6, horizon 10000). Stages
@@ -98,7 +108,8 @@ from easyrl.train.config import load_config_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-STAGES = ("sft", "rm", "ppo", "grpo", "dpo", "rrhf")
+STAGES = ("sft", "rm", "ppo", "grpo", "online_dpo", "dpo", "kto", "orpo", "cpo", "simpo", "rrhf")
+TINY_STAGES = ("sft", "rm", "ppo", "grpo", "dpo", "rrhf")  # the main job: keeps under 5 minutes
 # real presets: stage -> the configs/<stage>.py preset it runs
 RECIPES = {
     "stackllama_7b": dict(sft="stackllama_7b", rm="stackllama_7b", ppo="stackllama_7b",
@@ -113,8 +124,9 @@ def stage(spec: str) -> mlc.ConfigDict:
 
 
 def get_config(preset: str = "tiny"):
-    if preset != "tiny" and preset not in RECIPES:
-        raise ValueError(f"unknown pipeline preset {preset!r}: tiny, {', '.join(RECIPES)}")
+    if preset not in ("tiny", "tiny_all") and preset not in RECIPES:
+        raise ValueError(f"unknown pipeline preset {preset!r}: tiny, tiny_all, "
+                         f"{', '.join(RECIPES)}")
     c = mlc.ConfigDict()
     c.command = "pipeline"
     c.output_dir = "runs/pipeline"
@@ -129,7 +141,8 @@ def get_config(preset: str = "tiny"):
         max_prompt_len=16, max_new_tokens=16, temperature=1.0, num_samples=8, greedy=True,
         true_reward="synthetic",
     ))
-    if preset == "tiny":
+    if preset in ("tiny", "tiny_all"):
+        c.stages = ",".join(STAGES if preset == "tiny_all" else TINY_STAGES)
         c.sft = stage("sft.py:tiny")
         c.sft.eval.every = 100  # eval points along the way, for the SFT loss plot
         c.rm = stage("rm.py:tiny")
@@ -146,6 +159,12 @@ def get_config(preset: str = "tiny"):
         c.dpo.dpo.beta = 1.0
         c.dpo.optim.lr = 3e-4
         c.rrhf = stage("rrhf.py:tiny")
+        c.online_dpo = stage("online_dpo.py:tiny")  # the task's rule-based reward ranks the pairs
+        c.online_dpo.online_dpo.samples_every = 0
+        c.kto = stage("kto.py:tiny")
+        c.orpo = stage("orpo.py:tiny")
+        c.cpo = stage("cpo.py:tiny")
+        c.simpo = stage("simpo.py:tiny")
         c.eval.update(max_prompt_len=c.ppo.ppo.max_prompt_len, max_new_tokens=c.ppo.ppo.max_new_tokens)
     else:
         c.output_dir = f"runs/{preset}"

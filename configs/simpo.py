@@ -33,8 +33,12 @@ def get_config(preset: str = "tiny"):
     c = base_config("simpo")
     c.simpo = mlc.ConfigDict(dict(beta=2.0, simpo_gamma=1.0, label_smoothing=0.0, cpo_alpha=0.0))
     if preset == "tiny":
+        # from the tiny SFT model, beta 2 / lr 1e-3 separates the pairs (held-out accuracy ~0.96)
+        # but lengthens and degrades the samples (true reward 0.24 vs SFT 0.26, KL 23); a larger
+        # beta and margin (gamma / beta 0.5, the paper's ratio) at lr 3e-4 improve them (0.31)
+        c.simpo.update(beta=10.0, simpo_gamma=5.0)
         c.train.update(steps=200, batch_size=32, seq_len=24)
-        c.optim.update(lr=1e-3, schedule="cosine", warmup=10, weight_decay=0.0)
+        c.optim.update(lr=3e-4, schedule="cosine", warmup=10, weight_decay=0.0)
         c.log.every = 25
         c.eval.update(every=50, max_batches=0)
         c.checkpoint.async_save = False

@@ -83,7 +83,7 @@ def test_kto_first_step_is_half_and_split_invariant_while_z_is_zero(cache, tmp_p
         assert abs(float(m1[k])) < 1e-6 and abs(float(m4[k])) < 1e-6, k
     assert float(m1["count/chosen"]) == float(m4["count/chosen"]) == lab.sum()
     for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-6)
 
 
 def test_kto_z_is_a_micro_batch_statistic(cache, tmp_path):
@@ -117,15 +117,22 @@ def test_kto_z_is_a_micro_batch_statistic(cache, tmp_path):
 
 
 def test_kto_precomputed_reference_equals_the_live_one(cache, tmp_path):
-    """Step-1 metrics with kto.precompute_ref (no reference held) equal the live reference's."""
-    over = {"data.train": small_pairs(tmp_path), "data.eval": "", "train.steps": 1,
-            "log.every": 1, "train.batch_size": 16}
-    live = kto.train(make_config("kto", tmp_path / "live", **over))
-    pre = kto.train(make_config("kto", tmp_path / "pre", **over, **{"kto.precompute_ref": "true"}))
-    assert live.state.frozen is not None and pre.state.frozen is None
-    a, b = read_metrics(str(tmp_path / "live"))[0], read_metrics(str(tmp_path / "pre"))[0]
-    for k in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "count/chosen"):
-        assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    """kto.precompute_ref: no reference held, the stored per-example log-probs (example and KL
+    row) give the live reference's loss and metrics on the same batch (policy moved)."""
+    over = {"data.train": small_pairs(tmp_path, n=32)}
+    live, params, _ = build("kto", tmp_path / "live", **over)
+    pre, _, _ = build("kto", tmp_path / "pre", **over, **{"kto.precompute_ref": "true"})
+    assert live.frozen is not None and pre.frozen is None
+    b_live, b_pre = batch_of(live), batch_of(pre)
+    assert {"ref_logps", "ref_kl_logps"} <= set(b_pre) and "ref_logps" not in b_live
+    moved = jax.tree.map(lambda x: x * 1.05, params)
+    def f(t, b):
+        return jax.jit(lambda p, fr: t.loss_fn(p, fr, b, None, normalizers(t.denom_fn(b))))(
+            moved, t.frozen)
+    (la, ma), (lb, mb) = f(live, b_live), f(pre, b_pre)
+    assert float(la) == pytest.approx(float(lb), abs=1e-6)
+    for k in ma:
+        assert float(ma[k]) == pytest.approx(float(mb[k]), abs=1e-5), k
 
 
 def test_kto_lora_reference_is_the_base_with_adapters_off(cache, tmp_path):
@@ -174,7 +181,7 @@ def test_reference_free_trainers_are_split_invariant(cache, tmp_path, command):
     for k in m1:
         assert float(m1[k]) == pytest.approx(float(m4[k]), rel=1e-4, abs=1e-6), k
     for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-6)
     want = {"orpo": ("nll_loss", "log_odds_ratio", "log_odds_chosen"), "cpo": ("nll_loss",),
             "simpo": ()}[command]
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -219,3 +226,44 @@ def test_config_errors_name_the_key(cache, tmp_path, command, key, bad, match):
     c = make_config(command, tmp_path, **{key: bad})
     with pytest.raises(ValueError, match=match):
         registry.get(command).check_config(c)
+
+
+# ---- learning on the synthetic task -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(sft_run, heldout_pairs, tmp_path_factory):
+    """Each trainer's tiny preset from the tiny SFT model (KTO on truly unpaired rows: one
+    response per prompt), then one held-out evaluation of all of them and of the SFT model."""
+    import ml_collections as mlc
+
+    from easyrl.pipeline.evaluate import evaluate
+    d = tmp_path_factory.mktemp("pref_family")
+    runs = {}
+    for command in ("kto",) + REFLESS:
+        over = {"model.path": sft_run, "data.eval": heldout_pairs, "eval.every": 200}
+        if command == "kto":
+            over["data.train"] = unpaired_rows(d, n=4000)
+        registry.get(command).train(make_config(command, d / command, **over))
+        runs[command] = str(d / command)
+    ec = mlc.ConfigDict(dict(prompts="synthetic", split="", format="", num_prompts=256,
+                             batch_size=128, max_prompt_len=16, max_new_tokens=16,
+                             temperature=1.0, num_samples=2, greedy=False,
+                             true_reward="synthetic"))
+    res = evaluate({"sft": sft_run, **runs}, sft_dir=sft_run, rm_dir=None, ec=ec,
+                   template="plain", mesh_spec=ONE_DEVICE, log=lambda *a: None)
+    return runs, res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ("kto",) + REFLESS)
+def test_trainer_improves_the_heldout_true_reward_over_sft(trained, command):
+    runs, res = trained
+    last = read_metrics(runs[command])[-1]
+    sft, got = res["sft"]["true_reward"], res[command]["true_reward"]
+    print(f"{command}: held-out true reward {got:.3f} vs SFT {sft:.3f} (KL to SFT "
+          f"{res[command]['kl_to_sft']:.2f}); held-out "
+          + ", ".join(f"{k} {last[k]:.3f}" for k in ("eval/rewards/accuracies",
+                                                     "eval/rewards/margins") if k in last))
+    assert got > sft
+    assert last["eval/rewards/margins"] > 0
+    if command != "kto":
+        assert last["eval/rewards/accuracies"] > 0.9

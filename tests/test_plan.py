@@ -808,7 +808,8 @@ def test_remat_orders_activation_memory():
 
 
 # ---- every real-model preset fits the hardware it documents ------------------------------------
-TRAINER_CONFIGS = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "rrhf", "ppo", "grpo")
+TRAINER_CONFIGS = ("sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "rrhf", "ppo", "grpo",
+                   "online_dpo")
 
 
 def _config_module(name: str):

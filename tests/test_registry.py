@@ -11,7 +11,8 @@ from tiny_configs import make_config
 
 def test_every_trainer_is_registered_once_and_reaches_the_cli():
     algos = registry.all_algorithms()
-    assert list(algos) == ["sft", "rm", "dpo", "rrhf", "ppo", "grpo", "pipeline"]
+    assert list(algos) == ["sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "rrhf", "ppo",
+                           "online_dpo", "grpo", "pipeline"]
     assert {a.loop for a in algos.values()} == {"supervised", "online", "recipe"}
     sub = cli.build_parser()._subparsers._group_actions[0].choices
     assert set(algos) <= set(sub)
@@ -19,7 +20,7 @@ def test_every_trainer_is_registered_once_and_reaches_the_cli():
         registry.get("nope")
 
 
-@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "rrhf"])
+@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "kto", "orpo", "cpo", "simpo", "rrhf"])
 def test_batch_spec_matches_the_task_batches(cache, tmp_path, command):
     over = {"dpo.reference_free": "true"} if command == "dpo" else {}
     c = make_config(command, tmp_path, **over)

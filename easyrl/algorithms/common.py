@@ -10,6 +10,7 @@ from easyrl import losses
 from easyrl import model as M
 from easyrl.data.iterator import preference_iterator
 from easyrl.train import setup
+from easyrl.train.step import split_micro
 
 SIDES = ("chosen", "rejected")
 
@@ -187,7 +188,17 @@ def attach_reference(it, keys, values) -> None:
     it.collate = collate
 
 
-# ---- the frozen reference of the online trainers -------------------------------------------
+# ---- the online trainers: chunked passes, the frozen reference -----------------------------
+def chunked(fn, n_chunks: int, *arrays):
+    """fn over `n_chunks` interleaved row chunks (lax.map: one chunk's activations at a time),
+    results back in row order."""
+    if n_chunks == 1:
+        return fn(*arrays)
+    micro = split_micro(arrays, n_chunks)
+    out = jax.lax.map(lambda xs: fn(*xs), micro)
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(-1, *y.shape[2:]), out)
+
+
 def reference(c, policy, policy_config):
     """(ref, ref_adapters, ref_config) for a policy about to be trained (PPO, GRPO, ...).
 

@@ -29,12 +29,11 @@ import jax
 import jax.numpy as jnp
 
 from easyrl import losses, parallel
-from easyrl.algorithms.common import config_at, reference, reference_params
+from easyrl.algorithms.common import chunked, reference, reference_params
 from easyrl.algorithms.registry import Algorithm
 from easyrl.losses import group as G
-from easyrl.model.trainable import partition
 from easyrl.rollout import response_logprobs
-from easyrl.train.step import TrainState, optimizer_step, split_micro
+from easyrl.train.step import optimizer_step
 
 ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 BEHAVIOUR = ("auto", "sampler", "trainer")
@@ -81,16 +80,6 @@ def micro_rows(c) -> int:
     return prompts * g.num_generations
 
 
-def _chunked(fn, n_chunks: int, *arrays):
-    """fn over `n_chunks` interleaved row chunks (lax.map: one chunk's activations at a time),
-    results back in row order."""
-    if n_chunks == 1:
-        return fn(*arrays)
-    micro = split_micro(arrays, n_chunks)
-    out = jax.lax.map(lambda xs: fn(*xs), micro)
-    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(-1, *y.shape[2:]), out)
-
-
 def make_score(cfgs, g, n_chunks: int = 1):
     """score(models, tokens, attn, resp_mask) -> {old_logprobs?, ref_logprobs?} [N, T]."""
     plen, temp = g.max_prompt_len, g.temperature
@@ -114,7 +103,7 @@ def make_score(cfgs, g, n_chunks: int = 1):
     def score(models, tokens, attn, resp_mask):
         if not (want_old or want_ref):
             return {}
-        return _chunked(lambda t, a, r: one(models, t, a, r), n_chunks, tokens, attn, resp_mask)
+        return chunked(lambda t, a, r: one(models, t, a, r), n_chunks, tokens, attn, resp_mask)
 
     return score
 
@@ -374,52 +363,23 @@ def validate(c, mesh, max_positions: int) -> None:
                          f"step: set it to 0")
 
 
-def host_rewards(c, env, mesh):
-    """The run's reward sources (`rl_loop.HostRewards`): reward.functions and reward.path."""
-    from easyrl import rewards
-    from easyrl.train import setup
-    from easyrl.train.rl_loop import HostRewards
-    g = c.grpo
-    rs = rewards.load_reward_functions(c.reward.functions, c.reward.weights,
-                                       context={"max_completion_length": int(g.max_new_tokens)})
-    rcfg = rparams = None
-    if c.reward.path:
-        rc = config_at(c, c.reward.path, lora_on=False)
-        rcfg = setup.model_config(rc)
-        rparams = setup.load_params(rc, rcfg, "reward", mesh)
-    hr = HostRewards(rs, env.tokenizer, mesh, reward_config=rcfg,
-                     reward_weight=float(c.reward.get("weight", 1.0)),
-                     missing_eos_penalty=float(g.missing_eos_penalty))
-    return hr, rparams
-
-
 def build(env):
     """Policy (+ reference when beta > 0, + reward model when reward.path), optimizer, state."""
     from easyrl.model.trainable import trainable_mask
     from easyrl.train import setup
-    from easyrl.train.optim import make_optimizer
-    from easyrl.train.rl_loop import Online
+    from easyrl.train.rl_loop import Online, host_rewards, train_state
     c, mesh, pcfg = env.config, env.mesh, env.policy_config
     g = settings(c)
-    hr, rparams = host_rewards(c, env, mesh)
+    hr, rparams = host_rewards(c, env, mesh, "grpo")
     policy = setup.load_params(c, pcfg, "causal_lm", mesh)
     ref = ref_adapters = None
     ref_cfg = pcfg
     if needs_ref(g):
         ref, ref_adapters, ref_cfg = reference(c, policy, pcfg)
     mask = trainable_mask(policy) if pcfg.lora_rank > 0 else None
-    tx, _ = make_optimizer(c.optim, env.total_steps * g.num_iterations * g.num_minibatches)
+    state, state_sh, tx = train_state(c, mesh, policy, mask,
+                                      env.total_steps * g.num_iterations * g.num_minibatches)
     repl = parallel.replicated(mesh)
-    sh = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
-    train = partition(policy, mask)[0]
-    opt_sh = parallel.named_shardings(jax.eval_shape(tx.init, train), mesh)
-    z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (own buffers: the state is donated)
-    state = TrainState(step=z(), params=policy,
-                       opt_state=jax.jit(tx.init, out_shardings=opt_sh)(train), nonfinite=z(),
-                       streak=z())
-    state_sh = TrainState(step=repl, params=sh(policy), opt_state=opt_sh, nonfinite=repl,
-                          streak=repl)
-    state = jax.device_put(state, state_sh)
     rows = c.train.batch_size * g.num_generations
     micro = micro_rows(c)
     it = make_iteration(dict(policy=pcfg, ref=ref_cfg), g, tx, host_rewards=hr,

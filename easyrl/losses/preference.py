@@ -90,7 +90,7 @@ def chosen_nll(policy_chosen_logps, chosen_lengths):
     return -jnp.sum(policy_chosen_logps) / jnp.maximum(n, 1)
 
 
-def _sig_smooth(x, eps):
+def smoothed_sigmoid_loss(x, eps):
     """-(1 - eps) log sig(x) - eps log sig(-x)."""
     return -(1.0 - eps) * jax.nn.log_sigmoid(x) - eps * jax.nn.log_sigmoid(-x)
 
@@ -100,7 +100,7 @@ def _dpo_term(kind, pc, pr, ref_c, ref_r, cr, rr, *, beta, eps, chosen_lengths,
     """One loss type's per-pair loss [B] (cr, rr: the log-ratios pc - ref_c, pr - ref_r)."""
     h = cr - rr
     if kind == "sigmoid":
-        return _sig_smooth(beta * h, eps)
+        return smoothed_sigmoid_loss(beta * h, eps)
     if kind == "robust":
         if isinstance(eps, (int, float)) and eps >= 0.5:
             raise ValueError(f"robust DPO needs label_smoothing < 0.5, got {eps}")
@@ -128,10 +128,10 @@ def _dpo_term(kind, pc, pr, ref_c, ref_r, cr, rr, *, beta, eps, chosen_lengths,
         return (cr - 0.5 / beta) ** 2 + (rr + 0.5 / beta) ** 2
     if kind == "aot":
         delta = jnp.sort(pc - pr) - jnp.sort(ref_c - ref_r)
-        return _sig_smooth(beta * delta, eps)
+        return smoothed_sigmoid_loss(beta * delta, eps)
     if kind in ("aot_pair", "aot_unpaired"):
         delta = jnp.sort(cr) - jnp.sort(rr)
-        return _sig_smooth(beta * delta, eps)
+        return smoothed_sigmoid_loss(beta * delta, eps)
     if kind == "apo_zero":
         return (1.0 - jax.nn.sigmoid(beta * cr)) + jax.nn.sigmoid(beta * rr)
     if kind == "apo_down":

@@ -10,7 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from easyrl.losses.preference import _sig_smooth
+from easyrl.losses.preference import smoothed_sigmoid_loss
 
 # ORPO's log(1 - exp(lp)) is -inf at lp = 0 (probability 1, or an empty response whose sum 0
 # is divided by max(0, 1)); length-normalized log-probs are clamped to <= ORPO_MAX_LOGP first,
@@ -98,13 +98,13 @@ def cpo_losses(pc, pr, lc, lr, *, beta, loss_type="sigmoid", label_smoothing=0.0
         lp_c, lp_r = pc, pr
     h = lp_c - lp_r
     if loss_type == "sigmoid":
-        losses = _sig_smooth(beta * h, label_smoothing)
+        losses = smoothed_sigmoid_loss(beta * h, label_smoothing)
     elif loss_type == "hinge":
         losses = jax.nn.relu(1.0 - beta * h)
     elif loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     else:  # simpo
-        losses = _sig_smooth(beta * (h - simpo_gamma / beta), label_smoothing)
+        losses = smoothed_sigmoid_loss(beta * (h - simpo_gamma / beta), label_smoothing)
     chosen_rewards = jax.lax.stop_gradient(beta * lp_c)
     rejected_rewards = jax.lax.stop_gradient(beta * lp_r)
     return losses, chosen_rewards, rejected_rewards

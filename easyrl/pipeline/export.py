@@ -13,6 +13,12 @@ DESCRIPTIONS = {
     "ppo": "PPO policy (from the SFT policy, against the reward model, KL penalty to the SFT policy)",
     "grpo": "GRPO policy (from the SFT policy, group-relative advantages of rule-based rewards)",
     "dpo": "DPO policy (from the SFT policy, which is also the reference)",
+    "online_dpo": "online DPO policy (from the SFT policy, pairs of its own samples ranked by "
+                  "the reward; the SFT policy is the reference)",
+    "kto": "KTO policy (from the SFT policy, which is also the reference; unpaired labels)",
+    "orpo": "ORPO policy (from the SFT policy; no reference model)",
+    "cpo": "CPO policy (from the SFT policy; no reference model)",
+    "simpo": "SimPO policy (from the SFT policy; no reference model)",
     "rrhf": "RRHF policy (from the SFT policy)",
 }
 HEADLINE = {  # final metrics worth a line in the card, per stage
@@ -25,6 +31,13 @@ HEADLINE = {  # final metrics worth a line in the card, per stage
     "dpo": ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies",
             "eval/rewards/margins"),
     "rrhf": ("loss", "rank_acc", "eval/loss", "eval/rank_acc"),
+    "online_dpo": ("objective/scores", "objective/scores_margin", "objective/kl",
+                   "rewards/accuracies", "objective/true_reward"),
+    "kto": ("loss", "kl", "rewards/margins", "eval/loss", "eval/rewards/margins"),
+    "orpo": ("loss", "nll_loss", "rewards/accuracies", "eval/rewards/accuracies",
+             "eval/rewards/margins"),
+    "cpo": ("loss", "rewards/accuracies", "eval/rewards/accuracies", "eval/rewards/margins"),
+    "simpo": ("loss", "rewards/accuracies", "eval/rewards/accuracies", "eval/rewards/margins"),
 }
 
 

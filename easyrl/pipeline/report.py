@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-POLICIES = ("sft", "ppo", "grpo", "dpo", "rrhf")
+POLICIES = ("sft", "ppo", "grpo", "online_dpo", "dpo", "kto", "orpo", "cpo", "simpo", "rrhf")
 AT_K = ("pass@1", "pass@4", "pass@8", "maj@4", "maj@8")  # report columns (eval has maj@1 too)
 
 
@@ -75,6 +75,26 @@ PLOTS = {
     "dpo": ("dpo.png", "DPO: implicit-reward margins and accuracies",
             [("rewards/margins", "train margin", "eval/rewards/margins", "beta * (h_chosen - h_rejected)", 0),
              ("rewards/accuracies", "train accuracy", "eval/rewards/accuracies", "accuracy", 0)]),
+    "online_dpo": ("online_dpo.png", "Online DPO: reward of its samples, score margin of the "
+                   "pairs and KL to SFT",
+                   [("objective/scores", "reward", None, "mean reward of rollouts", 5),
+                    ("objective/scores_margin", "chosen - rejected reward", None,
+                     "reward margin of the ranked pairs", 5),
+                    ("objective/kl", "KL to SFT", None, "sum_t (log pi - log pi_sft)", 5)]),
+    "kto": ("kto.png", "KTO: implicit-reward margin and the KL reference point",
+            [("rewards/margins", "train margin", "eval/rewards/margins",
+              "mean reward of desirable - of undesirable", 0),
+             ("kl", "train z", "eval/kl", "z = max(0, KL estimate)", 0)]),
+    "orpo": ("orpo.png", "ORPO: pair accuracy and the chosen NLL",
+             [("rewards/accuracies", "train accuracy", "eval/rewards/accuracies", "accuracy", 0),
+              ("nll_loss", "train NLL", "eval/nll_loss", "chosen NLL (nats/token)", 0)]),
+    "cpo": ("cpo.png", "CPO: implicit-reward margins and accuracies",
+            [("rewards/margins", "train margin", "eval/rewards/margins", "beta (lp_w - lp_l)", 0),
+             ("rewards/accuracies", "train accuracy", "eval/rewards/accuracies", "accuracy", 0)]),
+    "simpo": ("simpo.png", "SimPO: length-normalized reward margins and accuracies",
+              [("rewards/margins", "train margin", "eval/rewards/margins",
+                "beta (lp_w - lp_l), per-token lp", 0),
+               ("rewards/accuracies", "train accuracy", "eval/rewards/accuracies", "accuracy", 0)]),
     "rrhf": ("rrhf.png", "RRHF: ranking accuracy and loss",
              [("rank_acc", "train rank accuracy", "eval/rank_acc", "ordered pairs ranked right", 0),
               ("loss", "train loss", "eval/loss", "loss (rank + SFT)", 0)]),
@@ -112,7 +132,8 @@ def plot_eval(results: dict, out_dir: str) -> Optional[str]:
             if all(k in results[n] for n in names)]
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.6), squeeze=False)
     colors = {"sft": "tab:gray", "ppo": "tab:blue", "grpo": "tab:orange", "dpo": "tab:green",
-              "rrhf": "tab:purple"}
+              "rrhf": "tab:purple", "online_dpo": "tab:red", "kto": "tab:brown",
+              "orpo": "tab:pink", "cpo": "tab:cyan", "simpo": "tab:olive"}
     for ax, (k, t) in zip(axes[0], cols):
         vals = [results[n][k] for n in names]
         bars = ax.bar(names, vals, color=[colors.get(n, "tab:olive") for n in names])
@@ -175,6 +196,17 @@ def stage_summary(stage: str, rows: list) -> str:
     elif stage == "rrhf":
         parts = [("train rank accuracy", fl("rank_acc")), ("held-out rank accuracy",
                                                           last("eval/rank_acc"))]
+    elif stage == "online_dpo":
+        parts = [("reward (first 5 -> last 5 iterations)", fl("objective/scores", 5)),
+                 ("true reward", fl("objective/true_reward", 5)),
+                 ("KL to SFT", fl("objective/kl", 5))]
+    elif stage == "kto":
+        parts = [("train margin", fl("rewards/margins")),
+                 ("held-out margin", last("eval/rewards/margins")), ("z", fl("kl"))]
+    elif stage in ("orpo", "cpo", "simpo"):
+        parts = [("train accuracy", fl("rewards/accuracies")),
+                 ("held-out accuracy", last("eval/rewards/accuracies")),
+                 ("held-out margin", last("eval/rewards/margins"))]
     return "; ".join(f"{k} {v}" for k, v in parts if v is not None)
 
 

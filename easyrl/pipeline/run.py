@@ -1,4 +1,5 @@
-"""`python -m easyrl pipeline`: SFT -> reward model -> PPO, GRPO, DPO and RRHF from the SFT model ->
+"""`python -m easyrl pipeline`: SFT -> reward model -> PPO, GRPO, online DPO, DPO, KTO, ORPO, CPO,
+SimPO and RRHF from the SFT model ->
 HF exports with model cards -> held-out evaluation -> report.md. See configs/pipeline.py."""
 from __future__ import annotations
 
@@ -17,14 +18,19 @@ from easyrl.algorithms import registry
 from easyrl.algorithms.registry import Algorithm
 from easyrl.train.run import config_diff, normalize, say, total_steps
 
-STAGES = ("sft", "rm", "ppo", "grpo", "dpo", "rrhf")
-POLICIES = ("sft", "ppo", "grpo", "dpo", "rrhf")
+STAGES = ("sft", "rm", "ppo", "grpo", "online_dpo", "dpo", "kto", "orpo", "cpo", "simpo", "rrhf")
+POLICIES = tuple(s for s in STAGES if s != "rm")
 TITLES = {
     "sft": "supervised fine-tuning",
     "rm": "reward model from the SFT model",
     "ppo": "PPO from the SFT policy against the reward model",
     "grpo": "GRPO from the SFT policy with the task's rule-based reward",
+    "online_dpo": "online DPO from the SFT policy, pairs of its own samples ranked by the reward",
     "dpo": "DPO from the SFT policy",
+    "kto": "KTO from the SFT policy on the preference data, unpaired",
+    "orpo": "ORPO from the SFT policy (no reference model)",
+    "cpo": "CPO from the SFT policy (no reference model)",
+    "simpo": "SimPO from the SFT policy (no reference model)",
     "rrhf": "RRHF from the SFT policy",
 }
 # stage config keys that may change between runs without invalidating a finished stage
@@ -68,7 +74,7 @@ def stage_config(c, name: str, stages: list) -> mlc.ConfigDict:
         s.model.path = stage_dir(c, "sft")
     if "reward.path" in wired:
         s.reward.path = stage_dir(c, "rm")
-    if name != "sft" and not s.model.path and name in ("rm", "ppo", "grpo"):
+    if name != "sft" and not s.model.path and name in ("rm", "ppo", "grpo", "online_dpo"):
         raise ValueError(f"config {name}.model.path: stage {name} needs a starting model; add "
                          f"sft to stages or set {name}.model.path")
     return s
@@ -148,8 +154,7 @@ def _distributed_once():
         parallel.initialize_distributed = orig
 
 
-DEPENDS = {"rm": ("sft",), "ppo": ("sft", "rm"), "grpo": ("sft",), "dpo": ("sft",),
-           "rrhf": ("sft",)}
+DEPENDS = dict({s: ("sft",) for s in STAGES if s != "sft"}, ppo=("sft", "rm"))
 
 
 def redo_set(c, stages) -> list:

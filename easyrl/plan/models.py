@@ -162,11 +162,12 @@ def build_models(c, model_preset: Optional[str] = None,
             specs.append(("reference", pcfg, "causal_lm", "a frozen copy of the policy", None))
         specs += [("reward", rcfg, "reward", rsrc, None),
                   ("value", vcfg, "value", vsrc, c.value_optim)]
-    elif command == "grpo":  # no critic; reference only with beta > 0; reward model if named
+    elif command in ("grpo", "online_dpo"):  # no critic; reference (GRPO: only with beta > 0)
         specs = [("policy", pcfg, "causal_lm", psrc, c.optim)]
         if grpo_reference(c) and not use_lora:  # LoRA: the policy with its adapters off
             specs.append(("reference", pcfg, "causal_lm",
-                          "a frozen copy of the initial policy (grpo.beta > 0)", None))
+                          "a frozen copy of the initial policy" + (
+                              " (grpo.beta > 0)" if command == "grpo" else ""), None))
         if c.reward.path:
             rcfg, rsrc = other(c.reward.path, "reward.path")
             specs.append(("reward", lora.disabled(rcfg), "reward", rsrc, None))  # not trained
@@ -204,7 +205,10 @@ def live_reference(c) -> bool:
 
 
 def grpo_reference(c) -> bool:
-    """Does the GRPO trainer hold a frozen reference (grpo.beta > 0: a KL term against it)?"""
+    """Does the GRPO trainer hold a frozen reference (grpo.beta > 0: a KL term against it)?
+    Online DPO always does (its loss is against the reference)."""
+    if c.get("command") == "online_dpo":
+        return True
     return c.get("command") == "grpo" and float(c.grpo.beta) > 0
 
 

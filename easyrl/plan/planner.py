@@ -23,6 +23,7 @@ RRHF_DEFAULT_RESPONSES = PLAN_RESPONSES  # the algorithm's own assumption (its b
 # easyrl.train.step.accumulate peels micro-batch 0 off the scan; with 2 micro-steps the scan has
 # length 1 and XLA schedules both micro-batches together (compiled temporaries ~ no accumulation).
 TWO_MICRO_STEPS_OVERLAP = 2
+GROUP_COMMANDS = ("grpo", "online_dpo")  # online RL with G samples per prompt, no critic
 LORA_REFERENCE = "reference: the policy with its LoRA adapters off (no copy of the weights)"
 GRPO_NO_REFERENCE = "reference: none (grpo.beta = 0: no KL term, no reference model held)"
 ROLLOUT_ENGINES = ("static", "continuous")  # rollout.engine (easyrl.train.rl_loop.ENGINES)
@@ -57,10 +58,15 @@ class Planner:
         self.live_reference = live_reference(c)
         self._pd = {}
         self._decode_copy = None  # PPO / GRPO, unrolled decode: decoder layers in the compute dtype
-        # GRPO: completions per prompt; train.batch_size counts prompts
-        self.group = int(c.grpo.num_generations) if self.command == "grpo" else 1
-        # PPO / GRPO: the rollout engine (rollout.engine, rollout.slots: 0 = one per row)
-        ro = (c.get("rollout") or {}) if self.command in ("ppo", "grpo") else {}
+        # GRPO / online DPO: completions per prompt in the rollout; train.batch_size counts
+        # prompts. update_rows: rows per prompt in the update (GRPO: all G; online DPO: the
+        # chosen and rejected completion)
+        sec = c.get(self.command) if self.command in GROUP_COMMANDS else None
+        self.group = int(sec.num_generations) if sec is not None else 1
+        self.update_rows = 2 if self.command == "online_dpo" else self.group
+        # PPO / GRPO / online DPO: the rollout engine (rollout.engine, rollout.slots: 0 = one
+        # per row)
+        ro = (c.get("rollout") or {}) if self.command in ("ppo",) + GROUP_COMMANDS else {}
         self.engine = str(ro.get("engine", "static"))
         self.slots = int(ro.get("slots", 0))
         self._engines = {}  # (slots, P, N) -> easyrl.engine.Engine (its sizes; nothing allocated)
@@ -99,16 +105,18 @@ class Planner:
         mesh = parallel.parse_mesh_spec(self.c.mesh, self.devices)
         if self.command == "ppo":
             micro = self.c.train.batch_size // max(self.c.ppo.num_minibatches, 1)
-        elif self.command == "grpo":
+        elif self.command in GROUP_COMMANDS:
             mbs = int(self.c.train.micro_batch_size)
-            micro = mbs * self.group if mbs else self.grpo_minibatch_rows()
+            micro = mbs * self.update_rows if mbs else self.grpo_minibatch_rows()
         else:
             micro = self.c.train.micro_batch_size or self.c.train.batch_size
         return Setting(mesh, micro, self.c.model.remat)
 
     def grpo_minibatch_rows(self) -> int:
-        """GRPO: completion rows per optimizer step, train.batch_size x G / grpo.num_minibatches."""
-        return int(self.c.train.batch_size) * self.group // max(int(self.c.grpo.num_minibatches), 1)
+        """GRPO: completion rows per optimizer step, train.batch_size x G / grpo.num_minibatches
+        (online DPO: x 2, its pairs' rows)."""
+        nm = max(int(self.c[self.command].num_minibatches), 1)
+        return int(self.c.train.batch_size) * self.update_rows // nm
 
     def micro_candidates(self) -> List[int]:
         """The values of Setting.micro the search tries: divisors of train.batch_size (PPO:
@@ -117,9 +125,9 @@ class Planner:
         itself (train.micro_batch_size 0). grpo.num_minibatches is kept: it sets the number of
         optimizer steps per iteration (the algorithm), not only memory."""
         B = int(self.c.train.batch_size)
-        if self.command != "grpo":
+        if self.command not in GROUP_COMMANDS:
             return [d for d in range(1, B + 1) if B % d == 0]
-        mb, G = self.grpo_minibatch_rows(), self.group
+        mb, G = self.grpo_minibatch_rows(), self.update_rows
         return sorted({r for r in range(G, mb + 1, G) if mb % r == 0} | ({mb} if mb > 0 else set()))
 
     def _per_device(self, tree, mesh: dict) -> int:
@@ -348,7 +356,7 @@ class Planner:
             vcfg = val.config.replace(remat=s.remat)
             lines.append(Line("value activations", activation_bytes(vcfg, "value", b_up, S, s.remat, tp),
                               None, f"remat {s.remat}, score head", "update"))
-        elif self.command == "grpo":
+        elif self.command in GROUP_COMMANDS:
             self._grpo(c, s, pcfg, lines, problems, info, add_state, grads, rows_per_device, rollout)
         else:
             T = int(c.train.seq_len)
@@ -391,7 +399,7 @@ class Planner:
             if x.phase != "resident":
                 phases[x.phase] = phases.get(x.phase, 0.0) + x.per_device
         peak = resident + (max(phases.values()) if phases else 0.0)
-        engine = self.engine if self.command in ("ppo", "grpo") else "static"
+        engine = self.engine if self.command in ("ppo",) + GROUP_COMMANDS else "static"
         return Plan(self.command, self.devices, self.device_memory, self.headroom, s, lines,
                     resident, phases, peak, problems, info, self.group, engine,
                     self.engine_slots() if engine == "continuous" else 0)
@@ -401,29 +409,35 @@ class Planner:
         """GRPO's lines: the policy (+ reference when grpo.beta > 0, + a reward model when
         reward.path is set; no value model); rollout of train.batch_size x G rows; the reward
         model's forward over the whole rollout batch; the scoring pass and the update on one
-        micro-batch of s.micro rows."""
+        micro-batch of s.micro rows. Online DPO alike (section online_dpo), with a reference
+        always, the scoring pass of the reference only (over G x s.micro / 2 rows: the
+        rollout rows of s.micro / 2 prompts) and the update on the pairs (2 rows per prompt)."""
         from easyrl.model import lora
-        g, G, tp = c.grpo, self.group, s.mesh["tp"]
+        name, G, tp = self.command, self.group, s.mesh["tp"]
+        g, dpo = c[name], name == "online_dpo"
         B = int(c.train.batch_size)
         P, N = int(g.max_prompt_len), int(g.max_new_tokens)
         S, rows, nm = P + N, B * G, int(g.num_minibatches)
+        per = "2 (the pair)" if dpo else f"{name}.num_generations"
         if G < 1:
-            problems.append(f"grpo.num_generations={G} must be >= 1")
-        if nm <= 0 or rows % nm:
-            problems.append(f"grpo.num_minibatches={nm} must divide the rollout batch of "
-                            f"train.batch_size x grpo.num_generations = {B} x {G} = {rows} rows")
+            problems.append(f"{name}.num_generations={G} must be >= 1")
+        if nm <= 0 or (B if dpo else rows) % nm:
+            problems.append(f"{name}.num_minibatches={nm} must divide the "
+                            + (f"{B} prompts (pairs)" if dpo else f"rollout batch of train."
+                               f"batch_size x grpo.num_generations = {B} x {G} = {rows} rows"))
         mb = self.grpo_minibatch_rows()
         if s.micro <= 0 or mb % s.micro:
-            problems.append(f"GRPO micro-batch of {s.micro} rows (train.micro_batch_size x "
-                            f"grpo.num_generations) must divide the minibatch of {mb} rows "
-                            f"(train.batch_size x grpo.num_generations / grpo.num_minibatches)")
+            problems.append(f"{name} micro-batch of {s.micro} rows (train.micro_batch_size x "
+                            f"{per}) must divide the minibatch of {mb} rows (train.batch_size x "
+                            f"{per} / {name}.num_minibatches)")
         steps = max(mb // max(s.micro, 1), 1)
         info.append(f"rollout batch {B} prompts x {G} completions = {rows} rows x {P}+{N} tokens; "
-                    f"{nm} optimizer step(s) per iteration (grpo.num_minibatches) of {mb} rows, "
-                    f"each over {steps} micro-batch(es) of {s.micro} rows")
+                    f"{nm} optimizer step(s) per iteration ({name}.num_minibatches) of {mb} rows"
+                    + (" (chosen + rejected of each prompt)" if dpo else "")
+                    + f", each over {steps} micro-batch(es) of {s.micro} rows")
         pol = self.models["policy"]
         add_state(pol, "policy")
-        has_ref = grpo_reference(c)
+        has_ref = grpo_reference(c)  # online DPO: always
         if "reference" in self.models:
             add_state(self.models["reference"], "reference", opt=False)
         else:
@@ -434,7 +448,8 @@ class Planner:
         sources = ([f"reward.functions {c.reward.functions!r} (on the host)"]
                    if c.reward.functions else []) + (["the reward model (reward.path)"]
                                                      if rew is not None else [])
-        info.append("no value model (critic): group-relative advantages; rewards from "
+        info.append(("no value model: pairs ranked by " if dpo else
+                     "no value model (critic): group-relative advantages; rewards from ")
                     + (" + ".join(sources) or "nothing configured"))
         b_roll = rows_per_device(rows, "rollout batch", "train.batch_size", report=False)
         # shared prefixes when the prompt batch splits over the data-parallel devices (rl_loop)
@@ -445,17 +460,20 @@ class Planner:
                 rew.config, "reward", b_roll, S, "none", tp, train=False), None,
                 f"{b_roll:g} rows x {S} tokens: the whole rollout batch in one call "
                 f"(rl_loop.HostRewards)", "rewards"))
-        b = rows_per_device(s.micro, "GRPO micro-batch (train.micro_batch_size x "
-                            "grpo.num_generations, or the minibatch)", "train.micro_batch_size")
-        passes = {"policy": pcfg}  # old log-probs
+        b = rows_per_device(s.micro, f"{name} micro-batch (train.micro_batch_size x {per}, or "
+                            f"the minibatch)", "train.micro_batch_size")
+        # the scoring pass: GRPO's old log-probs (+ reference); online DPO's reference only,
+        # chunked by prompts (train.micro_batch_size of them: G rows each)
+        passes = {} if dpo else {"policy": pcfg}
+        b_score = b * G / 2 if dpo else b
         if has_ref:  # LoRA: the base with the adapters off
             passes["reference"] = (self.models["reference"].config if "reference" in self.models
                                    else lora.disabled(pcfg))
-        scoring = max(activation_bytes(x, "causal_lm", b, S, "none", tp, train=False)
+        scoring = max(activation_bytes(x, "causal_lm", b_score, S, "none", tp, train=False)
                       for x in passes.values())
         lines.append(Line("scoring activations", scoring, None,
                           f"largest forward of {' / '.join(passes)} over one micro-batch, "
-                          f"{b:g} rows x {S} tokens", "scoring"))
+                          f"{b_score:g} rows x {S} tokens", "scoring"))
         grads(pol, "policy", steps > 1, "update")
         lines.append(Line("policy activations", activation_bytes(pcfg, "causal_lm", b, S, s.remat,
                                                                  tp),

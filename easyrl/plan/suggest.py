@@ -86,8 +86,8 @@ def setting_flags(plan: Plan, cur: Setting, command: str, batch_size: int) -> st
     if s.micro != cur.micro:
         if command == "ppo":
             out.append(f"--config.ppo.num_minibatches={batch_size // s.micro}")
-        elif command == "grpo":  # micro counts rows: whole groups, or the minibatch (0)
-            g = plan.group
+        elif command in ("grpo", "online_dpo"):  # micro counts rows: whole groups (online DPO:
+            g = plan.group if command == "grpo" else 2  # whole pairs), or the minibatch (0)
             out.append(f"--config.train.micro_batch_size={s.micro // g if s.micro % g == 0 else 0}")
         else:
             out.append(f"--config.train.micro_batch_size={s.micro}")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easyrl import parallel, rollout
-from easyrl.algorithms.common import fmt, iter_kwargs
+from easyrl.algorithms.common import config_at, fmt, iter_kwargs
 from easyrl.data.iterator import prompt_iterator
 from easyrl.generate import make_sampler
 from easyrl.train import setup
@@ -120,6 +120,45 @@ class HostRewards:
             metrics["reward"] = float(total.mean())
             metrics["reward_std"] = float(total.std())
         return total, metrics
+
+
+def host_rewards(c, env, mesh, section: str):
+    """(HostRewards, reward model params or None): the run's reward sources, reward.functions
+    and reward.path, with config section `section`'s max_new_tokens (the reward functions'
+    `max_completion_length`) and missing_eos_penalty."""
+    from easyrl import rewards
+    s = c[section]
+    rs = rewards.load_reward_functions(c.reward.functions, c.reward.weights,
+                                       context={"max_completion_length": int(s.max_new_tokens)})
+    rcfg = rparams = None
+    if c.reward.path:
+        rc = config_at(c, c.reward.path, lora_on=False)
+        rcfg = setup.model_config(rc)
+        rparams = setup.load_params(rc, rcfg, "reward", mesh)
+    hr = HostRewards(rs, env.tokenizer, mesh, reward_config=rcfg,
+                     reward_weight=float(c.reward.get("weight", 1.0)),
+                     missing_eos_penalty=float(s.missing_eos_penalty))
+    return hr, rparams
+
+
+def train_state(c, mesh, policy, mask, n_updates: int):
+    """(state, state_sharding, tx): the policy's `TrainState` for `n_updates` optimizer steps of
+    c.optim, its optimizer state over the trainable leaves (`mask`; None: all) born sharded,
+    everything placed on `mesh` (own buffers: the state is donated to the update)."""
+    from easyrl.model.trainable import partition
+    from easyrl.train.optim import make_optimizer
+    from easyrl.train.step import TrainState
+    tx, _ = make_optimizer(c.optim, n_updates)
+    repl = parallel.replicated(mesh)
+    train = partition(policy, mask)[0]
+    opt_sh = parallel.named_shardings(jax.eval_shape(tx.init, train), mesh)
+    z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+    state = TrainState(step=z(), params=policy,
+                       opt_state=jax.jit(tx.init, out_shardings=opt_sh)(train), nonfinite=z(),
+                       streak=z())
+    state_sh = TrainState(step=repl, params=jax.tree.map(lambda x: x.sharding, policy),
+                          opt_state=opt_sh, nonfinite=repl, streak=repl)
+    return jax.device_put(state, state_sh), state_sh, tx
 
 
 def host_rows(n: int) -> slice:
