@@ -134,7 +134,7 @@ def _pair_inputs(cfg, params, b=8, p=4, t=6, seed=0):
     return out
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid"])  # ipo's formula: test_losses / test_dpo
 def test_update_is_the_same_under_micro_batch_splits(loss_type):
     """One optimizer step accumulated over 1 or 4 micro-batches: the same loss, metrics and
     parameters; and the loss equals a float64 numpy reference of the DPO formula."""
@@ -176,18 +176,6 @@ def test_update_is_the_same_under_micro_batch_splits(loss_type):
     assert out[1][1]["loss"] == pytest.approx(want, rel=1e-5)
     assert not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(params),
                                                       jax.tree.leaves(out[1][0])))
-
-
-def test_micro_batch_size_does_not_change_a_run(models, tmp_path):
-    # Adam's first step is lr * g / (|g| + eps): eps 1e-4 keeps rounding-sized entries small
-    common = ("--config.train.steps=1", "--config.optim.lr=1e-2", "--config.optim.eps=1e-4")
-    a, ra = run(models, tmp_path / "whole", *common)
-    b, rb = run(models, tmp_path / "micro", *common, "--config.train.micro_batch_size=1")
-    assert ra[0]["objective/scores"] == rb[0]["objective/scores"]  # the same rollout
-    for k in ("loss", "grad_norm", "rewards/margins", "objective/kl"):
-        assert ra[0][k] == pytest.approx(rb[0][k], rel=1e-5, abs=1e-5), k
-    for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- config errors

@@ -107,15 +107,21 @@ def precompute_reference(env: loop.Env, iterators) -> None:
 
 
 # ----------------------------------------------------------------------------- wiring
-def check_config(d) -> None:
+def check_loss_types(d, section: str = "dpo") -> None:
+    """`<section>.loss_type` (one or several DPO loss types) and its `loss_weights`."""
     try:
         kinds = losses.parse_loss_types(d.loss_type)
     except ValueError as e:
-        raise ValueError(f"config dpo.loss_type: {e}") from None
+        raise ValueError(f"config {section}.loss_type: {e}") from None
     try:
         losses.parse_loss_weights(d.get("loss_weights", ""), len(kinds))
     except ValueError as e:
-        raise ValueError(f"config dpo.loss_weights: {e} (dpo.loss_type={d.loss_type!r})") from None
+        raise ValueError(f"config {section}.loss_weights: {e} ({section}.loss_type="
+                         f"{d.loss_type!r})") from None
+
+
+def check_config(d) -> None:
+    check_loss_types(d)
     rpo = d.get("rpo_alpha", 0.0)
     if not (isinstance(rpo, (int, float)) and math.isfinite(rpo) and rpo >= 0):
         raise ValueError(f"config dpo.rpo_alpha: must be a finite number >= 0 (0 = off), "

@@ -33,7 +33,7 @@ from easyrl.algorithms.common import chunked, reference, reference_params
 from easyrl.algorithms.registry import Algorithm
 from easyrl.losses import group as G
 from easyrl.rollout import response_logprobs
-from easyrl.train.step import optimizer_step
+from easyrl.train.step import counted_step
 
 ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 BEHAVIOUR = ("auto", "sampler", "trainer")
@@ -234,15 +234,8 @@ def make_update(policy_cfg, tx, g, *, n_micro: int = 1, trainable_mask=None):
     steps = g.num_iterations * g.num_minibatches
 
     def one_step(state, mb, rng):
-        denom = denominators(mb["loss_mask"], g, n_micro)
-        params, opt_state, loss, metrics, gnorm, ok = optimizer_step(
-            loss_fn, tx, state.params, state.opt_state, None, mb, rng, denom, n_micro,
-            trainable_mask)
-        bad = (~ok).astype(jnp.int32)
-        state = state.replace(params=params, opt_state=opt_state, nonfinite=state.nonfinite + bad,
-                              streak=(state.streak + bad) * bad)
-        return state, dict(metrics, loss=loss, grad_norm=gnorm,
-                           nonfinite_updates=bad.astype(jnp.float32))
+        return counted_step(loss_fn, tx, state, mb, rng, denominators(mb["loss_mask"], g, n_micro), n_micro,
+                            trainable_mask)
 
     def update(state, inputs, rng):
         n = inputs["tokens"].shape[0]

@@ -32,9 +32,10 @@ import jax.numpy as jnp
 
 from easyrl import losses, parallel
 from easyrl.algorithms.common import chunked, reference, reference_params
+from easyrl.algorithms.dpo import check_loss_types
 from easyrl.algorithms.registry import Algorithm
 from easyrl.rollout import response_logprobs
-from easyrl.train.step import optimizer_step
+from easyrl.train.step import counted_step
 
 SECTION = "online_dpo"
 SIDES = ("chosen", "rejected")
@@ -122,14 +123,7 @@ def make_update(policy_cfg, tx, d, *, n_micro: int = 1, trainable_mask=None):
 
     def one_step(state, mb, rng):
         denom = {"pairs": jnp.float32(mb["chosen_tokens"].shape[0])}
-        params, opt_state, loss, metrics, gnorm, ok = optimizer_step(
-            loss_fn, tx, state.params, state.opt_state, None, mb, rng, denom, n_micro,
-            trainable_mask)
-        bad = (~ok).astype(jnp.int32)
-        state = state.replace(params=params, opt_state=opt_state, nonfinite=state.nonfinite + bad,
-                              streak=(state.streak + bad) * bad)
-        return state, dict(metrics, loss=loss, grad_norm=gnorm,
-                           nonfinite_updates=bad.astype(jnp.float32))
+        return counted_step(loss_fn, tx, state, mb, rng, denom, n_micro, trainable_mask)
 
     def update(state, inputs, rng):
         n = inputs["chosen_tokens"].shape[0]
@@ -181,14 +175,7 @@ def validate(c, mesh, max_positions: int) -> None:
     need(0.0 < d.top_p <= 1.0, "top_p", f"{d.top_p} must be in (0, 1] (1 = off)")
     need(d.top_k >= 0, "top_k", f"{d.top_k} must be an integer >= 0 (0 = off)")
     need(d.beta > 0, "beta", f"{d.beta} must be > 0")
-    try:
-        kinds = losses.parse_loss_types(d.loss_type)
-    except ValueError as e:
-        raise ValueError(f"config {SECTION}.loss_type: {e}") from None
-    try:
-        losses.parse_loss_weights(d.get("loss_weights", ""), len(kinds))
-    except ValueError as e:
-        raise ValueError(f"config {SECTION}.loss_weights: {e}") from None
+    check_loss_types(d, SECTION)
     need(0.0 <= d.label_smoothing < 0.5, "label_smoothing",
          f"{d.label_smoothing} must be in [0, 0.5)")
     if not (c.reward.path or c.reward.functions):

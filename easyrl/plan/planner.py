@@ -58,14 +58,12 @@ class Planner:
         self.live_reference = live_reference(c)
         self._pd = {}
         self._decode_copy = None  # PPO / GRPO, unrolled decode: decoder layers in the compute dtype
-        # GRPO / online DPO: completions per prompt in the rollout; train.batch_size counts
-        # prompts. update_rows: rows per prompt in the update (GRPO: all G; online DPO: the
-        # chosen and rejected completion)
+        # GRPO / online DPO: G completions per prompt (train.batch_size counts prompts);
+        # update_rows: rows per prompt in the update (GRPO: all G; online DPO: the pair)
         sec = c.get(self.command) if self.command in GROUP_COMMANDS else None
         self.group = int(sec.num_generations) if sec is not None else 1
         self.update_rows = 2 if self.command == "online_dpo" else self.group
-        # PPO / GRPO / online DPO: the rollout engine (rollout.engine, rollout.slots: 0 = one
-        # per row)
+        # PPO / GRPO / online DPO: the rollout engine (rollout.engine, rollout.slots: 0 = 1/row)
         ro = (c.get("rollout") or {}) if self.command in ("ppo",) + GROUP_COMMANDS else {}
         self.engine = str(ro.get("engine", "static"))
         self.slots = int(ro.get("slots", 0))

@@ -119,6 +119,20 @@ def optimizer_step(loss_fn, tx, params, opt_state, frozen, batch, rng, denom, mi
             gnorm, ok)
 
 
+def counted_step(loss_fn, tx, state, batch, rng, denom, micro_steps: int, trainable_mask=None):
+    """`optimizer_step` on a TrainState: (state with params / opt_state / the non-finite
+    counters updated, metrics with loss, grad_norm and nonfinite_updates (1.0 when skipped)).
+    The online trainers' minibatch step (the step counter is theirs to advance)."""
+    params, opt_state, loss, metrics, gnorm, ok = optimizer_step(
+        loss_fn, tx, state.params, state.opt_state, state.frozen, batch, rng, denom, micro_steps,
+        trainable_mask)
+    bad = (~ok).astype(jnp.int32)
+    state = state.replace(params=params, opt_state=opt_state, nonfinite=state.nonfinite + bad,
+                          streak=(state.streak + bad) * bad)
+    return state, dict(metrics, loss=loss, grad_norm=gnorm,
+                       nonfinite_updates=bad.astype(jnp.float32))
+
+
 def normalizers(denom):
     """A denom_fn's value (a scalar or a dict of scalars) as float32, each at least 1."""
     return jax.tree.map(lambda d: jnp.maximum(jnp.asarray(d).astype(jnp.float32), 1.0), denom)
