@@ -326,7 +326,8 @@ threads; {m.get('host_cpu')} x{m.get('cores')} (not the machine of sections 1-3)
 {what}
 
 "vs transformers generate": tokens/s over `generate`'s at the same dtype. The engine variants
-draw the same samples (keys from (seed, request, sample, token)): {', '.join(same) or 'n/a'}.
+draw the same samples (keys from (seed, request, sample, token)): {', '.join(same) or 'n/a'}
+(engine_no_share submits each sample as its own request: other keys, the same distribution).
 The static sampler and `generate` draw from other random streams, so their useful-token counts
 differ from the engine's (sampling noise at {wl['samples']} samples); a static batch's wall time
 is set by its longest sample whatever the count.
@@ -489,7 +490,7 @@ def main(argv=None):
     docs = {n: _load(a.folder, n) for n in ("train_step", "profile_step", "sampler",
                                             "train_step_bf16", "sampler_bf16", "ppo_tiny",
                                             "ppo_bench_100m", "grpo_tiny", "grpo_bench_100m",
-                                            "engine")}
+                                            "engine", "engine_full")}
     iters = ("ppo_tiny", "ppo_bench_100m", "grpo_tiny", "grpo_bench_100m")
     # the splits with the rollout through the engine, and the static split re-measured beside
     # them (a `*_static_paired` file, when the static table is from another session)
@@ -517,6 +518,8 @@ def main(argv=None):
         sampler_section(docs["sampler"], "## 2. Sampler (decode), float32"),
         sampler_section(docs["sampler_bf16"], "## 2b. Sampler (decode), bfloat16"),
         engine_section(docs.get("engine")),
+        engine_section(docs.get("engine_full"),
+                       "## 2d. Rollout engine at the issue's size (64 prompts x G 8)"),
         ppo_section({k: docs[k] for k in ("ppo_tiny", "ppo_bench_100m")}, eng, paired),
         grpo_section({k: docs[k] for k in ("grpo_tiny", "grpo_bench_100m")},
                      {k: docs[k] for k in ("ppo_tiny", "ppo_bench_100m")}, eng, paired),

@@ -7,6 +7,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent XLA compilation cache for the whole run, shared by the xdist workers and the
+# subprocesses the tests start (they inherit the environment): the suite runs the same tiny-model
+# programs many times (resumed runs, CLI vs in-process, the presets), and compiling dominates
+# their cost on CPU. Cached executables are the programs a fresh compile would produce.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(__import__("tempfile").gettempdir(),
+                                   f"easyrl-tests-xla-cache-{_RUN}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 import pytest  # noqa: E402
