@@ -42,21 +42,17 @@ def make_loss(config, s, kind: str):
         per, r_c, r_r = losses.cpo_losses(pc, pr, lc, lr, beta=s.beta, loss_type=kind,
                                           label_smoothing=s.label_smoothing,
                                           simpo_gamma=s.simpo_gamma)
-        if kind in AVERAGED:
-            pc, pr = pc / jnp.maximum(lc, 1), pr / jnp.maximum(lr, 1)
-        metrics = pair_metrics(r_c, r_r, pc, pr, denom["pairs"])
+        # TRL logs the log-probs the loss type uses: per-token means for ipo / simpo
+        lp_c, lp_r = (pc / jnp.maximum(lc, 1), pr / jnp.maximum(lr, 1)) if kind in AVERAGED \
+            else (pc, pr)
+        metrics = pair_metrics(r_c, r_r, lp_c, lp_r, denom["pairs"])
         loss = jnp.sum(per) / denom["pairs"]
         if alpha:
-            nll = -jnp.sum(pair_logps_sum(pc, lc, kind)) / denom["chosen_tokens"]
+            nll = -jnp.sum(pc) / denom["chosen_tokens"]
             metrics["nll_loss"] = nll
             loss = loss + alpha * nll
         return loss, metrics
     return loss_fn
-
-
-def pair_logps_sum(pc, lc, kind):
-    """The chosen responses' summed log-probs (undoing the length normalization of `kind`)."""
-    return pc * jnp.maximum(lc, 1) if kind in AVERAGED else pc
 
 
 def check_config(s, name: str) -> None:
