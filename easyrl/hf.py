@@ -34,6 +34,7 @@ NAME_MAP = (
     (r"layers/(self_attn|mlp)/(\w+_proj)/kernel", r"model.layers.{i}.\1.\2.weight", True),
     (r"layers/(self_attn|mlp)/(\w+_proj)/bias", r"model.layers.{i}.\1.\2.bias", False),
     (r"layers/(\w+_layernorm)/scale", r"model.layers.{i}.\1.weight", False),
+    (r"layers/self_attn/(q_norm|k_norm)/scale", r"model.layers.{i}.self_attn.\1.weight", False),
     (r"norm/scale", "model.norm.weight", False),
     (r"lm_head/kernel", "lm_head.weight", True),
     (r"score/kernel", "score.weight", True),
@@ -50,8 +51,15 @@ EXPORT_FILES = re.compile(
     r"pytorch_model\.bin\.index\.json|adapter_config\.json|adapter_model\.safetensors|"
     r"vocab\.(json|txt)|merges\.txt|spiece\.model|tokenizer[\w.-]*|[\w-]*\.jinja|"
     + "|".join(map(re.escape, TOKENIZER_FILES)) + ")")
-ARCHITECTURES = {"causal_lm": "LlamaForCausalLM", "reward": "LlamaForSequenceClassification",
-                 "value": "LlamaForSequenceClassification"}
+KINDS = {"causal_lm": "ForCausalLM", "reward": "ForSequenceClassification",
+         "value": "ForSequenceClassification"}
+# transformers' class-name prefix of each model_type
+CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+def architecture(config: LlamaConfig, kind: str) -> str:
+    """The transformers class an export of `kind` loads as, e.g. Qwen3ForSequenceClassification."""
+    return CLASS_PREFIX[config.model_type] + KINDS[kind]
 
 
 def hf_names(path: str, num_layers: int):
@@ -267,7 +275,7 @@ def write_safetensors(path: str, entries, flat: dict, dtype=None) -> int:
 
 def hf_config_dict(config: LlamaConfig, kind: str, dtype, pad_token_id=None) -> dict:
     out = config.to_hf()
-    out["architectures"] = [ARCHITECTURES[kind]]
+    out["architectures"] = [architecture(config, kind)]
     out["torch_dtype"] = out["dtype"] = jnp.dtype(dtype).name
     if pad_token_id is not None:
         out["pad_token_id"] = pad_token_id
@@ -287,8 +295,8 @@ def save(path: str, config: LlamaConfig, params, kind: str = "causal_lm", tokeni
     `generation`: extra generation_config.json entries. Streams one tensor at a time; shards
     above `max_shard_size` bytes with an index. Atomic (`export_folder`): the folder appears, or
     replaces an older export, only once complete; every process calls it, process 0 writes."""
-    if kind not in ARCHITECTURES:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {tuple(ARCHITECTURES)}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {tuple(KINDS)}")
     flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     if has_adapters(params):
         raise ValueError("params carry LoRA adapters: merge them first (`easyrl convert "

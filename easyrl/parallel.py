@@ -33,6 +33,7 @@ PARTITION_RULES = (
     (r"layers/mlp/down_proj/kernel", P(None, "tp", "fsdp")),
     (r"layers/mlp/down_proj/bias", P(None, None)),
     (r"layers/(input|post_attention)_layernorm/scale", P(None, None)),
+    (r"layers/self_attn/(q|k)_norm/scale", P(None, None)),  # qk_norm (Qwen3): [L, Dh]
     (r"norm/scale", P(None)),
     (r"lm_head/kernel", P("fsdp", "tp")),
     (r"score/kernel", P("fsdp", None)),

@@ -19,26 +19,47 @@ VARIANTS = {
 }
 
 
-def hf_config(**kw):
-    from transformers import LlamaConfig
-    return LlamaConfig(**{**TINY, **kw})
+# the other architectures one easyrl model serves (arch -> transformers class prefix), and
+# variants of each: a window shorter than the test batches' 12 tokens, yarn rope, ties
+ARCHS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+ARCH_VARIANTS = {
+    "mistral": dict(arch="mistral", num_key_value_heads=2, sliding_window=None),
+    "mistral_window": dict(arch="mistral", num_key_value_heads=2, sliding_window=5),
+    "qwen2": dict(arch="qwen2", num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True),
+    "qwen2_window": dict(arch="qwen2", num_key_value_heads=2, use_sliding_window=True,
+                         sliding_window=4, max_window_layers=0),
+    "qwen2_yarn": dict(arch="qwen2", num_key_value_heads=2,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                     "original_max_position_embeddings": 64}),
+    "qwen3": dict(arch="qwen3", num_key_value_heads=2, head_dim=24),
+    "qwen3_bias_window": dict(arch="qwen3", num_key_value_heads=2, head_dim=8,
+                              attention_bias=True, use_sliding_window=True, sliding_window=6,
+                              max_window_layers=0),
+}
 
 
-def make_causal_lm(folder, seed=0, **kw):
+def hf_config(arch="llama", **kw):
+    import transformers
+    return getattr(transformers, ARCHS[arch] + "Config")(**{**TINY, **kw})
+
+
+def make_causal_lm(folder, seed=0, arch="llama", **kw):
     import torch
-    from transformers import LlamaForCausalLM
+    import transformers
     torch.manual_seed(seed)
-    m = LlamaForCausalLM(hf_config(**kw)).eval()
+    cls = getattr(transformers, ARCHS[arch] + "ForCausalLM")
+    m = cls(hf_config(arch, **kw)).eval()
     _perturb_norms(m, seed)
     m.save_pretrained(folder)
     return m
 
 
-def make_reward_model(folder, seed=0, **kw):
+def make_reward_model(folder, seed=0, arch="llama", **kw):
     import torch
-    from transformers import LlamaForSequenceClassification
+    import transformers
     torch.manual_seed(seed)
-    m = LlamaForSequenceClassification(hf_config(num_labels=1, **kw)).eval()
+    cls = getattr(transformers, ARCHS[arch] + "ForSequenceClassification")
+    m = cls(hf_config(arch, num_labels=1, **kw)).eval()
     _perturb_norms(m, seed)
     m.save_pretrained(folder)
     return m

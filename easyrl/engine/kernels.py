@@ -11,8 +11,8 @@ import numpy as np
 
 from easyrl.generate import sample_logits
 from easyrl.model.config import LlamaConfig
-from easyrl.model.llama import (MLP, Llama, RMSNorm, dense_module, apply_rope, cache_read,
-                                lm_head_apply, rope_cos_sin, unstack_layers)
+from easyrl.model.llama import (MLP, Llama, RMSNorm, cache_read, dense_module, lm_head_apply,
+                                project_qkv, rope_cos_sin, unstack_layers)
 
 
 _MIN = float(np.finfo(np.float32).min)
@@ -42,10 +42,7 @@ class _BlockAttention(nn.Module):
         cfg = self.config
         b, t, _ = x.shape  # t == 1
         h, kh, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = dense_module(cfg, h * dh, cfg.attention_bias, "q_proj")(x).reshape(b, t, h, dh)
-        k = dense_module(cfg, kh * dh, cfg.attention_bias, "k_proj")(x).reshape(b, t, kh, dh)
-        v = dense_module(cfg, kh * dh, cfg.attention_bias, "v_proj")(x).reshape(b, t, kh, dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = project_qkv(cfg, x, cos, sin)
         nb = len(kbs)
         rows = jnp.arange(b)
         kbs, vbs = list(kbs), list(vbs)
@@ -251,6 +248,8 @@ def _chunk_impl(rest, layer_params, caches, state, eos, pad, *, st: Static):
         wblk = jnp.where(act, length // blk, nb)  # finished / empty rows write nowhere
         woff = length % blk
         key_ok = kidx <= length[:, None]  # [B, NB * blk]: the prompt, the response so far, this
+        if cfg.window is not None:  # position == cache index: `llama.window_mask`'s rule
+            key_ok = key_ok & (kidx > length[:, None] - cfg.window)
         nb_live = (jnp.max(jnp.where(act, length, 0)) + blk) // blk  # blocks holding live keys
         new = []
         for lp_, (kbs, vbs) in zip(layer_params, caches):

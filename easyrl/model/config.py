@@ -11,8 +11,11 @@ from typing import Any, Optional, Tuple, Union
 
 from easyrl.model.lora import check_targets
 
-SUPPORTED_MODEL_TYPES = ("llama",)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# one model serves these Hugging Face architectures: they differ from LLaMA in a few switches
+# (`ARCH_SWITCHES`): mistral a sliding window, qwen2 q/k/v biases (and an optional window),
+# qwen3 an RMSNorm over each head's queries and keys and an explicit head_dim
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
@@ -29,7 +32,17 @@ _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 SUPPORTED_ACTS = ("silu", "swish")  # the same function in transformers
 _ROPE_KEYS = {"linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                         "original_max_position_embeddings")}
+                         "original_max_position_embeddings"),
+              "yarn": ("factor",)}
+# the config.json keys of each architecture that change the math, beyond the LLaMA ones; the
+# keys transformers' own class does not read (e.g. attention_bias on mistral / qwen2, whose
+# projections have fixed biases) are not read here either
+_ARCH_KEYS = {"llama": ("attention_bias", "mlp_bias"),
+              "mistral": ("sliding_window",),
+              "qwen2": ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
+              "qwen3": ("attention_bias", "use_sliding_window", "sliding_window",
+                        "max_window_layers", "layer_types")}
+_HEAD_DIM_DEFAULT = {"qwen3": 128}  # Qwen3Config.head_dim's default (others: hidden / heads)
 
 
 def _num(v) -> bool:
@@ -68,6 +81,20 @@ def check_hf_config(hf, source: str = "config") -> None:
     for k in _BOOLS:
         if hf.get(k) is not None and not isinstance(hf[k], bool):
             bad(k, "expected true or false")
+    for k in ("sliding_window", "max_window_layers"):
+        if hf.get(k) is not None and not (_int(hf[k]) and hf[k] >= (k == "sliding_window")):
+            bad(k, "expected a positive int or null" if k == "sliding_window"
+                else "expected a non-negative int or null")
+    if hf.get("use_sliding_window") is not None and not isinstance(hf["use_sliding_window"], bool):
+        bad("use_sliding_window", "expected true or false")
+    lt = hf.get("layer_types")
+    if lt is not None:
+        if not (isinstance(lt, list) and all(t in ("full_attention", "sliding_attention")
+                                             for t in lt)):
+            bad("layer_types", "expected a list of 'full_attention' / 'sliding_attention'")
+        if model_type in ("qwen2", "qwen3") and len(set(lt)) > 1:
+            bad("layer_types", "easyrl's layers share one attention kind: all full_attention or "
+                "all sliding_attention (mixed full / sliding layers are not supported)")
     for k in ("bos_token_id", "pad_token_id"):
         if hf.get(k) is not None and not _int(hf[k]):
             bad(k, "expected an int or null")
@@ -107,8 +134,17 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on q, k, v and o (llama, qwen3)
     mlp_bias: bool = False
+    # architecture switches (`model_type` names the Hugging Face class written on export)
+    model_type: str = "llama"
+    qkv_bias: bool = False  # bias on q, k and v only (qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before rotary (qwen3)
+    # keys at most sliding_window - 1 positions before the query (transformers'
+    # `kv_idx > q_idx - sliding_window`), on the layers i >= max_window_layers (Qwen's rule;
+    # easyrl's layers share one kind, so max_window_layers is 0 or >= the layer count)
+    sliding_window: Optional[int] = None
+    max_window_layers: int = 0
     initializer_range: float = 0.02
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[Union[int, Tuple[int, ...]]] = 2
@@ -154,6 +190,21 @@ class LlamaConfig:
             if kind not in SUPPORTED_ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported "
                                  f"(supported: {SUPPORTED_ROPE_TYPES})")
+            if rs.get("partial_rotary_factor", 1.0) != 1.0:
+                raise ValueError(f"rope_scaling partial_rotary_factor="
+                                 f"{rs['partial_rotary_factor']}: easyrl rotates the whole head")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r}: expected one of "
+                             f"{SUPPORTED_MODEL_TYPES}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window}: must be >= 1 (or None)")
+        if self.sliding_window is not None and \
+                0 < self.max_window_layers < self.num_hidden_layers:
+            raise ValueError(
+                f"max_window_layers={self.max_window_layers} with sliding_window="
+                f"{self.sliding_window}: layers {self.max_window_layers}.."
+                f"{self.num_hidden_layers - 1} would use the window and the others not; "
+                f"easyrl's layers share one attention kind (mixed layers are not supported)")
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -161,13 +212,22 @@ class LlamaConfig:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
 
     @property
+    def window(self) -> Optional[int]:
+        """The sliding window every layer applies, or None (full causal attention)."""
+        if self.sliding_window is None or self.max_window_layers >= self.num_hidden_layers:
+            return None
+        return self.sliding_window
+
+    @property
     def num_params(self) -> int:
         """Parameter count of the causal LM (embeddings and head included)."""
         d, f, v, l = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
         h, k, dh = self.num_attention_heads, self.num_key_value_heads, self.head_dim
         attn = d * h * dh * 2 + d * k * dh * 2
-        if self.attention_bias:
-            attn += h * dh + 2 * k * dh + d
+        if self.attention_bias or self.qkv_bias:
+            attn += h * dh + 2 * k * dh + (d if self.attention_bias else 0)
+        if self.qk_norm:
+            attn += 2 * dh
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
         layer = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else d * v
@@ -193,22 +253,59 @@ class LlamaConfig:
             rope_scaling = {k: v for k, v in rope_scaling.items() if v is not None}
             if rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
                 rope_scaling = None
-        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) \
+                in ("yarn", "llama3"):  # transformers' standardize_rope_params default
+            rope_scaling.setdefault("original_max_position_embeddings",
+                                    hf["max_position_embeddings"])
+        mt = hf["model_type"]
+        arch = set(_ARCH_KEYS["llama"]) | {k for ks in _ARCH_KEYS.values() for k in ks}
+        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS) - arch - {
+            "model_type", "qkv_bias", "qk_norm"}
         kw = {k: hf[k] for k in names if k in hf and hf[k] is not None}
         kw["rope_theta"] = float(rope_theta if rope_theta is not None else 10000.0)
         kw["rope_scaling"] = rope_scaling
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kw[k] = hf.get(k)
+        if hf.get("head_dim") is None and mt in _HEAD_DIM_DEFAULT:
+            kw["head_dim"] = _HEAD_DIM_DEFAULT[mt]
+        kw.update(model_type=mt, qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3")
+        for k in ("attention_bias", "mlp_bias"):
+            if k in _ARCH_KEYS[mt] and hf.get(k) is not None:
+                kw[k] = hf[k]
+        if mt == "mistral":
+            kw["sliding_window"] = hf.get("sliding_window")
+        elif mt in ("qwen2", "qwen3"):
+            kw["sliding_window"] = hf.get("sliding_window") if hf.get("use_sliding_window") \
+                else None
+            mwl = hf.get("max_window_layers")
+            lt = hf.get("layer_types")
+            if lt is not None and kw["sliding_window"] is not None:  # transformers >= 5
+                mwl = 0 if lt[0] == "sliding_attention" else hf["num_hidden_layers"]
+            kw["max_window_layers"] = 28 if mwl is None else mwl  # Qwen2Config's default
         return cls(**kw, **runtime)
 
     def to_hf(self) -> dict:
+        """The config.json of this architecture (`model_type`), in transformers' key names."""
+        mt = self.model_type
+        switches = ("qkv_bias", "qk_norm", "sliding_window", "max_window_layers",
+                    "attention_bias", "mlp_bias")
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in _RUNTIME_FIELDS}
+               if f.name not in _RUNTIME_FIELDS and f.name not in switches}
         out["rope_scaling"] = self.rope_scaling_dict
         if isinstance(self.eos_token_id, tuple):
             out["eos_token_id"] = list(self.eos_token_id)
-        out.update(model_type="llama", hidden_act="silu", attention_dropout=0.0,
-                   pretraining_tp=1, use_cache=True)
+        out.update(hidden_act="silu", attention_dropout=0.0, use_cache=True)
+        out.update({k: getattr(self, k) for k in _ARCH_KEYS[mt]
+                    if k in ("attention_bias", "mlp_bias", "sliding_window")})
+        if mt == "llama":
+            out["pretraining_tp"] = 1
+        if mt == "qwen2" and self.head_dim == self.hidden_size // self.num_attention_heads:
+            del out["head_dim"]  # Qwen2Config has no head_dim key (transformers derives it)
+        if mt in ("qwen2", "qwen3"):
+            on = self.window is not None
+            out.update(use_sliding_window=on, max_window_layers=self.max_window_layers,
+                       layer_types=[("sliding_attention" if on else "full_attention")] *
+                       self.num_hidden_layers)
         return out
 
     def to_json_dict(self) -> dict:
@@ -262,6 +359,34 @@ PRESETS = {
                               rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                             "original_max_position_embeddings": 8192}),
+    # mistralai/Mistral-7B-v0.1 (the base of Zephyr-7B): a 4096-token sliding window
+    "mistral_7b": LlamaConfig(model_type="mistral", vocab_size=32000, hidden_size=4096,
+                              intermediate_size=14336, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=8,
+                              max_position_embeddings=32768, rms_norm_eps=1e-5,
+                              sliding_window=4096, bos_token_id=1, eos_token_id=2),
+    # Qwen/Qwen2.5-7B-Instruct and Qwen/Qwen2.5-1.5B-Instruct (q/k/v biases; the small sizes
+    # tie the embeddings); window off (use_sliding_window false, max_window_layers 28)
+    "qwen25_7b": LlamaConfig(model_type="qwen2", qkv_bias=True, vocab_size=152064,
+                             hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                             num_attention_heads=28, num_key_value_heads=4,
+                             max_position_embeddings=32768, rms_norm_eps=1e-6,
+                             rope_theta=1000000.0, max_window_layers=28,
+                             bos_token_id=151643, eos_token_id=151645),
+    "qwen25_1_5b": LlamaConfig(model_type="qwen2", qkv_bias=True, vocab_size=151936,
+                               hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                               num_attention_heads=12, num_key_value_heads=2,
+                               max_position_embeddings=32768, rms_norm_eps=1e-6,
+                               rope_theta=1000000.0, tie_word_embeddings=True,
+                               max_window_layers=21, bos_token_id=151643,
+                               eos_token_id=151645),
+    # Qwen/Qwen3-8B (q/k RMSNorm, head_dim 128)
+    "qwen3_8b": LlamaConfig(model_type="qwen3", qk_norm=True, vocab_size=151936,
+                            hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                            num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                            max_position_embeddings=40960, rms_norm_eps=1e-6,
+                            rope_theta=1000000.0, max_window_layers=36, bos_token_id=151643,
+                            eos_token_id=151645),
 }
 
 
@@ -293,4 +418,39 @@ def rope_inv_freq(config: LlamaConfig):
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
         return np.where(medium, smoothed, scaled).astype(f32)
+    if kind == "yarn":  # transformers' _compute_yarn_parameters (YaRN, arXiv 2309.00071)
+        factor, base = rs["factor"], config.rope_theta
+        old = rs.get("original_max_position_embeddings", config.max_position_embeddings)
+        fast, slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+        def corr_dim(rot):
+            return dh * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))
+        lo, hi = corr_dim(fast), corr_dim(slow)
+        if rs.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dh - 1)
+        if lo == hi:
+            hi += 0.001
+        pos = f32(base) ** (np.arange(0, dh, 2).astype(f32) / f32(dh))
+        ramp = np.clip((np.arange(dh // 2, dtype=f32) - f32(lo)) / f32(hi - lo), 0, 1)
+        extra = f32(1) - ramp.astype(f32)
+        return ((f32(1) / (f32(factor) * pos)) * (f32(1) - extra)
+                + (f32(1) / pos) * extra).astype(f32)
     return inv
+
+
+def rope_attention_factor(config: LlamaConfig) -> float:
+    """The factor transformers multiplies cos and sin by: yarn's attention_factor (given, or
+    0.1 ln(factor) + 1, with mscale / mscale_all_dim when both are set); 1 otherwise."""
+    rs = config.rope_scaling_dict
+    if rs is None or rs.get("rope_type", rs.get("type")) != "yarn":
+        return 1.0
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    f, m, m_all = rs["factor"], rs.get("mscale"), rs.get("mscale_all_dim")
+    if m and m_all:
+        return float(mscale(f, m) / mscale(f, m_all))
+    return float(mscale(f))

@@ -1,4 +1,5 @@
-"""Pure-functional LLaMA in Flax linen.
+"""Pure-functional LLaMA in Flax linen (also Mistral, Qwen2 / Qwen2.5 and Qwen3: the switches
+qkv_bias, qk_norm, sliding_window of `LlamaConfig`).
 
 Parameters are a plain pytree in Hugging Face orientation except that dense kernels are stored
 [in, out] (flax) where HF stores [out, in]; decoder layers are stacked on a leading axis L (the
@@ -6,7 +7,8 @@ layers run under `nn.scan`):
 
     embed_tokens/embedding [V, D]
     layers/input_layernorm/scale [L, D]
-    layers/self_attn/{q,k,v}_proj/kernel [L, D, H*Dh | K*Dh]   (+ bias when attention_bias)
+    layers/self_attn/{q,k,v}_proj/kernel [L, D, H*Dh | K*Dh]   (+ bias: attention_bias, qkv_bias)
+    layers/self_attn/{q,k}_norm/scale [L, Dh]                  (qk_norm, Qwen3)
     layers/self_attn/o_proj/kernel [L, H*Dh, D]
     layers/post_attention_layernorm/scale [L, D]
     layers/mlp/{gate,up}_proj/kernel [L, D, F], layers/mlp/down_proj/kernel [L, F, D]
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easyrl.model import lora
-from easyrl.model.config import LlamaConfig, rope_inv_freq
+from easyrl.model.config import LlamaConfig, rope_attention_factor, rope_inv_freq
 from easyrl.model.matmul import DENSE_OUT, dense_dot_general, dense_matmul
 from easyrl.parallel import constrain_batch
 
@@ -42,7 +44,10 @@ def rope_cos_sin(config: LlamaConfig, positions: Array) -> Tuple[Array, Array]:
     inv = jnp.asarray(rope_inv_freq(config), jnp.float32)
     freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, Dh/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    scale = rope_attention_factor(config)  # yarn's cos / sin scaling (1 otherwise)
+    if scale == 1.0:
+        return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -211,6 +216,38 @@ def attend_cached(q: Array, ck: Array, cv: Array, mask: Array) -> Array:
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
+def project_qkv(cfg: LlamaConfig, x: Array, cos: Array, sin: Array):
+    """q [B,T,H,Dh], k, v [B,T,K,Dh] of x [B,T,D], rotary applied: the q/k/v projections (with
+    biases under attention_bias or qkv_bias) and, for qk_norm (Qwen3), an RMSNorm over each
+    head's queries and keys before rotary. Call inside a compact module (the submodules are
+    its q_proj, k_proj, v_proj, q_norm, k_norm)."""
+    b, t, _ = x.shape
+    h, kh, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    bias = cfg.attention_bias or cfg.qkv_bias
+    q = dense_module(cfg, h * dh, bias, "q_proj")(x).reshape(b, t, h, dh)
+    k = dense_module(cfg, kh * dh, bias, "k_proj")(x).reshape(b, t, kh, dh)
+    v = dense_module(cfg, kh * dh, bias, "v_proj")(x).reshape(b, t, kh, dh)
+    if cfg.qk_norm:
+        dt, pdt = _dt(cfg.dtype), _dt(cfg.param_dtype)
+        q = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="q_norm")(q)
+        k = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="k_norm")(k)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def window_mask(cfg: LlamaConfig, mask: Array, q_start=0) -> Array:
+    """mask [B,T,S] with the sliding window (`cfg.window`) applied: query t (cache index
+    q_start + t) keeps keys at indices s > q_start + t - window, as transformers'
+    `sliding_window_overlay`. Indices stand for positions: every caller lays a sequence's real
+    tokens out contiguously (left-padded prompts, packed segments), so index distance is
+    position distance wherever the mask lets a key through."""
+    w = cfg.window
+    if w is None:
+        return mask
+    t, s = mask.shape[-2:]
+    q = q_start + jnp.arange(t)[:, None]
+    return mask & (jnp.arange(s)[None, :] > q - w)[None]
+
+
 class Attention(nn.Module):
     config: LlamaConfig
 
@@ -218,11 +255,8 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         cfg = self.config
         b, t, _ = x.shape
-        h, kh, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = dense_module(cfg, h * dh, cfg.attention_bias, "q_proj")(x).reshape(b, t, h, dh)
-        k = dense_module(cfg, kh * dh, cfg.attention_bias, "k_proj")(x).reshape(b, t, kh, dh)
-        v = dense_module(cfg, kh * dh, cfg.attention_bias, "v_proj")(x).reshape(b, t, kh, dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        h, dh = cfg.num_attention_heads, cfg.head_dim
+        q, k, v = project_qkv(cfg, x, cos, sin)
         new_cache = None
         if cache is not None:  # write this step's keys/values at cache_index, attend to all S
             ck, cv = cache  # [B, K, Dh, S], [B, K, S, Dh]: the layouts the two dots read directly
@@ -284,6 +318,7 @@ class Llama(nn.Module):
                          name="embed_tokens")
         x = constrain_batch(embed(input_ids.astype(jnp.int32)))
         cos, sin = rope_cos_sin(cfg, positions)
+        mask = window_mask(cfg, mask, 0 if cache_index is None else cache_index)
         layer = DecoderLayer
         if cfg.remat != "none":
             layer = nn.remat(layer, policy=remat_policy(cfg.remat), prevent_cse=False)
@@ -331,6 +366,7 @@ def forward_unrolled(config: LlamaConfig, params, layer_params: list, input_ids,
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt)
     x = embed.apply({"params": params["embed_tokens"]}, input_ids.astype(jnp.int32))
     cos, sin = rope_cos_sin(cfg, positions)
+    mask = window_mask(cfg, mask, cache_index)
     layer = DecoderLayer(cfg)
     new_caches = []
     for lp, cache in zip(layer_params, caches):

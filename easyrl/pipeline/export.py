@@ -63,11 +63,12 @@ def model_card(name: str, run_dir: str, out: str, *, metrics: dict, evaluation: 
                pipeline_dir: str, template: str, eval_settings: Optional[dict] = None) -> str:
     """README.md for export `out` of stage `name`: what it is, how to load it, the stage config,
     final training metrics and held-out evaluation numbers."""
-    _, kind, stored = checkpoint.read_model_config(run_dir)
+    from easyrl import hf
+    mconfig, kind, stored = checkpoint.read_model_config(run_dir)
     run_config = stored.get("run_config", {})
     step = checkpoint.latest_step(run_dir)
     is_rm = name == "rm"
-    arch = "LlamaForSequenceClassification" if is_rm else "LlamaForCausalLM"
+    arch = hf.architecture(mconfig, "reward" if is_rm else "causal_lm")
     auto = "AutoModelForSequenceClassification" if is_rm else "AutoModelForCausalLM"
     lines = [
         "---",

@@ -59,7 +59,8 @@ def _numel(tree) -> int:
 
 def guess_preset(path: str) -> Optional[str]:
     """A preset for a model path that is not available locally, from its name: the size
-    ('7b', '13b', '70b', '8b', '1b', ...) and the family ('llama-3' / 'llama3' / 'llama-3.1')."""
+    ('7b', '13b', '70b', '8b', '1b', ...) and the family ('llama-3' / 'llama3' / 'llama-3.1',
+    'qwen2.5', 'qwen3', 'mistral' / 'zephyr')."""
     from easyrl.model.config import PRESETS
     name = os.path.basename(os.path.normpath(path)).lower() if path else ""
     if not name:
@@ -70,6 +71,11 @@ def guess_preset(path: str) -> Optional[str]:
     if not m:
         return None
     size = m.group(1)
+    family = {"qwen2.5": {"7": "qwen25_7b", "1.5": "qwen25_1_5b"}, "qwen3": {"8": "qwen3_8b"},
+              "mistral": {"7": "mistral_7b"}, "zephyr": {"7": "mistral_7b"}}
+    for fam, sizes in family.items():
+        if re.search(re.escape(fam).replace(r"\.", r"[.-]?"), name):
+            return sizes.get(size)
     family3 = re.search(r"llama-?3", name) is not None
     v31 = re.search(r"llama-?3[.-]?1", name) is not None
     table = {"7": "llama2_7b", "13": "llama2_13b", "70": "llama2_70b", "1": "bench_1b",
