@@ -86,6 +86,56 @@ def _require_chat(tokenizer):
 
 def _chat_segments(tokenizer, messages: Messages, generation_prompt: bool) -> list[Segment]:
     _require_chat(tokenizer)
+    try:
+        return _chat_segments_incremental(tokenizer, messages, generation_prompt)
+    except _NotIncremental:
+        # e.g. Qwen3's template, which renders an empty <think></think> block on the last
+        # assistant turn only: locate each assistant turn's content in the whole rendering
+        segs = _chat_segments_by_search(tokenizer, messages, generation_prompt)
+        if segs is None:
+            raise ValueError("the tokenizer's chat_template does not render conversations "
+                             "incrementally, and the assistant turns' contents are not found "
+                             "verbatim in its rendering; cannot locate assistant turns for loss "
+                             "masking") from None
+        return segs
+
+
+class _NotIncremental(Exception):
+    pass
+
+
+def _chat_segments_by_search(tokenizer, messages: Messages, generation_prompt: bool):
+    """Segments from one rendering of the whole conversation: each assistant content (and the
+    EOS right after it) is a target, found in order; None when a content is not in the text."""
+    eos = tokenizer.eos_token
+    ends_with_answer = bool(messages) and messages[-1]["role"] == "assistant"
+    full = _apply_chat(tokenizer, messages, generation_prompt and not ends_with_answer)
+    segs: list[Segment] = []
+    pos = 0
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant" or not m["content"]:
+            continue
+        i = full.find(m["content"], pos)
+        if i < 0:
+            return None
+        end = i + len(m["content"])
+        # the target starts where the generation prompt of the conversation so far ends, so
+        # text the template puts before the content (Qwen3's empty think block on the last
+        # turn) is what the model learns to emit after that prompt
+        opener = _apply_chat(tokenizer, messages[:k], True)
+        if full.startswith(opener) and pos <= len(opener) <= i:
+            i = len(opener)
+        if eos and full.startswith(eos, end):
+            end += len(eos)
+        segs += [(full[pos:i], False, False), (full[i:end], True, False)]
+        pos = end
+    if not (ends_with_answer and segs):  # the rest: the last turns, the generation prompt
+        segs.append((full[pos:], False, False))
+    return [s for s in segs if s[0]]
+
+
+def _chat_segments_incremental(tokenizer, messages: Messages,
+                               generation_prompt: bool) -> list[Segment]:
     eos = tokenizer.eos_token
     segs: list[Segment] = []
     done = ""
@@ -95,8 +145,7 @@ def _chat_segments(tokenizer, messages: Messages, generation_prompt: bool) -> li
         before = _apply_chat(tokenizer, messages[:i], True)
         full = _apply_chat(tokenizer, messages[: i + 1], False)
         if not before.startswith(done) or not full.startswith(before):
-            raise ValueError("the tokenizer's chat_template does not render conversations incrementally; "
-                             "cannot locate assistant turns for loss masking")
+            raise _NotIncremental()
         answer, rest = full[len(before):], ""
         if eos and eos in answer:
             cut = answer.rindex(eos) + len(eos)
@@ -104,6 +153,10 @@ def _chat_segments(tokenizer, messages: Messages, generation_prompt: bool) -> li
         segs.append((before[len(done):], False, False))
         segs.append((answer, True, False))
         done = full[: len(full) - len(rest)]
+    last = _apply_chat(tokenizer, messages, bool(generation_prompt and messages
+                                                 and messages[-1]["role"] != "assistant"))
+    if not last.startswith(done):  # an earlier turn renders differently once it is not last
+        raise _NotIncremental()
     if generation_prompt and (not messages or messages[-1]["role"] != "assistant"):
         full = _apply_chat(tokenizer, messages, True)
         segs.append((full[len(done):], False, False))
