@@ -50,6 +50,29 @@ rloo_tldr TRL's RLOO settings (RLOOTrainer docs, v0.11 `examples/scripts/rloo`):
           8x A100 80GB (TRL's runs). mesh dp:1,fsdp:-1,tp:1 (fsdp 8), micro_batch_size 0 (the
           whole minibatch of 64 completions), remat dots: `easyrl plan` peak 16.77 GiB per
           device vs 72.00 GiB usable (policy, reference and reward model, no critic)
+qwen25_7b_math  Dr. GRPO on Qwen2.5-7B, the "Understanding R1-Zero-Like Training" recipe (Liu et al.
+          2025; sail-sg/understand-r1-zero `examples/qwen2.5-7b.sh`, oat `train_zero_math.py`):
+          base model Qwen/Qwen2.5-7B (model.path /path/to/Qwen2.5-7B; `easyrl plan` takes the
+          qwen25_7b preset from the name), data open-r1/Big-Math-RL-Verified-Processed (config
+          `all`: data.train open-r1/Big-Math-RL-Verified-Processed@all, split train: prompt ->
+          prompt, solution -> answer), critic_type drgrpo = loss
+          dr_grpo (token sum over a constant max_new_tokens) with scale_rewards none (advantage
+          r - group mean), beta 0 (no reference), lr 1e-6 constant, no warmup, Adam betas
+          (0.9, 0.95) (oat's defaults), grad clip 1.0, G 8 samples, 128 prompts per rollout
+          (1024 completions), 1 PPO epoch, train_batch_size 128 completions = 8 optimizer steps
+          per rollout (grpo.num_minibatches 8), prompt max 1024, generate max 3000, temperature
+          1.0, top_p 1.0, clip 0.2 (oat's cliprange default). Our substitutions: template chat
+          (the tokenizer's ChatML template; oat uses its R1 text template "A conversation
+          between User and Assistant ... <think>", which easyrl's templates do not have), the
+          reward boxed_math (the completion's last \\boxed{} against the answer after a string
+          normalisation of the LaTeX; oat grades with its symbolic math grader, which also
+          matches equivalent forms such as 0.5 and \\frac{1}{2}: pass such a grader as
+          reward.functions=FILE.py:FN), epochs 1 (oat's run has no fixed length). oat zeroes the
+          reward of completions cut at max length (no knob here; they mostly score 0 anyway).
+          Hardware: 8x A100 80GB (the paper: 8x A100, size not given; 80GB our assumption).
+          mesh fsdp 8, micro-batch 1 prompt (8 completions, one per device, as oat's
+          train_batch_size_per_device 1), remat full, shared prompt prefixes: `easyrl plan` peak
+          56.93 GiB per device vs 72.00 GiB usable (the rollout).
 
 HARDWARE (below) is what each real-model preset is sized for; `easyrl plan` plans on it.
 """
@@ -60,6 +83,7 @@ from easyrl.train.config import base_config
 HARDWARE = {
     "gsm8k_rlvr": dict(devices=16, device_memory_gib=80, platform="gpu", name="16x H100 80GB"),
     "rloo_tldr": dict(devices=8, device_memory_gib=80, platform="gpu", name="8x A100 80GB"),
+    "qwen25_7b_math": dict(devices=8, device_memory_gib=80, platform="gpu", name="8x A100 80GB"),
 }
 
 
@@ -98,7 +122,7 @@ def get_config(preset: str = "tiny"):
     elif preset == "gsm8k_rlvr":
         c.mesh = "dp:1,fsdp:-1,tp:1"
         c.model.update(path="/path/to/sft-7b", dtype="bfloat16", remat="full")
-        c.data.update(train="openai/gsm8k", split="train", format="prompt",
+        c.data.update(train="openai/gsm8k@main", split="train", format="prompt",
                       columns="question:prompt")
         c.reward.functions = "gsm8k_exact"
         c.grpo.update(max_prompt_len=512, max_new_tokens=512, temperature=1.0,
@@ -118,6 +142,23 @@ def get_config(preset: str = "tiny"):
         c.train.update(epochs=1, batch_size=32, seq_len=565)
         c.optim.update(lr=3e-6, schedule="linear", warmup=0)
         c.checkpoint.update(every=100, keep=2)
+    elif preset == "qwen25_7b_math":
+        c.mesh = "dp:1,fsdp:-1,tp:1"  # fsdp 8 on HARDWARE's 8x A100 80GB
+        c.model.update(path="/path/to/Qwen2.5-7B", dtype="bfloat16", remat="full")
+        # NAME@CONFIG: Big-Math's load_dataset config `all`; solution -> answer for the reward
+        # (the other columns reach it too)
+        c.data.update(train="open-r1/Big-Math-RL-Verified-Processed@all", split="train",
+                      format="prompt", template="chat", columns="solution:answer")
+        c.reward.functions = "boxed_math"
+        c.grpo.update(max_prompt_len=1024, max_new_tokens=3000, temperature=1.0, top_k=0,
+                      top_p=1.0, num_generations=8, advantage="grpo", scale_rewards="none",
+                      loss_type="dr_grpo", beta=0.0, epsilon_low=0.2, epsilon_high=0.2,
+                      num_iterations=1, num_minibatches=8)
+        c.train.update(epochs=1, batch_size=128, micro_batch_size=1, seq_len=4024)
+        c.optim.update(lr=1e-6, schedule="constant", warmup=0, weight_decay=0.0, b1=0.9,
+                       b2=0.95, clip=1.0)
+        c.checkpoint.update(every=50, keep=2)
     else:
-        raise ValueError(f"unknown grpo preset {preset!r}: tiny, tiny_rm, gsm8k_rlvr, rloo_tldr")
+        raise ValueError(f"unknown grpo preset {preset!r}: tiny, tiny_rm, gsm8k_rlvr, rloo_tldr, "
+                         f"qwen25_7b_math")
     return c

@@ -72,7 +72,8 @@ import numpy as np
 
 DEFAULT_MAX_COMPLETION_LENGTH = 256
 DEFAULT_FORMAT_PATTERN = r"^<think>.*?</think>.*$"
-BUILTINS = ("synthetic", "exact_match", "gsm8k_exact", "regex_format", "length_penalty", "overlong")
+BUILTINS = ("synthetic", "exact_match", "gsm8k_exact", "boxed_math", "regex_format",
+            "length_penalty", "overlong")
 _RESERVED = ("prompts", "completions", "completion_ids")
 _CFG = "config reward.functions"
 
@@ -149,6 +150,56 @@ def gsm8k_exact(prompts, completions, completion_ids=None, **kwargs) -> list[flo
             out.append(None)
         else:
             out.append(float(answer_extraction(c) == gold))
+    return out
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces
+    balanced; None if there is none (or it is unclosed)."""
+    text = str(text)
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+_LATEX_DROP = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\ |\$|\\%|%|\^\{?\\circ\}?|\s+")
+
+
+def normalize_math(ans: str) -> str:
+    """A canonical string for a final math answer (a string-normalised match, not a symbolic
+    grader): ``\\text{..}`` unwrapped, ``\\left / \\right``, spacing, ``$``, ``%`` and degree
+    signs dropped, ``dfrac / tfrac`` -> ``frac``, a trailing period dropped, and a plain number
+    canonicalised (``"1,000.0"`` -> ``"1000"``)."""
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", str(ans))
+    s = _LATEX_DROP.sub("", s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.rstrip(".")
+    num = _canonical_number(s) if re.fullmatch(r"-?[\d,]*\.?\d+", s) else None
+    return num if num is not None else s
+
+
+def boxed_math(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
+    """1.0 if the completion's last ``\\boxed{}`` equals the ``answer`` (its own last boxed
+    value when it has one, else the whole answer) after `normalize_math`, else 0.0 (no boxed
+    answer: 0.0); None where the row has no answer. The MATH / Big-Math convention of
+    boxed final answers; a string match, so equivalent forms (0.5 vs \\frac{1}{2}) do not
+    match: pass a symbolic grader as reward.functions=FILE.py:FN for that."""
+    answers = _column(kwargs, "answer", len(completions))
+    out = []
+    for c, a in zip(completions, answers):
+        if a is None:
+            out.append(None)
+            continue
+        gold = last_boxed(a)
+        gold = normalize_math(gold if gold is not None else a)
+        got = last_boxed(c)
+        out.append(float(got is not None and normalize_math(got) == gold))
     return out
 
 

@@ -261,3 +261,35 @@ def test_bad_lr_and_max_nonfinite_name_the_key(key, value):
     c[section][name] = value
     with pytest.raises(ValueError, match=rf"config {key}: "):
         validate(c)
+
+
+def test_hub_dataset_config_name_and_online_rl_batch_counts(monkeypatch):
+    """NAME@CONFIG[:SPLIT] passes the dataset config to load_dataset (openai/gsm8k@main); the
+    online-RL trainers' prompt counts are not checked against the mesh as rows are."""
+    import datasets
+
+    from easyrl.data.reading import load_rows
+    seen = []
+
+    def fake(**spec):
+        seen.append(spec)
+        return datasets.Dataset.from_list([{"question": "q", "answer": "#### 1"}])
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    label, rows, _ = load_rows("openai/gsm8k@main:test")
+    assert seen[-1] == {"path": "openai/gsm8k", "name": "main", "split": "test"}
+    assert rows[0][1]["question"] == "q"
+    load_rows("open-r1/Big-Math-RL-Verified-Processed@all", split="train")
+    assert seen[-1] == {"path": "open-r1/Big-Math-RL-Verified-Processed", "name": "all",
+                        "split": "train"}
+    load_rows("trl-lib/tldr")
+    assert seen[-1] == {"path": "trl-lib/tldr", "split": "train"}
+    with pytest.raises(DataError, match="NAME@CONFIG"):
+        load_rows("openai/gsm8k@:train")
+    # grpo: micro-batch 1 prompt x G rows on 8 data-parallel devices is the trainer's to check
+    c = base_config("grpo")
+    c.train.update(batch_size=16, micro_batch_size=1, steps=1)
+    validate(c, dp_size=8)
+    s = base_config("sft")
+    s.train.update(batch_size=16, micro_batch_size=1, steps=1)
+    with pytest.raises(ValueError, match="data-parallel size 8"):
+        validate(s, dp_size=8)

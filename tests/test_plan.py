@@ -836,7 +836,7 @@ REAL_PRESETS = [f"{name}.py:{p}" for name in TRAINER_CONFIGS for p in _presets(n
 
 def test_real_presets_include_ppo_and_grpo():
     for spec in ("ppo.py:tulu25_13b", "ppo.py:stackllama_7b", "grpo.py:gsm8k_rlvr",
-                 "grpo.py:rloo_tldr"):
+                 "grpo.py:rloo_tldr", "grpo.py:qwen25_7b_math", "dpo.py:zephyr_7b"):
         assert spec in REAL_PRESETS, spec
     assert not [x for x in REAL_PRESETS if ":tiny" in x]
 
@@ -945,3 +945,38 @@ def test_bad_inputs_are_clear(capsys):
             main(["plan", *args, "--devices", "8"])
         assert e.value.code == 2
         assert msg in capsys.readouterr().err, args
+
+
+@pytest.mark.parametrize("spec,preset", [("grpo.py:qwen25_7b_math", "qwen25_7b"),
+                                         ("dpo.py:zephyr_7b", "mistral_7b")])
+def test_qwen_and_mistral_recipes_plan_their_own_architecture(spec, preset):
+    """The Qwen2.5 / Zephyr (Mistral) recipes' placeholder paths resolve to the qwen2 / mistral
+    presets (q/k/v biases, the sliding window), not a LLaMA-shaped 7B of the same size."""
+    hw = plan.documented_hardware(f"configs/{spec}")
+    planner, _ = plan.make_plan(plan.load_config(f"configs/{spec}", []), hw["devices"],
+                                hw["device_memory_gib"], platform=hw["platform"])
+    pol, want = planner.models["policy"], get_preset(preset)
+    assert f"preset {preset}" in pol.source, pol.source
+    assert pol.config.model_type == want.model_type
+    assert pol.config.sliding_window == want.sliding_window and pol.config.qkv_bias == want.qkv_bias
+
+
+def test_qwen_and_mistral_recipes_pass_their_trainers_config_checks():
+    """What the trainers check before compiling (the placeholder model.path aside): the GRPO
+    recipe's minibatch / micro-batch split on its fsdp-8 mesh, the prompt + completion length
+    within Qwen2.5's positions, a reward source; the DPO recipe's loss and batch split."""
+    from types import SimpleNamespace
+
+    from easyrl.algorithms import dpo as dpo_algo, grpo as grpo_algo
+    from easyrl.train.config import validate
+    mesh = SimpleNamespace(shape={"dp": 1, "fsdp": 8, "tp": 1})  # fsdp 8: HARDWARE's 8 GPUs
+    for spec, preset in (("grpo.py:qwen25_7b_math", "qwen25_7b"), ("dpo.py:zephyr_7b", "mistral_7b")):
+        assert plan.documented_hardware(f"configs/{spec}")["devices"] == 8, spec
+        c = plan.load_config(f"configs/{spec}", ["--config.model.path="])
+        positions = get_preset(preset).max_position_embeddings
+        validate(c, dp_size=8, max_positions=positions)  # what Run.start checks
+        if c.command == "grpo":  # micro_batch_size counts prompts: rows = prompts x G vs dp
+            grpo_algo.validate(c, mesh, positions)
+            assert c.train.seq_len == c.grpo.max_prompt_len + c.grpo.max_new_tokens
+        else:
+            dpo_algo.check_config(c.dpo)

@@ -276,3 +276,22 @@ def test_no_eval_in_module():
     import inspect
     src = inspect.getsource(R)
     assert "eval(" not in src and "exec(" not in src.replace("exec_module(", "")
+
+
+def test_boxed_math_string_normalised_match():
+    """The last \\boxed{} (braces balanced) against the answer's own boxed value or the whole
+    answer, after the LaTeX normalisation; no boxed value scores 0, no answer None."""
+    assert R.last_boxed(r"a \boxed{1} then \boxed{\frac{x^{2}}{2}} end") == r"\frac{x^{2}}{2}"
+    assert R.last_boxed(r"\fbox{7}") == "7" and R.last_boxed(r"\boxed{4") is None
+    assert R.last_boxed("none") is None
+    assert R.normalize_math(r"\left( 1, \dfrac{1}{2} \right)") == r"(1,\frac{1}{2})"
+    assert R.normalize_math(r"\text{ 1,000.0 }") == "1000"
+    assert R.normalize_math(r"90^\circ") == "90" and R.normalize_math("$5$.") == "5"
+    comps = [r"so \boxed{\dfrac{1}{2}}", r"\boxed{\frac{1}{2}}.", "1/2", r"\boxed{3.0}",
+             r"\boxed{0.5}", r"\boxed{2}"]
+    gold = [r"\frac{1}{2}", r"The answer is \boxed{\tfrac{1}{2}}", r"\frac{1}{2}", "3",
+            r"\frac{1}{2}", None]
+    assert R.boxed_math(["p"] * 6, comps, None, answer=gold) == [1.0, 1.0, 0.0, 1.0, 0.0, None]
+    assert "boxed_math" in R.BUILTINS
+    name, fn = R.resolve_reward_function("boxed_math")
+    assert fn is R.boxed_math

@@ -300,4 +300,9 @@ def load_rows(source, split: str | None = None) -> tuple[str, list[tuple[str, An
         name, sp = source, split or "train"
     if name.startswith((".", "/", "~")) or name.lower().endswith((".jsonl", ".json", ".parquet")):
         raise DataError(f"data file not found: {info.where(name)}")
-    return (source,) + read_datasets({"path": name, "split": sp}, where, source)
+    spec = {"path": name, "split": sp}
+    if "@" in name:  # NAME@CONFIG: a dataset with several configs (openai/gsm8k@main)
+        spec["path"], _, spec["name"] = name.partition("@")
+        if not (spec["path"] and spec["name"]):
+            raise DataError(f"{where}: expected NAME@CONFIG[:SPLIT], e.g. openai/gsm8k@main:train")
+    return (source,) + read_datasets(spec, where, source)

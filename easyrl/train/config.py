@@ -97,7 +97,9 @@ def validate(c: mlc.ConfigDict, *, dp_size: Optional[int] = None,
          f"{mb} must divide train.batch_size={t.batch_size}")
     need(t.steps > 0 or t.epochs > 0, "train.steps", "set train.steps or train.epochs")
     need(t.seq_len > 0, "train.seq_len", f"must be positive, got {t.seq_len}")
-    if dp_size is not None:
+    # the online-RL trainers count train.batch_size / micro_batch_size in prompts (each gets G
+    # rows) and check their own row counts against the mesh (grpo.validate, online_dpo)
+    if dp_size is not None and c.get("command") not in ("grpo", "online_dpo"):
         need(mb % dp_size == 0, "train.batch_size",
              f"micro-batch {mb} (global batch {t.batch_size}) is not divisible by the "
              f"data-parallel size {dp_size} of mesh {c.mesh!r}")
