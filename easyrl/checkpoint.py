@@ -118,7 +118,9 @@ def load_model(path: str, kind: Optional[str] = None, *, mesh=None, dtype=None,
     `kind` may differ from the stored kind only between reward and value (same parameters).
 
     A LoRA run's checkpoint holds the base and the adapters (`config.lora_rank > 0`); with
-    `merge_lora` the adapters are folded into the kernels and the config has rank 0."""
+    `merge_lora` the adapters are folded into the kernels and the config has rank 0 (a
+    quantized base, `config.base_quant`, is dequantized first: the merged model is a plain
+    full-precision one)."""
     run_dir, step = resolve(path)
     config, stored_kind, _ = read_model_config(run_dir)
     kind = kind or stored_kind
@@ -134,6 +136,10 @@ def load_model(path: str, kind: Optional[str] = None, *, mesh=None, dtype=None,
     with manager(run_dir) as mgr:
         out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     params = out["params"]
+    if merge_lora and config.base_quant != "none":  # the base dequantized (a full copy)
+        from easyrl.model import qlora
+        params = qlora.dequantize_params(params, config.param_dtype)
+        config = config.replace(base_quant="none")
     if merge_lora and config.lora_rank:
         from easyrl.model import lora
         params, config = lora.merge(config, params), lora.disabled(config)

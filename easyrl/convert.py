@@ -4,13 +4,17 @@ LoRA checkpoints -> merged HF weights (`easyrl-to-hf --merge-lora`) or a PEFT ad
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Optional
+
+import jax
 
 from easyrl import checkpoint, hf
 from easyrl.peft import save_peft
 
 TOKENIZER_SUBDIR = "tokenizer"
+log = logging.getLogger(__name__)
 
 
 def hf_to_easyrl(hf_dir: str, out: str, kind: str = "causal_lm", dtype=None) -> None:
@@ -37,6 +41,16 @@ def easyrl_to_hf(ckpt: str, out: str, kind=None, dtype=None, tokenizer=None,
         tokenizer = os.path.join(run_dir, TOKENIZER_SUBDIR)
     hf.save(out, config, params, kind="reward" if kind == "value" else kind, tokenizer=tokenizer,
             dtype=dtype, max_shard_size=max_shard_size)
+    if stored.base_quant != "none" and jax.process_index() == 0:
+        note = (f"The LoRA adapters of `{run_dir}` merged into the DEQUANTIZED {stored.base_quant} "
+                f"base it trained on (model.lora.base_quant={stored.base_quant}): these weights "
+                f"carry the base's quantization error. For the adapters on the original "
+                f"full-precision base, export them alone: `python -m easyrl convert "
+                f"easyrl-to-peft --ckpt {ckpt} --out DIR`.")
+        with open(os.path.join(out, "README.md"), "w") as f:
+            f.write(f"---\nlibrary_name: transformers\ntags: [easyrl, lora-merged, "
+                    f"{stored.base_quant}]\n---\n# Merged export\n\n{note}\n")
+        log.warning(note)
 
 
 def base_model_of(run_dir: str) -> Optional[str]:

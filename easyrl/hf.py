@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from easyrl import model as M
+from easyrl.model import qlora
 from easyrl.model.config import LlamaConfig, check_hf_config
 from easyrl.model.trainable import has_adapters
 from easyrl.parallel import PARTITION_RULES, named_shardings, path_str, to_host
@@ -199,9 +200,16 @@ def load(path: str, kind: str = "causal_lm", dtype=None, *, mesh=None, rules=PAR
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: dev, shapes)
     used = set()
+    quantized = _QuantizedReader(config, index) if config.base_quant != "none" else None
+    plain = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+        M.param_shapes(config.replace(base_quant="none"), kind))[0]}
 
     def load_leaf(kpath, sds, sharding):
         p = path_str(kpath)
+        qm = qlora.QUANT_PART.search(p) if quantized is not None else None
+        if qm:  # a part of a quantized kernel: read the HF tensor, quantize it, take the part
+            return _load_quant_part(qm.group(1), qm.group(2), sds, sharding, plain, quantized,
+                                    used)
         names, transpose = hf_names(p, config.num_hidden_layers)
         stacked = names[0][1] is not None
         missing = [n for n, _ in names if n not in index.where]
@@ -240,10 +248,51 @@ def load(path: str, kind: str = "causal_lm", dtype=None, *, mesh=None, rules=PAR
         return jax.make_array_from_callback(sds.shape, sharding, callback)
 
     params = jax.tree_util.tree_map_with_path(load_leaf, shapes, shardings)
+    quantized = None  # frees the reader's cache of quantized tensors
     extra = [n for n in index.where if n not in used and not _IGNORED.search(n)]
     if extra:
         log.warning("%s: %d tensors not used by easyrl (e.g. %s)", path, len(extra), extra[:3])
     return config, params
+
+
+class _QuantizedReader:
+    """HF tensors quantized one at a time (`qlora.quantize_kernel`, on the host CPU), the last
+    few kept: the parts of one kernel (codes, absmax, ...) and its shards read the same one."""
+
+    def __init__(self, config, index, keep: int = 4):
+        self.config, self.index, self.keep = config, index, keep
+        self.cache: Dict[str, dict] = {}
+
+    def get(self, name: str) -> dict:
+        if name not in self.cache:
+            w = self.index.get(name).T.astype(np.float32)  # HF [out, in] -> [in, out]
+            with jax.default_device(jax.devices("cpu")[0]):
+                q = qlora.quantize_kernel(self.config, jnp.asarray(w), name)
+                self.cache[name] = {k: np.asarray(v) for k, v in q.items()}
+            while len(self.cache) > self.keep:
+                self.cache.pop(next(iter(self.cache)))
+        return self.cache[name]
+
+
+def _load_quant_part(kernel_path, part, sds, sharding, plain, reader, used):
+    """One array of a quantized stacked kernel [L, ...], each layer's HF tensor quantized while
+    streaming (no full-precision copy of the model in host or device memory)."""
+    names, _ = hf_names(kernel_path, reader.config.num_hidden_layers)
+    want_hf = tuple(plain[kernel_path].shape[1:])[::-1]
+    for n, _ in names:
+        if n not in reader.index.where:
+            raise KeyError(f"{reader.index.folder}: missing tensor {n!r} (needed for easyrl "
+                           f"parameter {kernel_path!r})")
+        if reader.index.shape(n) != want_hf:
+            raise ValueError(f"{reader.index.file_of(n)}: tensor {n!r} has shape "
+                             f"{reader.index.shape(n)}, expected {want_hf} from config.json")
+        used.add(n)
+
+    def callback(idx):
+        layers = range(sds.shape[0])[idx[0]]
+        return np.stack([reader.get(names[i][0])[part][idx[1:]] for i in layers])
+
+    return jax.make_array_from_callback(sds.shape, sharding, callback)
 
 
 # ---- writing ------------------------------------------------------------------------------

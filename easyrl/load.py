@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from easyrl import checkpoint, hf, parallel, peft
 from easyrl import model as M
-from easyrl.model import lora, trainable
+from easyrl.model import lora, qlora, trainable
 from easyrl.model.config import LlamaConfig, get_preset
 
 PRESET = "preset:"
@@ -86,7 +86,8 @@ def load_model(source: str, config: Optional[LlamaConfig] = None, *, kind: str =
     if source_type(source) == "peft":
         adapter, source = adapter or source, peft_base(source)
     rt = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
-              attention=config.attention)
+              attention=config.attention, base_quant=config.base_quant,
+              quant_block=config.quant_block, double_quant=config.double_quant)
     base_dtype = base_dtype if config.lora_rank else None
     if base_dtype:  # load the base straight into its storage dtype
         rt["param_dtype"] = jnp.dtype(base_dtype).name
@@ -117,14 +118,22 @@ def _load_base(source, config, kind, mesh, rng, init_missing_head, rt):
         return parallel.sharded_init(lambda r: M.init_params(config.replace(**rt), r, kind), mesh,
                                      rng)
     if typ == "easyrl":
+        # restored (adapters merged) in full precision, then quantized when asked
+        quant = {k: rt.pop(k) for k in ("base_quant", "quant_block", "double_quant")}
         run_dir, _ = checkpoint.resolve(source)
         _, stored, _ = checkpoint.read_model_config(run_dir)
         if stored == "causal_lm" and kind != "causal_lm":
             # reward / value model from an SFT checkpoint: drop lm_head, fresh score head
             _, _, lm = checkpoint.load_model(source, mesh=mesh, merge_lora=True, **rt)
-            head = parallel.sharded_init(lambda r: M.init_params(config, r, kind), mesh, rng)["score"]
-            return {**{k: v for k, v in lm.items() if k != "lm_head"}, "score": head}
-        return checkpoint.load_model(source, kind=kind, mesh=mesh, merge_lora=True, **rt)[2]
+            head = parallel.sharded_init(
+                lambda r: M.init_params(config.replace(base_quant="none"), r, kind), mesh,
+                rng)["score"]
+            params = {**{k: v for k, v in lm.items() if k != "lm_head"}, "score": head}
+        else:
+            params = checkpoint.load_model(source, kind=kind, mesh=mesh, merge_lora=True, **rt)[2]
+        if quant["base_quant"] != "none":
+            params = qlora.quantize_params(config.replace(**quant), params)
+        return params
     _, params = hf.load(source, kind=kind, mesh=mesh, init_missing_head=init_missing_head,
                         rng=rng, **rt)
     return params

@@ -37,6 +37,19 @@ PARTITION_RULES = (
     (r"norm/scale", P(None)),
     (r"lm_head/kernel", P("fsdp", "tp")),
     (r"score/kernel", P("fsdp", None)),
+    # quantized frozen kernels (model.lora.base_quant, easyrl.model.qlora): each array split
+    # along the kernel's own in / out axes (int8 q [L, in, out], scale [L, 1, out]; NF4 codes
+    # [L, in/2, out], absmax (_q) [L, in/block, out], absmax_scale [L, in/block, out/256],
+    # absmax_mean [L, 1, 1])
+    (r"layers/(self_attn/(q|k|v)|mlp/(gate|up))_proj/kernel/(q|codes|absmax|absmax_q)",
+     P(None, "fsdp", "tp")),
+    (r"layers/(self_attn/o|mlp/down)_proj/kernel/(q|codes|absmax|absmax_q)",
+     P(None, "tp", "fsdp")),
+    (r"layers/(self_attn/(q|k|v)|mlp/(gate|up))_proj/kernel/scale", P(None, None, "tp")),
+    (r"layers/(self_attn/o|mlp/down)_proj/kernel/scale", P(None, None, "fsdp")),
+    (r"layers/(self_attn/(q|k|v)|mlp/(gate|up))_proj/kernel/absmax_scale", P(None, "fsdp", None)),
+    (r"layers/(self_attn/o|mlp/down)_proj/kernel/absmax_scale", P(None, "tp", None)),
+    (r"layers/\w+/\w+_proj/kernel/absmax_mean", P(None, None, None)),
     # LoRA adapters: A [L, in, r] follows the kernel's input sharding, B [L, r, out] its output
     (r"layers/self_attn/(q|k|v)_proj/lora_a", P(None, "fsdp", None)),
     (r"layers/self_attn/(q|k|v)_proj/lora_b", P(None, None, "tp")),

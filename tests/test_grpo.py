@@ -456,3 +456,15 @@ def test_continuous_engine_rollouts(policy_dir, tmp_path):
         assert r["nonfinite_updates"] == 0 and np.isfinite(r["loss"])
     with pytest.raises(ValueError, match="rollout.engine"):
         run_grpo(policy_dir, tmp_path / "bad", "--config.rollout.engine=paged")
+
+
+def test_lora_on_nf4_base_reference_is_the_quantized_base(policy_dir, tmp_path):
+    """GRPO over an NF4 base: the reference (adapters off) reads the same quantized kernels,
+    so fresh adapters give KL 0; training moves them."""
+    q = ["--config.grpo.beta=0.1", "--config.model.lora.rank=4", "--config.model.lora.alpha=8",
+         "--config.model.lora.base_quant=nf4", "--config.model.lora.quant_block=32"]
+    _, rows = run_grpo(policy_dir, tmp_path, "--config.train.steps=1", "--config.optim.lr=0", *q)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    _, rows = run_grpo(policy_dir, tmp_path / "moves", "--config.train.steps=2",
+                       "--config.optim.lr=3e-2", varied(policy_dir), *q)
+    assert rows[-1]["kl"] > 1e-6

@@ -340,3 +340,25 @@ def test_sampler_behaviour_logprobs_skip_the_policy_pass(random_models, tmp_path
                   "loss/value"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
         assert b["rollout/logprob_diff_max"] < 1e-5
+
+
+def test_lora_on_nf4_base_starts_at_its_reference_and_moves(cache, random_models, tmp_path):
+    """PPO with LoRA over an NF4 base (policy, value and the adapters-off reference read the
+    same quantized kernels): lr 0 -> ratio 1 and KL 0; with lr the adapters move the policy."""
+    from easyrl.algorithms import ppo
+    q = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8",
+         "--config.model.lora.base_quant=nf4", "--config.model.lora.quant_block=32"]
+    ppo.train(launch.parse_config("ppo", ppo_args(
+        random_models, tmp_path / "a", "--config.train.steps=1", "--config.optim.lr=0",
+        "--config.value_optim.lr=0", *q)))
+    r = read_metrics(str(tmp_path / "a"))[0]
+    assert r["policy/ratio_first"] == pytest.approx(1.0, abs=1e-6)
+    assert r["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    ppo.train(launch.parse_config("ppo", ppo_args(
+        random_models, tmp_path / "b", "--config.train.steps=2", "--config.optim.lr=3e-2", *q)))
+    rows = read_metrics(str(tmp_path / "b"))
+    assert all(np.isfinite(x["loss/policy"]) for x in rows) and rows[-1]["objective/kl"] != 0
+    from easyrl import checkpoint
+    cfg, _, params = checkpoint.load_model(str(tmp_path / "b"))
+    assert cfg.base_quant == "nf4"
+    assert params["layers"]["mlp"]["up_proj"]["kernel"]["codes"].dtype == np.uint8

@@ -122,3 +122,19 @@ def test_rm_presets_load():
         assert c.command == "rm" and "use_margin" in c.rm
     with pytest.raises(ValueError, match="unknown rm preset"):
         load_config_file("configs/rm.py:nope")
+
+
+def test_reward_model_lora_on_int8_base_trains_head_and_adapters(sft_run, tmp_path):
+    """A reward model from the SFT run with LoRA over an int8 base: the score head and the
+    adapters train (finite loss), the quantized kernels are stored as int8."""
+    out = tmp_path / "rm_int8"
+    rm.train(make_config("rm", out, **{"model.path": sft_run, "data.eval": "",
+                                       "train.steps": 3, "model.lora.rank": 4,
+                                       "model.lora.alpha": 8.0,
+                                       "model.lora.base_quant": "int8"}))
+    rows = read_metrics(str(out))
+    assert len(rows) >= 1 and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    cfg, kind, params = checkpoint.load_model(str(out))
+    assert kind == "reward" and cfg.base_quant == "int8"
+    assert params["layers"]["self_attn"]["q_proj"]["kernel"]["q"].dtype == jnp.int8
+    assert float(jnp.abs(params["layers"]["self_attn"]["q_proj"]["lora_b"]).max()) > 0

@@ -119,7 +119,9 @@ class Engine:
             if int(val) < 1:
                 raise ValueError(f"Engine: {name} must be >= 1, got {val}")
         self.config = config
-        self.run_config = lora.disabled(config)  # adapters are merged before decoding
+        # adapters are merged before decoding; over a quantized base (model.lora.base_quant)
+        # they stay separate (a merge would hold a full-precision copy of every kernel)
+        self.run_config = config if config.base_quant != "none" else lora.disabled(config)
         self.slots, self.max_prompt_len = int(slots), int(max_prompt_len)
         self.max_new_tokens, self.block, self.chunk = int(max_new_tokens), int(block), int(chunk)
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
@@ -188,7 +190,7 @@ class Engine:
         t_start = time.perf_counter()
         st = self._st
         init, prefill, admit, chunk = programs(st)
-        if has_adapters(params):
+        if has_adapters(params) and self.config.base_quant == "none":
             params = lora.merge(self.config, params)
         rest = {k: v for k, v in params.items() if k != "layers"}
         layer_params = unstack(params)

@@ -20,7 +20,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "lora_rank", "lora_alpha",
-                   "lora_dropout", "lora_targets")
+                   "lora_dropout", "lora_targets", "base_quant", "quant_block", "double_quant")
+BASE_QUANTS = ("none", "int8", "nf4")
 LORA_TARGETS_ALL = "q|k|v|o|gate|up|down"
 
 # config.json keys easyrl reads, by type: required, optional (null = default), per rope type
@@ -159,6 +160,12 @@ class LlamaConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = LORA_TARGETS_ALL
+    # the frozen dense kernels (q k v o gate up down) stored quantized (easyrl.model.qlora):
+    # none | int8 (per output channel) | nf4 (blocks of quant_block along the input axis,
+    # double_quant: the block scales quantized too, QLoRA)
+    base_quant: str = "none"
+    quant_block: int = 64
+    double_quant: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -184,6 +191,16 @@ class LlamaConfig:
             raise ValueError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
         if self.lora_rank:
             check_targets(self.lora_targets, "lora_targets")
+        if self.base_quant not in BASE_QUANTS:
+            raise ValueError(f"base_quant={self.base_quant!r}: expected one of {BASE_QUANTS}")
+        if self.base_quant == "nf4":
+            dims = {"hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                    "num_attention_heads * head_dim": self.num_attention_heads * self.head_dim}
+            for what, n in dims.items():
+                if self.quant_block < 2 or self.quant_block % 2 or n % self.quant_block:
+                    raise ValueError(f"quant_block={self.quant_block}: nf4 blocks run along each "
+                                     f"kernel's input axis, so it must be even and divide {what}"
+                                     f" = {n}")
         rs = self.rope_scaling_dict
         if rs is not None:
             kind = rs.get("rope_type", rs.get("type", "default"))

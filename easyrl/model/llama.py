@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easyrl.model import lora
+from easyrl.model import lora, qlora
 from easyrl.model.config import LlamaConfig, rope_attention_factor, rope_inv_freq
 from easyrl.model.matmul import DENSE_OUT, dense_dot_general, dense_matmul
 from easyrl.parallel import constrain_batch
@@ -89,6 +89,10 @@ def dense_module(cfg: LlamaConfig, features: int, bias: bool, name: str,
                  std: Optional[float] = None):
     kw = dict(use_bias=bias, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype),
               kernel_init=nn.initializers.normal(std or cfg.initializer_range), name=name)
+    if cfg.base_quant != "none" and name in qlora.PROJECTIONS:  # a quantized frozen kernel
+        if lora.is_target(cfg, name):
+            kw.update(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        return qlora.QuantDense(features, config=cfg, **kw)
     if lora.is_target(cfg, name):  # same kernel/bias params plus lora_a, lora_b
         return lora.LoRADense(features, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                               dropout=cfg.lora_dropout, **kw)

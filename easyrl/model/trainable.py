@@ -80,7 +80,8 @@ def cast_frozen(params, dtype, mask=None) -> dict:
     dt = jnp.dtype(dtype)
     train, fixed = partition(params, mask)
     fixed = {k: v for k, v in flatten(fixed).items()}
-    cast = {k: v for k, v in fixed.items() if v.dtype != dt}
+    # quantized kernels (integers and their float32 scales: easyrl.model.qlora) stay as they are
+    cast = {k: v for k, v in fixed.items() if v.dtype != dt and "_proj/kernel/" not in k}
     if cast:
         shard = {k: v.sharding for k, v in cast.items()}
         cast = jax.jit(lambda t: {k: v.astype(dt) for k, v in t.items()}, out_shardings=shard,

@@ -298,11 +298,14 @@ def engine_copy_tree(params) -> dict:
 
 def engine_merge_tree(params) -> dict:
     """The kernels `lora.merge` rebuilds (W + s A B, in W's dtype: every kernel with adapters),
-    a new array each while the engine runs (the trainer keeps the unmerged ones)."""
+    a new array each while the engine runs (the trainer keeps the unmerged ones). Over a
+    quantized base (model.lora.base_quant) the engine decodes with the adapters unmerged:
+    nothing is rebuilt."""
     from easyrl.model.trainable import flatten, unflatten
     flat = flatten(params)
     return unflatten({k[: -len("lora_a")] + "kernel": flat[k[: -len("lora_a")] + "kernel"]
-                      for k in flat if k.endswith("/lora_a")})
+                      for k in flat if k.endswith("/lora_a")
+                      and k[: -len("lora_a")] + "kernel" in flat})
 
 
 def _pow2_capped(n: int, cap: int) -> int:

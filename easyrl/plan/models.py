@@ -225,8 +225,11 @@ def lora_trees(params, base_dtype: Optional[str] = None):
     mask = trainable_mask(params)
     if base_dtype:
         dt = jnp.dtype(base_dtype)
-        params = jax.tree.map(lambda x, m: x if m else jax.ShapeDtypeStruct(x.shape, dt),
-                              params, mask)
+        # quantized kernels (integers and float32 scales) keep their own dtypes
+        params = jax.tree_util.tree_map_with_path(
+            lambda k, x, m: x if m or "_proj/kernel/" in jax.tree_util.keystr(k, simple=True,
+                                                                             separator="/")
+            else jax.ShapeDtypeStruct(x.shape, dt), params, mask)
     return params, mask
 
 

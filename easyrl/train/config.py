@@ -37,6 +37,12 @@ def base_config(command: str) -> mlc.ConfigDict:
             targets="q|k|v|o|gate|up|down",  # regex over the dense kernels' short names
             base_dtype="",       # e.g. bfloat16: hold the frozen base in it ("" = param_dtype)
             init_from="",        # a PEFT adapter folder to continue (sets rank/alpha/targets)
+            # the frozen dense kernels stored quantized (easyrl.model.qlora): none | int8
+            # (per output channel, StackLLaMA's 8-bit base) | nf4 (QLoRA: blocks of quant_block
+            # along each kernel's input axis; double_quant also quantizes the block scales)
+            base_quant="none",
+            quant_block=64,
+            double_quant=False,
         )),
     ))
     c.tokenizer = mlc.ConfigDict(dict(path=""))  # HF folder or sentencepiece .model; empty = synthetic
@@ -175,6 +181,14 @@ def validate_lora(c: mlc.ConfigDict) -> None:
             ok = False
         need(ok, "base_dtype", f"{lo.base_dtype!r} is not a float dtype (e.g. bfloat16)")
         need(lo.rank > 0 or lo.init_from, "base_dtype", "only applies with LoRA (model.lora.rank > 0)")
+    quant = lo.get("base_quant", "none")
+    need(quant in ("none", "int8", "nf4"), "base_quant",
+         f"{quant!r}: expected none, int8 or nf4")
+    if quant != "none":
+        need(lo.rank > 0 or lo.init_from, "base_quant",
+             "only applies with LoRA (model.lora.rank > 0): a quantized base is frozen")
+        need(isinstance(lo.quant_block, int) and lo.quant_block >= 2 and lo.quant_block % 2 == 0,
+             "quant_block", f"must be an even int >= 2, got {lo.quant_block!r}")
     if lo.init_from:
         need(os.path.isdir(os.path.expanduser(lo.init_from)), "init_from",
              f"{lo.init_from!r} is not a directory (expected a PEFT adapter folder)")

@@ -96,6 +96,9 @@ def lora_runtime(c) -> dict:
         return {}
     out = dict(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout),
                lora_targets=lo.targets)
+    if lo.get("base_quant", "none") != "none":
+        out.update(base_quant=lo.base_quant, quant_block=int(lo.quant_block),
+                   double_quant=bool(lo.double_quant))
     if lo.init_from:
         pc = peft.read_peft_config(os.path.expanduser(lo.init_from))
         if lo.rank and lo.rank != pc["r"]:
