@@ -42,7 +42,18 @@ class ModelInfo:
 
     @property
     def num_params(self) -> int:
+        """Parameters of the model (a quantized kernel counts its weights, not its arrays)."""
+        if getattr(self.config, "base_quant", "none") != "none":
+            from easyrl import model as M
+            return _numel(M.param_shapes(self.config.replace(base_quant="none"), self.kind))
         return _numel(self.params)
+
+    def frozen_label(self, param_dtype: str) -> str:
+        """How the frozen base is held: 'bfloat16', or 'nf4 + bfloat16' (quantized kernels,
+        the rest in the base dtype)."""
+        dt = np.dtype(self.base_dtype or param_dtype).name
+        bq = getattr(self.config, "base_quant", "none")
+        return dt if bq == "none" else f"{bq} + {dt}"
 
     @property
     def num_trainable(self) -> int:

@@ -183,7 +183,7 @@ class Planner:
             if info_.lora:
                 n_train = info_.num_trainable
                 note = (f"{count(info_.num_params - n_train)} frozen x "
-                        f"{np.dtype(info_.base_dtype or dt).name} + {count(n_train)} trainable "
+                        f"{info_.frozen_label(dt)} + {count(n_train)} trainable "
                         f"x {dt} ({_trainable_what(info_)})")
             lines.append(Line(f"{label} parameters", self._per_device(p, m), tree_bytes(p), note))
             if opt and info_.opt_state is not None:
