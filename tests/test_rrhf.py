@@ -115,3 +115,25 @@ def test_rrhf_presets_load():
     assert c.optim.lr == 2e-5 and c.optim.warmup == 0.03 and c.train.epochs == 3
     with pytest.raises(ValueError, match="unknown rrhf preset"):
         load_config_file("configs/rrhf.py:nope")
+
+
+def test_rrhf_lora_on_nf4_base_runs_and_keeps_the_base(sft_run, tmp_path):
+    """RRHF with LoRA over an NF4 base: finite losses, the kernels the SFT run's quantized and
+    left unchanged by training."""
+    from easyrl.model import qlora
+    c = make_config("rrhf", tmp_path, **{"model.path": sft_run, "train.steps": 2,
+                                         "data.eval": "", "model.lora.rank": 4,
+                                         "model.lora.alpha": 8.0,
+                                         "model.lora.base_quant": "nf4",
+                                         "model.lora.quant_block": 32})
+    res = rrhf.train(c)
+    rows = read_metrics(str(tmp_path))
+    assert rows and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    cfg, _, params = checkpoint.load_model(str(tmp_path))
+    assert cfg.base_quant == "nf4"
+    got = params["layers"]["mlp"]["up_proj"]["kernel"]["codes"]
+    _, _, start = checkpoint.load_model(sft_run, merge_lora=True)
+    want = qlora.quantize_params(cfg, start)["layers"]["mlp"]["up_proj"]["kernel"]["codes"]
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert float(jnp.abs(res.state.params["layers"]["mlp"]["up_proj"]["lora_b"]).max()) > 0
