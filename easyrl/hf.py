@@ -256,11 +256,13 @@ def load(path: str, kind: str = "causal_lm", dtype=None, *, mesh=None, rules=PAR
 
 
 class _QuantizedReader:
-    """HF tensors quantized one at a time (`qlora.quantize_kernel`, on the host CPU), the last
-    few kept: the parts of one kernel (codes, absmax, ...) and its shards read the same one."""
+    """HF tensors quantized one at a time (`qlora.quantize_kernel`, on the host CPU), the most
+    recent kept up to `budget` bytes of quantized arrays: a stacked kernel's parts (codes,
+    absmax, ...) are separate leaves that each read every layer, so with every layer of one
+    kernel in the cache each tensor is read and quantized once."""
 
-    def __init__(self, config, index, keep: int = 4):
-        self.config, self.index, self.keep = config, index, keep
+    def __init__(self, config, index, budget: int = 2 * 2**30):
+        self.config, self.index, self.budget = config, index, budget
         self.cache: Dict[str, dict] = {}
 
     def get(self, name: str) -> dict:
@@ -269,7 +271,8 @@ class _QuantizedReader:
             with jax.default_device(jax.devices("cpu")[0]):
                 q = qlora.quantize_kernel(self.config, jnp.asarray(w), name)
                 self.cache[name] = {k: np.asarray(v) for k, v in q.items()}
-            while len(self.cache) > self.keep:
+            while len(self.cache) > 1 and sum(
+                    a.nbytes for q in self.cache.values() for a in q.values()) > self.budget:
                 self.cache.pop(next(iter(self.cache)))
         return self.cache[name]
 

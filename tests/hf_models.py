@@ -90,3 +90,14 @@ def batch(vocab, b=3, t=12, seed=0, padding="right"):
             mask[i, : t - n] = 0
     ids = np.where(mask > 0, ids, 0)
     return ids, mask
+
+
+def left_pad(prompt_list):
+    """ids [B, P] and mask [B, P] (int64) of token lists, left-padded with 0 to the longest."""
+    p = max(len(x) for x in prompt_list)
+    ids = np.zeros((len(prompt_list), p), np.int64)
+    mask = np.zeros_like(ids)
+    for i, x in enumerate(prompt_list):
+        ids[i, p - len(x):] = x
+        mask[i, p - len(x):] = 1
+    return ids, mask

@@ -17,7 +17,7 @@ from easyrl import model as M
 from easyrl.model import lora
 from easyrl.model.config import LlamaConfig, check_hf_config
 
-from hf_models import ARCH_VARIANTS, ARCHS, batch, make_causal_lm, make_reward_model
+from hf_models import ARCH_VARIANTS, ARCHS, batch, left_pad, make_causal_lm, make_reward_model
 
 TOL = 1e-4
 WINDOWED = sorted(k for k, v in ARCH_VARIANTS.items() if v.get("sliding_window")
@@ -95,16 +95,6 @@ def test_packed_segments_never_attend_across_under_a_window(models):
         np.testing.assert_allclose(packed[0, lo:lo + len(x)], alone[0], atol=1e-5)
 
 
-def _left_padded(prompt_list):
-    p = max(len(x) for x in prompt_list)
-    ids = np.zeros((len(prompt_list), p), np.int64)
-    mask = np.zeros_like(ids)
-    for i, x in enumerate(prompt_list):
-        ids[i, p - len(x):] = x
-        mask[i, p - len(x):] = 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("variant", ["mistral_window", "qwen2", "qwen3_bias_window"])
 def test_greedy_sampler_and_engine_match_transformers_generate(models, variant):
     """Mixed prompt lengths, 10 new tokens: responses run past the window (4-6), so decode
@@ -116,7 +106,7 @@ def test_greedy_sampler_and_engine_match_transformers_generate(models, variant):
     rs = np.random.RandomState(0)
     plist = [rs.randint(3, config.vocab_size, n).tolist() for n in (7, 3, 9, 1)]
     n_new = 10
-    ids, mask = _left_padded(plist)
+    ids, mask = left_pad(plist)
     ref.generation_config.eos_token_id = None
     with torch.no_grad():
         want = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),

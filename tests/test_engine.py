@@ -11,7 +11,7 @@ from easyrl import model as M
 from easyrl.engine import Engine
 from easyrl.rollout import response_logprobs
 
-from hf_models import make_causal_lm
+from hf_models import left_pad, make_causal_lm
 
 LENGTHS = [7, 3, 5, 1, 16, 9, 8]  # 7 requests of mixed prompt lengths (8, 16: whole blocks)
 N_NEW = 12
@@ -44,12 +44,8 @@ def prompts(lengths, vocab, seed=0):
 def hf_greedy(tm, prompt_list, n_new):
     """transformers `generate(do_sample=False)` of left-padded prompts, no early stop."""
     import torch
-    p = max(len(x) for x in prompt_list)
-    ids = np.zeros((len(prompt_list), p), np.int64)
-    mask = np.zeros_like(ids)
-    for i, x in enumerate(prompt_list):
-        ids[i, p - len(x):] = x
-        mask[i, p - len(x):] = 1
+    ids, mask = left_pad(prompt_list)
+    p = ids.shape[1]
     tm.generation_config.eos_token_id = None
     with torch.no_grad():
         out = tm.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,

@@ -458,6 +458,7 @@ def test_continuous_engine_rollouts(policy_dir, tmp_path):
         run_grpo(policy_dir, tmp_path / "bad", "--config.rollout.engine=paged")
 
 
+@pytest.mark.slow
 def test_lora_on_nf4_base_reference_is_the_quantized_base(policy_dir, tmp_path):
     """GRPO over an NF4 base: the reference (adapters off) reads the same quantized kernels,
     so fresh adapters give KL 0; training moves them."""

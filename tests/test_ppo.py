@@ -342,6 +342,7 @@ def test_sampler_behaviour_logprobs_skip_the_policy_pass(random_models, tmp_path
         assert b["rollout/logprob_diff_max"] < 1e-5
 
 
+@pytest.mark.slow
 def test_lora_on_nf4_base_starts_at_its_reference_and_moves(cache, random_models, tmp_path):
     """PPO with LoRA over an NF4 base (policy, value and the adapters-off reference read the
     same quantized kernels): lr 0 -> ratio 1 and KL 0; with lr the adapters move the policy."""

@@ -112,11 +112,19 @@ class LoRADense(nn.Module):
         y = dense_dot_general(x, kernel, dims)
         if bias is not None:
             y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        if self.dropout > 0 and self.has_rng("dropout"):
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
-        low = jax.lax.dot_general(x, a, dims)
-        return y + jax.lax.dot_general(low, b, dims) * jnp.asarray(self.alpha / self.rank, y.dtype)
+        return y + adapter_delta(self, x, a, b, self.alpha / self.rank, self.dropout).astype(y.dtype)
+
+
+def adapter_delta(module: nn.Module, x, a, b, scale: float, dropout: float):
+    """scale * dropout(x) A B for x [..., in], a [in, r], b [r, out] (all in the compute dtype);
+    dropout only when `module` has a 'dropout' rng (training). Shared by `LoRADense` and
+    `qlora.QuantDense`."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    if dropout > 0 and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x))
+    low = jax.lax.dot_general(x, a, dims)
+    return jax.lax.dot_general(low, b, dims) * jnp.asarray(scale, x.dtype)
 
 
 # ---- adding, merging ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from easyrl.model import quant
-from easyrl.model.lora import lora_a_init
+from easyrl.model.lora import adapter_delta, lora_a_init
 from easyrl.model.matmul import dense_dot_general
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -85,12 +85,9 @@ class QuantDense(nn.Module):
         a = self.param("lora_a", lora_a_init, (d_in, self.rank), self.param_dtype)
         b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features),
                        self.param_dtype)
-        a, b = a.astype(self.dtype), b.astype(self.dtype)
-        if self.dropout > 0 and self.has_rng("dropout"):
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
-        low = jax.lax.dot_general(x, a, dims)
-        return y + jax.lax.dot_general(low, b, dims) * jnp.asarray(self.alpha / self.rank, y.dtype)
+        delta = adapter_delta(self, x, a.astype(self.dtype), b.astype(self.dtype),
+                              self.alpha / self.rank, self.dropout)
+        return y + delta.astype(y.dtype)
 
 
 def _flat(params):
