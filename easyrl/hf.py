@@ -200,9 +200,11 @@ def load(path: str, kind: str = "causal_lm", dtype=None, *, mesh=None, rules=PAR
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: dev, shapes)
     used = set()
-    quantized = _QuantizedReader(config, index) if config.base_quant != "none" else None
-    plain = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(
-        M.param_shapes(config.replace(base_quant="none"), kind))[0]}
+    quantized, plain = None, {}
+    if config.base_quant != "none":  # the plain kernels' shapes, to check the HF tensors
+        quantized = _QuantizedReader(config, index)
+        plain = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+            M.param_shapes(config.replace(base_quant="none"), kind))[0]}
 
     def load_leaf(kpath, sds, sharding):
         p = path_str(kpath)

@@ -27,13 +27,9 @@ import jax.numpy as jnp
 from easyrl.model import quant
 from easyrl.model.lora import adapter_delta, lora_a_init
 from easyrl.model.matmul import dense_dot_general
+from easyrl.model.trainable import QUANT_PART, flatten, is_quant_part, unflatten
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# a part of a quantized kernel in a flat params path ('.../q_proj/kernel/codes')
-QUANT_PART = re.compile(r"(.*/\w+_proj/kernel)/(q|scale|codes|absmax|absmax_q|absmax_scale|"
-                        r"absmax_mean)$")
-
-
 def dq_block(features: int) -> int:
     """The double-quant run length along `out`: 256 (QLoRA's), or the largest divisor of
     `features` below it (small test models)."""
@@ -48,10 +44,6 @@ def settings(config, features: int) -> dict:
 def quantize_kernel(config, w, name=None):
     """A kernel [.., in, out] quantized as `config.base_quant` says."""
     return quant.quantize(w, config.base_quant, name=name, **settings(config, w.shape[-1]))
-
-
-def is_quant_part(path: str) -> bool:
-    return QUANT_PART.search(path) is not None
 
 
 class QuantDense(nn.Module):
@@ -90,17 +82,11 @@ class QuantDense(nn.Module):
         return y + delta.astype(y.dtype)
 
 
-def _flat(params):
-    from easyrl.model.trainable import flatten
-    return flatten(params)
-
-
 def quantize_params(config, params) -> dict:
     """`params` (plain dense kernels) with every projection kernel quantized for `config`
     (`base_quant`), one kernel at a time, shardings of the other leaves kept (used for bases
     that come from an easyrl checkpoint; HF folders are quantized while streaming)."""
-    from easyrl.model.trainable import unflatten
-    flat = _flat(params)
+    flat = flatten(params)
     out = {}
     for k, v in flat.items():
         if re.search(r"/(%s)/kernel$" % "|".join(PROJECTIONS), k):
@@ -113,8 +99,7 @@ def quantize_params(config, params) -> dict:
 
 def dequantize_params(params, dtype) -> dict:
     """`params` with every quantized kernel back as a plain [.., in, out] kernel in `dtype`."""
-    from easyrl.model.trainable import unflatten
-    flat = _flat(params)
+    flat = flatten(params)
     groups, out = {}, {}
     for k, v in flat.items():
         m = QUANT_PART.search(k)
@@ -128,4 +113,4 @@ def dequantize_params(params, dtype) -> dict:
 
 
 def has_quantized(params) -> bool:
-    return any(is_quant_part(k) for k in _flat(params))
+    return any(is_quant_part(k) for k in flatten(params))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,14 @@ from flax import traverse_util
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 TRAINABLE_HEADS = ("score",)  # reward / value heads stay trainable under LoRA
+# a part of a quantized frozen kernel (`easyrl.model.qlora`) in a flat path
+# ('layers/mlp/up_proj/kernel/codes'): group 1 the kernel's path, group 2 the part
+QUANT_PART = re.compile(r"(.*/\w+_proj/kernel)/(q|scale|codes|absmax|absmax_q|absmax_scale|"
+                        r"absmax_mean)$")
+
+
+def is_quant_part(path: str) -> bool:
+    return QUANT_PART.search(path) is not None
 
 
 def flatten(tree) -> dict:
@@ -81,7 +91,7 @@ def cast_frozen(params, dtype, mask=None) -> dict:
     train, fixed = partition(params, mask)
     fixed = {k: v for k, v in flatten(fixed).items()}
     # quantized kernels (integers and their float32 scales: easyrl.model.qlora) stay as they are
-    cast = {k: v for k, v in fixed.items() if v.dtype != dt and "_proj/kernel/" not in k}
+    cast = {k: v for k, v in fixed.items() if v.dtype != dt and not is_quant_part(k)}
     if cast:
         shard = {k: v.sharding for k, v in cast.items()}
         cast = jax.jit(lambda t: {k: v.astype(dt) for k, v in t.items()}, out_shardings=shard,

@@ -232,15 +232,15 @@ def grpo_reference(c) -> bool:
 def lora_trees(params, base_dtype: Optional[str] = None):
     """(params, trainable mask) of a LoRA model as `setup.load_params` holds it: frozen leaves in
     `base_dtype` when given; adapters and the score head in the parameter dtype."""
-    from easyrl.model.trainable import trainable_mask
+    from easyrl.model.trainable import is_quant_part, trainable_mask
     mask = trainable_mask(params)
     if base_dtype:
         dt = jnp.dtype(base_dtype)
         # quantized kernels (integers and float32 scales) keep their own dtypes
         params = jax.tree_util.tree_map_with_path(
-            lambda k, x, m: x if m or "_proj/kernel/" in jax.tree_util.keystr(k, simple=True,
-                                                                             separator="/")
-            else jax.ShapeDtypeStruct(x.shape, dt), params, mask)
+            lambda k, x, m: x if m or is_quant_part(jax.tree_util.keystr(
+                k, simple=True, separator="/")) else jax.ShapeDtypeStruct(x.shape, dt),
+            params, mask)
     return params, mask
 
 
