@@ -20,7 +20,8 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="easyrl", description="RLHF for LLaMA-family models in JAX: SFT, reward models, "
-                                   "PPO, DPO, RRHF, and Hugging Face conversion.")
+                                   "PPO, GRPO, online DPO, DPO, KTO, ORPO, CPO, SimPO, RRHF, "
+                                   "and Hugging Face conversion.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod in COMMANDS.items():
         importlib.import_module(mod).add_parser(sub)
