@@ -12,7 +12,9 @@ grpo.advantage        grpo (group-normalised) | rloo (leave-one-out) | reinforce
                       k1 KL in the token rewards, returns whitened over the batch) |
                       reinforce_pp_baseline (the group mean subtracted from the score first)
 grpo.scale_rewards    grpo only: group | batch | none (Dr. GRPO)
-grpo.loss_type        grpo | bnpo | dr_grpo | dapo (docs/algorithms.md, "Group methods")
+grpo.loss_type        grpo | bnpo | dr_grpo | dapo | rloo (TRL RLOOTrainer: one summed ratio per
+                      sequence, plain mean over sequences; with advantage=rloo)
+                      (docs/algorithms.md, "Group methods")
 grpo.beta             KL coefficient: k3 in the loss for advantage=grpo, a k1 reward penalty for
                       rloo / reinforce_pp*; 0 holds no reference model at all
 grpo.epsilon_low/high clip range of the ratio (DAPO clip-higher: epsilon_high 0.28)
@@ -23,7 +25,9 @@ grpo.dynamic_sampling groups whose rewards are all equal are dropped and the bat
                       the remaining places keep zero-std groups (logged)
 rollout.behaviour_logprobs  auto | sampler | trainer: whose log-probs are the old ones
 rollout.is_correction       none | token_truncate | token_mask | sequence_truncate |
-                      sequence_mask (trainer old log-probs only), rollout.is_cap its cap
+                      sequence_mask (trainer old log-probs only), rollout.is_cap its upper
+                      bound (TRL vllm_importance_sampling_clip_max), rollout.is_cap_min its
+                      lower bound (TRL ..._clip_min; 0 = none)
 reward.functions / reward.weights  comma-separated `module:function` (or file.py:function or a
                       built-in name) and their weights (easyrl/rewards.py); reward.path a reward
                       model, one more source with weight reward.weight
@@ -43,7 +47,8 @@ gsm8k_rlvr  GSM8K with an answer-extraction exact-match reward (`gsm8k_exact`, v
           prompt prefixes: `easyrl plan` peak 39.02 GiB per device vs 72.00 GiB usable (the
           rollout).
 rloo_tldr TRL's RLOO settings (RLOOTrainer docs, v0.11 `examples/scripts/rloo`): k = 2 samples per
-          prompt, KL coefficient 0.05 as a reward penalty, lr 3e-6, batch 64 completions, 1
+          prompt, TRL's RLOO loss (loss_type rloo: exp(summed log-ratio) per sequence, clipped,
+          mean over sequences), KL coefficient 0.05 as a reward penalty, lr 3e-6, batch 64 completions, 1
           epoch and 1 minibatch per batch (REINFORCE), temperature 0.7, response length 53,
           missing-EOS penalty 1.0 (grpo.missing_eos_penalty: subtracted from the reward of a
           completion without EOS), reward model from reward.path; data trl-lib/tldr. Hardware:
@@ -89,7 +94,10 @@ HARDWARE = {
 
 def get_config(preset: str = "tiny"):
     c = base_config("grpo")
-    c.reward = mlc.ConfigDict(dict(path="", weight=1.0, functions="", weights=""))
+    # num_workers > 0: reward functions in worker processes, each call bounded by timeout
+    # seconds; on_error: raise (stop the run) | none (rows not applicable, counted)
+    c.reward = mlc.ConfigDict(dict(path="", weight=1.0, functions="", weights="", num_workers=0,
+                                   timeout=600.0, on_error="raise"))
     c.grpo = mlc.ConfigDict(dict(
         max_prompt_len=16, max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0,
         num_generations=8, advantage="grpo", scale_rewards="group", adv_eps=1e-4,
@@ -105,7 +113,7 @@ def get_config(preset: str = "tiny"):
     # engine: static (one batch, shared prefixes) | continuous (easyrl.engine: slots freed by
     # finished samples are refilled; rollout.slots, 0 = one per rollout row)
     c.rollout = mlc.ConfigDict(dict(behaviour_logprobs="auto", is_correction="none", is_cap=2.0,
-                                    engine="static", slots=0))
+                                    is_cap_min=0.0, engine="static", slots=0))
     c.data.update(template="plain", eval="")
     if preset in ("tiny", "tiny_rm"):
         c.model.path = "runs/sft"
@@ -137,7 +145,7 @@ def get_config(preset: str = "tiny"):
         c.reward.path = "/path/to/rm-1b"
         c.data.update(train="trl-lib/tldr", split="train", format="prompt")
         c.grpo.update(max_prompt_len=512, max_new_tokens=53, temperature=0.7,
-                      num_generations=2, advantage="rloo", beta=0.05, loss_type="grpo",
+                      num_generations=2, advantage="rloo", beta=0.05, loss_type="rloo",
                       num_iterations=1, num_minibatches=1, missing_eos_penalty=1.0)
         c.train.update(epochs=1, batch_size=32, seq_len=565)
         c.optim.update(lr=3e-6, schedule="linear", warmup=0)

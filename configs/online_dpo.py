@@ -59,7 +59,10 @@ HARDWARE = {
 
 def get_config(preset: str = "tiny"):
     c = base_config("online_dpo")
-    c.reward = mlc.ConfigDict(dict(path="", weight=1.0, functions="", weights=""))
+    # num_workers > 0: reward functions in worker processes, each call bounded by timeout
+    # seconds; on_error: raise (stop the run) | none (rows not applicable, counted)
+    c.reward = mlc.ConfigDict(dict(path="", weight=1.0, functions="", weights="", num_workers=0,
+                                   timeout=600.0, on_error="raise"))
     c.online_dpo = mlc.ConfigDict(dict(
         beta=0.1, loss_type="sigmoid", loss_weights="", label_smoothing=0.0,
         num_generations=2, max_prompt_len=16, max_new_tokens=16, temperature=1.0, top_k=0,

@@ -5,6 +5,8 @@ Preference pairs (as for DPO); no reference model. ORPO trains SFT and preferenc
 
 orpo.beta   lambda, the weight of the odds-ratio term (TRL ORPOConfig.beta, default 0.1; the
             paper's lambda)
+orpo.nll_tokens  all (default): the NLL term over the chosen prompt + response tokens, as TRL's
+            ORPOTrainer; response: over the chosen response tokens only
 
 tiny              tiny LLaMA on the bundled synthetic sort task; set model.path to a tiny SFT
                   run (`easyrl sft --config configs/sft.py:tiny`) or leave it empty to train
@@ -33,7 +35,8 @@ HARDWARE = {"llama2_7b_uf": A100_8}
 
 def get_config(preset: str = "tiny"):
     c = base_config("orpo")
-    c.orpo = mlc.ConfigDict(dict(beta=0.1))
+    # nll_tokens: all (the chosen prompt + response, as TRL's ORPOTrainer) | response
+    c.orpo = mlc.ConfigDict(dict(beta=0.1, nll_tokens="all"))
     if preset == "tiny":
         c.train.update(steps=200, batch_size=32, seq_len=24)
         c.optim.update(lr=1e-3, schedule="cosine", warmup=10, weight_decay=0.0)

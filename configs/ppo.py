@@ -37,7 +37,10 @@ def get_config(preset: str = "tiny"):
     c = base_config("ppo")
     # reward sources: a reward model (path, its score x weight) and/or host reward functions
     # (`module:function` names and weights, comma-separated; easyrl/rewards.py), summed
-    c.reward = mlc.ConfigDict(dict(path="", weight=1.0, functions="", weights=""))
+    # num_workers > 0: reward functions in worker processes, each call bounded by timeout
+    # seconds; on_error: raise (stop the run) | none (rows not applicable, counted)
+    c.reward = mlc.ConfigDict(dict(path="", weight=1.0, functions="", weights="", num_workers=0,
+                                   timeout=600.0, on_error="raise"))
     c.value = mlc.ConfigDict(dict(path=""))  # empty: initialize the critic from reward.path
     c.value_optim = mlc.ConfigDict(c.optim.to_dict())
     c.ppo = mlc.ConfigDict(dict(

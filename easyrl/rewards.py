@@ -1,15 +1,22 @@
 """Programmatic reward sources shared by the online RL trainers.
 
-A *reward function* follows TRL's convention::
+A *reward function* is called exactly as TRL's GRPOTrainer calls it (trl/trainer/grpo_trainer.py
+``_calculate_rewards``), with keyword arguments only::
 
-    fn(prompts, completions, completion_ids, **columns) -> list[float | None]
+    fn(prompts=[...], completions=[...], completion_ids=[...], **columns,
+       trainer_state=..., log_metric=..., log_extra=...) -> list[float | None]
 
-``prompts`` / ``completions`` are lists of N strings, ``completion_ids`` a list of N token-id
-sequences (unpadded), and ``columns`` the prompt rows' other fields (e.g. ``answer``), each a
-list of N values aligned with ``prompts``, plus any scalar ``context`` keyword arguments the
-trainer sets (e.g. ``max_completion_length``; a column of the same name wins). A function takes
-only what it needs and swallows the rest with ``**kwargs``. It returns one reward per row;
-``None`` means "not applicable to this row" (e.g. the row has no ``answer``).
+so ``def reward_len(completions, **kwargs)`` and ``def f(completions, target, **kwargs)`` (TRL's
+documentation examples) work unchanged. ``prompts`` / ``completions`` are lists of N strings, or,
+for conversational data (a row's ``prompt`` / ``messages`` is a list of messages), the prompts'
+message lists and completions ``[{"role": "assistant", "content": text}]``, as TRL passes them.
+``completion_ids`` holds N token-id lists (unpadded); ``columns`` are the prompt rows' other
+fields (e.g. ``answer``), each a list of N values, plus any scalar ``context`` keyword arguments
+the trainer sets (e.g. ``max_completion_length``; a column of the same name wins);
+``trainer_state`` has ``global_step``, ``max_steps`` and ``epoch``; ``log_metric(name, value)``
+logs a scalar with the iteration's metrics (``log_extra`` is accepted and ignored). The return
+is one reward per row, a list or a 1-D numpy array; ``None`` (or NaN) means "not applicable to
+this row". ``async def`` functions are awaited, all of them concurrently (``asyncio.gather``).
 
 ``load_reward_functions(names, weights)`` turns config strings such as
 ``--config.reward.functions=my_rewards:accuracy,easyrl.rewards:overlong`` into a
@@ -19,14 +26,24 @@ a bare built-in name (``exact_match``) means ``easyrl.rewards:exact_match``. A r
 joins as one more source with :meth:`RewardSet.add_model`.
 
 ``RewardSet(prompts, completions, completion_ids, columns)`` returns ``(total, metrics)``:
-``total[i] = sum_k w_k * r_k[i]`` over the sources whose ``r_k[i]`` is not ``None`` (a row where
-every source is ``None`` gets 0 and is counted in ``rewards/none_rows``), a float32 numpy array.
-Metrics (TRL names): ``rewards/<name>/mean`` and ``rewards/<name>/std`` for each source over its
-non-``None`` values in the batch (population std; left out when a source applies to no row),
-``reward`` and ``reward_std`` of the total. A weight of 0 removes a source from the total while
-it is still computed and reported. A function that raises, returns the wrong length, a
-non-number or a non-finite number stops the batch with a :class:`RewardError` (a ``ValueError``:
-the CLI prints it as one line) naming the function and what was wrong.
+``total[i] = sum_k w_k * r_k[i]`` over the sources whose ``r_k[i]`` is not ``None``; a row where
+every source is ``None`` is unscorable: NaN (as TRL), counted in ``rewards/none_rows``, left out
+of its group's statistics and given advantage 0 by the trainers. Metrics (TRL names):
+``rewards/<name>/mean`` and ``rewards/<name>/std`` for each source over its non-``None`` values
+in the batch (population std; left out when a source applies to no row), ``reward`` and
+``reward_std`` of the scorable totals. A weight of 0 removes a source from the total while it is
+still computed and reported. A function that raises, returns the wrong length, a non-number or
+an infinite number stops the batch with a :class:`RewardError` (a ``ValueError``: the CLI prints
+it as one line) naming the function and what was wrong.
+
+Isolation (``reward.num_workers``, ``reward.timeout``, ``reward.on_error``): with
+``num_workers=0`` (default) the functions run in the trainer's process and one still running
+after ``SLOW_WARNING_S`` (60 s) prints a line naming it. With ``num_workers=N > 0`` they run in N
+worker processes (`easyrl.reward_workers`), each call bounded by ``timeout`` seconds (default
+600); a hung or crashed worker is killed and replaced. Then a call that raised, timed out or
+crashed stops the run with one line naming the function and the limit (``on_error=raise``,
+default), or its rows count as not applicable (``on_error=none``), counted in
+``rewards/<name>/errors``.
 
 Built-ins (``easyrl.rewards:NAME``)
 -----------------------------------
@@ -57,22 +74,28 @@ keyword (``RewardSet.context``) or a per-row column.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import os
 import re
 import sys
+import threading
 import zlib
 from typing import Callable, Sequence
 
 import numpy as np
 
 from easyrl.math_answers import answer_extraction, last_boxed, normalize_math  # noqa: F401
+from easyrl.reward_builtins import (  # noqa: F401  (easyrl.rewards:NAME names them)
+    DEFAULT_FORMAT_PATTERN, DEFAULT_MAX_COMPLETION_LENGTH, _as_text, _column, _row, boxed_math,
+    exact_match, gsm8k_exact, length_penalty, overlong, overlong_penalty, regex_format, synthetic)
 
-DEFAULT_MAX_COMPLETION_LENGTH = 256
-DEFAULT_FORMAT_PATTERN = r"^<think>.*?</think>.*$"
+DEFAULT_TIMEOUT = 600.0  # seconds per reward call in a worker process (reward.timeout)
 BUILTINS = ("synthetic", "exact_match", "gsm8k_exact", "boxed_math", "regex_format",
             "length_penalty", "overlong")
 _RESERVED = ("prompts", "completions", "completion_ids")
@@ -83,119 +106,12 @@ class RewardError(ValueError):
     """A reward source failed on a batch (one line: which source, and what was wrong)."""
 
 
-# ----------------------------------------------------------------------------- built-ins
-def _row(value, i):
-    """``value[i]`` for a per-row column (list/tuple/array), else the scalar ``value``."""
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return value[i]
-    return value
-
-
-def _column(kwargs: dict, key: str, n: int) -> list:
-    """The per-row values of ``key`` (scalar broadcast, missing -> ``None`` for every row)."""
-    v = kwargs.get(key)
-    return [_row(v, i) for i in range(n)]
-
-
-def synthetic(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-    """The synthetic sort task's graded reward: ``easyrl.data.synthetic.true_reward``."""
-    from easyrl.data.synthetic import true_reward
-    return [true_reward(p, c) for p, c in zip(prompts, completions)]
-
-
-def exact_match(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
-    """1.0 if the stripped completion equals the stripped ``answer``; None where no answer."""
-    answers = _column(kwargs, "answer", len(completions))
-    return [None if a is None else float(c.strip() == str(a).strip())
-            for c, a in zip(completions, answers)]
-
-
-def gsm8k_exact(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
-    """1.0 if the completion's final number equals the ``answer``'s (see ``answer_extraction``),
-    else 0.0; None where the row has no answer (or the answer has no number)."""
-    answers = _column(kwargs, "answer", len(completions))
-    out = []
-    for c, a in zip(completions, answers):
-        gold = None if a is None else answer_extraction(a)
-        if gold is None:
-            out.append(None)
-        else:
-            out.append(float(answer_extraction(c) == gold))
-    return out
-
-
-def boxed_math(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
-    """1.0 if the completion's last ``\\boxed{}`` equals the ``answer`` (its own last boxed
-    value when it has one, else the whole answer) after `normalize_math`, else 0.0 (no boxed
-    answer: 0.0); None where the row has no answer. The MATH / Big-Math convention of
-    boxed final answers; a string match, so equivalent forms (0.5 vs \\frac{1}{2}) do not
-    match: pass a symbolic grader as reward.functions=FILE.py:FN for that."""
-    answers = _column(kwargs, "answer", len(completions))
-    out = []
-    for c, a in zip(completions, answers):
-        if a is None:
-            out.append(None)
-            continue
-        gold = last_boxed(a)
-        gold = normalize_math(gold if gold is not None else a)
-        got = last_boxed(c)
-        out.append(float(got is not None and normalize_math(got) == gold))
-    return out
-
-
-def regex_format(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-    """1.0 if ``re.match(pattern, completion.strip(), re.DOTALL)``, else 0.0; ``pattern`` is the
-    row's ``format_pattern`` (column or keyword) or ``DEFAULT_FORMAT_PATTERN``."""
-    patterns = _column(kwargs, "format_pattern", len(completions))
-    return [float(re.match(p if p is not None else DEFAULT_FORMAT_PATTERN, c.strip(), re.DOTALL)
-                  is not None) for c, p in zip(completions, patterns)]
-
-
-def _lengths(completion_ids, n: int, who: str) -> list[int]:
-    if completion_ids is None:
-        raise ValueError(f"{who} needs completion_ids")
-    return [len(completion_ids[i]) for i in range(n)]
-
-
-def length_penalty(prompts, completions, completion_ids, **kwargs) -> list[float]:
-    """``-len(completion_ids[i]) / max_completion_length`` (default 256)."""
-    n = len(completions)
-    lmax = _column(kwargs, "max_completion_length", n)
-    return [-L / (m if m is not None else DEFAULT_MAX_COMPLETION_LENGTH)
-            for L, m in zip(_lengths(completion_ids, n, "length_penalty"), lmax)]
-
-
-def overlong_penalty(length: int, max_completion_length: int, overlong_cache: int) -> float:
-    """DAPO's soft overlong punishment of one completion of ``length`` tokens (module doc)."""
-    lmax, lc = int(max_completion_length), int(overlong_cache)
-    if lc <= 0 or lc > lmax:
-        raise ValueError(f"overlong_cache must be in [1, max_completion_length={lmax}], got {lc}")
-    if length <= lmax - lc:
-        return 0.0
-    if length <= lmax:
-        return ((lmax - lc) - length) / lc
-    return -1.0
-
-
-def overlong(prompts, completions, completion_ids, **kwargs) -> list[float]:
-    """DAPO soft overlong punishment; ``max_completion_length`` (default 256), ``overlong_cache``
-    (default ``max(1, max_completion_length // 4)``)."""
-    n = len(completions)
-    lmaxs = _column(kwargs, "max_completion_length", n)
-    caches = _column(kwargs, "overlong_cache", n)
-    out = []
-    for L, lmax, lc in zip(_lengths(completion_ids, n, "overlong"), lmaxs, caches):
-        lmax = DEFAULT_MAX_COMPLETION_LENGTH if lmax is None else lmax
-        lc = max(1, int(lmax) // 4) if lc is None else lc
-        out.append(overlong_penalty(L, lmax, lc))
-    return out
-
-
 # ----------------------------------------------------------------------------- RewardSet
 class _Source:
     def __init__(self, name: str, weight: float, fn: Callable, spec: str, takes_columns: bool):
         self.name, self.weight, self.fn, self.spec = name, weight, fn, spec
         self.takes_columns = takes_columns
+        self.ref = None  # what a worker process needs to find fn (reward.num_workers > 0)
 
     def label(self) -> str:
         return f"reward function '{self.name}'" + (f" ({self.spec})" if self.spec else "")
@@ -238,21 +154,79 @@ def _to_values(result, n: int, label: str) -> list[float | None]:
                 raise RewardError(f"{label} returned a non-number at row {i}: {v!r:.60} "
                                   f"({type(v).__name__})")
         f = float(v)
+        if math.isnan(f):  # NaN = not applicable (TRL turns None into NaN)
+            out.append(None)
+            continue
         if not math.isfinite(f):
             raise RewardError(f"{label} returned a non-finite value at row {i}: {f}")
         out.append(f)
     return out
 
 
+@dataclasses.dataclass
+class TrainerState:
+    """What TRL hands reward functions as ``trainer_state`` (a ``transformers.TrainerState``):
+    the optimizer steps done (``global_step``), the run's total (``max_steps``) and the epochs
+    of prompts consumed (``epoch``, a float), for rewards shaped by training progress."""
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+
+
+ON_ERROR = ("raise", "none")
+SLOW_WARNING_S = 60.0  # in process: a reward function still running after this prints a line
+
+
+def _watched(label: str, call: Callable):
+    """``call()``, printing one line if it is still running after ``SLOW_WARNING_S``."""
+    t = threading.Timer(SLOW_WARNING_S, lambda: print(
+        f"rewards: {label} is still running after {SLOW_WARNING_S:g} s (set reward.num_workers "
+        f"> 0 to bound each call by reward.timeout)", file=sys.stderr, flush=True))
+    t.daemon = True
+    t.start()
+    try:
+        return call()
+    finally:
+        t.cancel()
+
+
+def _in_thread(fn: Callable):
+    """Run ``fn()`` in a fresh thread (its own event loop for ``asyncio.run``, also when the
+    caller's thread already runs one, e.g. a notebook); re-raise what it raised."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["err"] = e
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
 class RewardSet:
     """Weighted reward sources: ``total = sum_k w_k * r_k`` (``None`` entries skipped).
 
     ``context``: scalar keyword arguments passed to every function (e.g.
-    ``max_completion_length``, ``overlong_cache``); a column of the same name wins."""
+    ``max_completion_length``, ``overlong_cache``); a column of the same name wins.
+    ``num_workers`` > 0 runs the functions in that many worker processes
+    (`easyrl.reward_workers`), each call bounded by ``timeout`` seconds; ``on_error`` says what
+    a call that raised, timed out or crashed does: ``raise`` (stop with one line) or ``none``
+    (its rows are not applicable, counted in ``rewards/<name>/errors``)."""
 
-    def __init__(self, context: dict | None = None):
+    def __init__(self, context: dict | None = None, num_workers: int = 0,
+                 timeout: float = DEFAULT_TIMEOUT, on_error: str = "raise"):
         self.sources: list[_Source] = []
         self.context = dict(context or {})
+        if on_error not in ON_ERROR:
+            raise ValueError(f"config reward.on_error: {on_error!r}; valid: {', '.join(ON_ERROR)}")
+        self.num_workers, self.timeout, self.on_error = int(num_workers), float(timeout), on_error
+        self._pool = None
+        self.extra_metrics: dict[str, float] = {}  # of the last `values` call (errors, log_metric)
 
     def _unique(self, name: str) -> str:
         taken = {s.name for s in self.sources}
@@ -268,14 +242,18 @@ class RewardSet:
         if not callable(fn):
             raise ValueError(f"reward source '{name}' is not callable")
         name = self._unique(name)
-        self.sources.append(_Source(name, _check_weight(weight, f"reward source '{name}'"), fn,
-                                    spec, True))
+        src = _Source(name, _check_weight(weight, f"reward source '{name}'"), fn, spec, True)
+        if self.num_workers > 0:
+            from easyrl.reward_workers import function_ref
+            src.ref = function_ref(fn, spec, src.label())
+        self.sources.append(src)
         return name
 
     def add_model(self, name: str, weight: float,
                   score_fn: Callable[[Sequence[str], Sequence[str], Sequence], np.ndarray]) -> str:
         """Add a reward model ``score_fn(prompts, completions, completion_ids) -> [N]`` as a
-        source (no columns are passed to it); returns its (unique) metric name."""
+        source (positional; no columns are passed to it, it runs in process); returns its
+        (unique) metric name."""
         if not callable(score_fn):
             raise ValueError(f"reward model '{name}' is not callable")
         name = self._unique(name)
@@ -297,16 +275,32 @@ class RewardSet:
     def __repr__(self) -> str:
         return "RewardSet(" + ", ".join(f"{s.name}*{s.weight:g}" for s in self.sources) + ")"
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-                 completion_ids: Sequence | None, columns: dict | None = None):
-        """``(total [N] float32, metrics)`` for a batch; see the module doc."""
-        return self.combine(self.values(prompts, completions, completion_ids, columns))
+    def __call__(self, prompts: Sequence, completions: Sequence[str],
+                 completion_ids: Sequence | None, columns: dict | None = None, **kw):
+        """``(total [N] float32, metrics)`` for a batch (with the call's ``extra_metrics``)."""
+        total, metrics = self.combine(self.values(prompts, completions, completion_ids, columns,
+                                                  **kw))
+        return total, {**metrics, **self.extra_metrics}
 
-    def values(self, prompts: Sequence[str], completions: Sequence[str],
-               completion_ids: Sequence | None, columns: dict | None = None) -> np.ndarray:
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def values(self, prompts: Sequence, completions: Sequence[str],
+               completion_ids: Sequence | None, columns: dict | None = None, *,
+               trainer_state: TrainerState | None = None,
+               messages: Sequence | None = None) -> np.ndarray:
         """Every source's rewards for a batch: float64 ``[N, K]`` (K sources, in order), NaN
         where a source returned ``None``. ``combine`` turns (rows of) it into the total; the
-        online-RL loop computes it on each host's own rows and gathers the rows of all hosts."""
+        online-RL loop computes it on each host's own rows and gathers the rows of all hosts.
+
+        The functions are called as TRL calls them (keyword arguments ``prompts``,
+        ``completions``, ``completion_ids``, the columns, ``trainer_state``, ``log_metric``,
+        ``log_extra``). ``messages``: the rows' prompts as message lists (conversational data):
+        then ``prompts`` passed to the functions are those lists and each completion is
+        ``[{"role": "assistant", "content": text}]``, as TRL does."""
         if not self.sources:
             raise ValueError("no reward sources configured (reward.functions or a reward model)")
         prompts, completions = list(prompts), list(completions)
@@ -321,24 +315,100 @@ class RewardSet:
                 raise ValueError(f"rewards: a prompt column may not be named {k!r}")
             if len(v) != n:
                 raise ValueError(f"rewards: column {k!r} has {len(v)} values for {n} prompts")
-        kwargs = {**{k: v for k, v in self.context.items() if k not in _RESERVED}, **columns}
+        if messages is not None and len(messages) == n and all(
+                isinstance(m, (list, tuple)) for m in messages):
+            call_prompts = [list(m) for m in messages]
+            call_completions = [[{"role": "assistant", "content": c}] for c in completions]
+        else:
+            call_prompts, call_completions = prompts, completions
+        ids = None if completion_ids is None else [list(x) for x in completion_ids]
+        kwargs = {**{k: v for k, v in self.context.items() if k not in _RESERVED}, **columns,
+                  "prompts": call_prompts, "completions": call_completions,
+                  "completion_ids": ids, "trainer_state": trainer_state or TrainerState()}
+        self.extra_metrics = {}
+        logged: dict[str, list] = {}
+
+        def log_metric(name, value):
+            logged.setdefault(str(name), []).append(float(value))
+
+        user = [j for j, s in enumerate(self.sources) if s.takes_columns]
+        results: dict[int, tuple] = {}
+        if self.num_workers > 0 and user:
+            if self._pool is None:
+                from easyrl.reward_workers import WorkerPool
+                self._pool = WorkerPool(self.num_workers, self.timeout)
+            answers = self._pool.run([(self.sources[j].ref, kwargs) for j in user])
+            for j, a in zip(user, answers):
+                if a[0] == "ok":
+                    for name, v in a[2]:
+                        log_metric(name, v)
+                results[j] = a
+        elif user:
+            call_kw = dict(kwargs, log_metric=log_metric, log_extra=lambda column, values: None)
+            sync = [j for j in user if not inspect.iscoroutinefunction(self.sources[j].fn)]
+            for j in sync:
+                s = self.sources[j]
+                try:
+                    results[j] = ("ok", _watched(s.label(), lambda: s.fn(**call_kw)))
+                except Exception as e:  # user code: one line naming the source
+                    results[j] = ("error", _one_line(e))
+            coros = [j for j in user if j not in results]
+            if coros:
+                results.update(self._run_async(coros, call_kw))
         out = np.full((n, len(self.sources)), np.nan, np.float64)
         for j, s in enumerate(self.sources):
             label = s.label()
-            try:
-                if s.takes_columns:
-                    result = s.fn(prompts, completions, completion_ids, **kwargs)
-                else:
+            if not s.takes_columns:
+                try:
                     result = s.fn(prompts, completions, completion_ids)
-            except Exception as e:  # user code: one line naming the source
-                raise RewardError(f"{label} raised {_one_line(e)}") from None
+                except Exception as e:
+                    raise RewardError(f"{label} raised {_one_line(e)}") from None
+            else:
+                a = results[j]
+                if a[0] != "ok":
+                    why = {"error": lambda: f"raised {a[1]}",
+                           "timeout": lambda: f"did not return within {a[1]:g} s "
+                                              f"(config reward.timeout)",
+                           "crash": lambda: f"killed its worker process (exit code {a[1]})"}[
+                        a[0]]()
+                    if self.on_error == "raise":
+                        hint = "" if a[0] == "error" else " (reward.on_error=none skips such rows)"
+                        raise RewardError(f"{label} {why}{hint}")
+                    print(f"rewards: {label} {why}; its {n} rows count as not applicable "
+                          f"(reward.on_error=none)", file=sys.stderr, flush=True)
+                    self.extra_metrics[f"rewards/{s.name}/errors"] = float(n)
+                    continue
+                result = a[1]
+                if self.on_error == "none":
+                    self.extra_metrics[f"rewards/{s.name}/errors"] = 0.0
             for i, v in enumerate(_to_values(result, n, label)):
                 if v is not None:
                     out[i, j] = v
+        for name, vs in logged.items():
+            self.extra_metrics[name] = float(np.mean(vs))
         return out
 
+    def _run_async(self, idx: list, call_kw: dict) -> dict:
+        """The ``async def`` sources, awaited together (``asyncio.gather``, as TRL)."""
+        srcs = [self.sources[j] for j in idx]
+
+        async def one(s):
+            try:
+                return ("ok", await s.fn(**call_kw))
+            except Exception as e:
+                return ("error", _one_line(e))
+
+        async def gather():
+            return await asyncio.gather(*(one(s) for s in srcs))
+
+        label = ", ".join(s.label() for s in srcs)
+        answers = _watched(label, lambda: _in_thread(lambda: asyncio.run(gather())))
+        return dict(zip(idx, answers))
+
     def combine(self, values: np.ndarray):
-        """``(total [N] float32, metrics)`` from ``values`` [N, K] (see ``values``)."""
+        """``(total [N] float32, metrics)`` from ``values`` [N, K] (see ``values``). A row where
+        every source is NaN (``None``) is unscorable: its total is NaN (as TRL), counted in
+        ``rewards/none_rows`` and left out of ``reward`` / ``reward_std`` (nanmean, nanstd)."""
         values = np.asarray(values, np.float64)
         n = values.shape[0]
         if values.ndim != 2 or values.shape[1] != len(self.sources):
@@ -358,13 +428,45 @@ class RewardSet:
             if s.weight != 0.0:
                 total[got] += s.weight * vals
         metrics["rewards/none_rows"] = float(n - applicable.sum())
+        total[~applicable] = np.nan
         total = total.astype(np.float32)
-        metrics["reward"] = float(total.mean()) if n else 0.0
-        metrics["reward_std"] = float(total.std()) if n else 0.0
+        metrics.update(reward_stats(total))
         return total, metrics
 
 
+def reward_stats(total) -> dict:
+    """``reward`` / ``reward_std`` of the scorable (non-NaN) totals (0 when there are none)."""
+    t = np.asarray(total, np.float64)
+    t = t[~np.isnan(t)]
+    return {"reward": float(t.mean()) if t.size else 0.0,
+            "reward_std": float(t.std()) if t.size else 0.0}
+
+
+def unscorable_warning(prompts, completions, values) -> str | None:
+    """One line for the rows where every source returned None (TRL warns the same), or None."""
+    bad = np.flatnonzero(np.all(np.isnan(np.asarray(values, np.float64)), axis=1))
+    if not bad.size:
+        return None
+    i = int(bad[0])
+    return (f"rewards: every reward function returned None for {bad.size} of {len(values)} "
+            f"rows (first: row {i}, prompt {str(_as_text(prompts[i]))[-80:]!r}, completion "
+            f"{str(completions[i])[:80]!r}); they get advantage 0. Make sure at least one "
+            f"reward function returns a value for every row.")
+
+
 # ----------------------------------------------------------------------------- loading
+def check_isolation(num_workers, timeout, on_error) -> None:
+    """The reward.num_workers / reward.timeout / reward.on_error keys, checked before loading."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"config reward.num_workers: {num_workers!r} must be an int >= 0 "
+                         f"(0 = call the reward functions in the trainer's process)")
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) \
+            or not float(timeout) > 0 or not math.isfinite(float(timeout)):
+        raise ValueError(f"config reward.timeout: {timeout!r} must be a number of seconds > 0")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"config reward.on_error: {on_error!r}; valid: {', '.join(ON_ERROR)}")
+
+
 def _split_list(value) -> list:
     if value is None:
         return []
@@ -440,10 +542,14 @@ def resolve_reward_function(entry: str) -> tuple[str, Callable]:
     return attr, fn
 
 
-def load_reward_functions(names, weights=None, context: dict | None = None) -> RewardSet:
+def load_reward_functions(names, weights=None, context: dict | None = None, *,
+                          num_workers: int = 0, timeout: float = DEFAULT_TIMEOUT,
+                          on_error: str = "raise") -> RewardSet:
     """A :class:`RewardSet` from ``names`` (list or comma-separated ``module:function``) and
     ``weights`` (list or comma-separated floats; default 1.0 each). ``context``: scalar keyword
-    arguments for every function (see :class:`RewardSet`)."""
+    arguments for every function; ``num_workers``, ``timeout``, ``on_error``: see
+    :class:`RewardSet` (config ``reward.num_workers``, ``reward.timeout``, ``reward.on_error``)."""
+    check_isolation(num_workers, timeout, on_error)
     entries = [str(e).strip() for e in _split_list(names)]
     ws = _split_list(weights)
     if not ws:
@@ -451,7 +557,7 @@ def load_reward_functions(names, weights=None, context: dict | None = None) -> R
     if len(ws) != len(entries):
         raise ValueError(f"config reward.weights: {len(ws)} weights for {len(entries)} reward "
                          f"functions ({', '.join(entries) or 'none'})")
-    rs = RewardSet(context)
+    rs = RewardSet(context, num_workers=num_workers, timeout=timeout, on_error=on_error)
     for entry, w in zip(entries, ws):
         if isinstance(w, str):
             try:

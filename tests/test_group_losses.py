@@ -340,3 +340,129 @@ def test_is_weights(mode):
     got = G.is_weights(jnp.asarray(old, jnp.float32), jnp.asarray(samp, jnp.float32),
                        jnp.asarray(mask), mode, cap)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- unscorable rows
+def _trl_advantages_with_nan(r, g, kind, scale, eps=1e-4):
+    """TRL's GRPOTrainer (grpo_trainer.py ~l.2679-2728, sum_then_normalize) and RLOOTrainer
+    (rloo_trainer.py ~l.1512-1560) with unscorable (NaN) rows, in float64 loops."""
+    r = np.asarray(r, np.float64).reshape(-1, g)
+    out = np.zeros_like(r)
+
+    def nanstd(x):  # trl.trainer.utils.nanstd: Bessel-corrected over the non-NaN values
+        x = x[~np.isnan(x)]
+        return np.sqrt(np.sum((x - x.mean()) ** 2) / (len(x) - 1)) if len(x) > 1 else np.nan
+    flat = r.reshape(-1)
+    bstd = nanstd(flat)
+    for b in range(r.shape[0]):
+        ok = ~np.isnan(r[b])
+        for i in range(g):
+            if not ok[i]:
+                continue  # advantage 0 (nan_to_num)
+            if kind == "rloo":
+                others = [r[b, j] for j in range(g) if j != i and ok[j]]
+                a = r[b, i] - (sum(others) / len(others) if others else np.nan)
+            else:
+                a = r[b, i] - np.mean(r[b][ok])
+                if scale == "group":
+                    a = a / (nanstd(r[b]) + eps)
+                elif scale == "batch":
+                    a = a / (bstd + eps)
+            out[b, i] = 0.0 if np.isnan(a) else a
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("kind, scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                         ("rloo", "group")])
+def test_group_advantages_leave_unscorable_rows_out(kind, scale):
+    rng = np.random.default_rng(3)
+    g = 4
+    r = rng.normal(size=(5, g))
+    r[0, 1] = np.nan            # one unscorable row
+    r[1, :3] = np.nan           # a single scorable row left: advantage 0
+    r[2, :] = np.nan            # a whole group unscorable
+    got = np.asarray(L.group.group_advantages(jnp.asarray(r.reshape(-1), jnp.float32), g, kind,
+                                             scale))
+    want = _trl_advantages_with_nan(r, g, kind, scale)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert np.all(got[np.isnan(r.reshape(-1))] == 0)
+    # the scorable rows of group 0 get what they get without the NaN row in the group
+    alone = np.asarray(L.group.group_advantages(jnp.asarray(r[0, [0, 2, 3]], jnp.float32), 3, kind,
+                                          scale if scale != "batch" else "none"))
+    if scale != "batch":
+        np.testing.assert_allclose(got[[0, 2, 3]], alone, rtol=2e-5, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------- TRL composition
+def test_is_weight_multiplies_the_policy_term_only():
+    """TRL GRPOTrainer (_compute_loss, ~l.3117-3121): per_token_loss = policy term * IS ratio,
+    THEN + beta * k3. A float64 loop reference with weights far from 1 and beta > 0."""
+    rng = np.random.default_rng(7)
+    n, t, beta, cap, cap_min = 3, 5, 0.3, 2.0, 0.5
+    lp = rng.normal(-1.5, 0.5, (n, t))
+    old = lp + rng.normal(0, 0.2, (n, t))
+    samp = old + rng.choice([-1.2, -0.4, 0.3, 1.5], size=(n, t))  # weights e^-1.5 .. e^1.2
+    ref = lp + rng.normal(0, 0.3, (n, t))
+    adv = rng.normal(size=n)
+    mask = np.ones((n, t))
+    mask[1, 3:] = 0
+    want = np.zeros((n, t))
+    for i in range(n):
+        for j in range(t):
+            if not mask[i, j]:
+                continue
+            rho = math.exp(lp[i, j] - old[i, j])
+            pol = -min(rho * adv[i], min(max(rho, 0.8), 1.2) * adv[i])
+            w = min(max(math.exp(old[i, j] - samp[i, j]), cap_min), cap)  # token_truncate
+            k3 = math.exp(ref[i, j] - lp[i, j]) - (ref[i, j] - lp[i, j]) - 1
+            want[i, j] = w * pol + beta * k3
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    w = L.group.is_weights(f32(old), f32(samp), f32(mask), "token_truncate", cap, cap_min)
+    got, _ = L.group.grpo_token_loss(f32(lp), f32(old), f32(adv), f32(mask), 0.2, 0.2,
+                                     ref_logp=f32(ref), beta=beta, is_weight=w)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-6)
+    assert np.any(np.asarray(w)[mask > 0] == cap) and np.any(np.asarray(w)[mask > 0] == cap_min)
+    k3 = np.asarray(L.group.k3_kl(f32(lp), f32(ref), f32(mask)))
+    wrong = want - beta * k3 + np.asarray(w) * beta * k3  # the old composition: w * (pol + kl)
+    assert not np.allclose(np.asarray(got), wrong, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["token_mask", "sequence_mask"])
+def test_is_lower_bound_masks(mode):
+    old = jnp.asarray([[0.0, 0.0, 0.0]], jnp.float32)
+    samp = jnp.asarray([[1.0, 0.0, -1.5]], jnp.float32)  # token weights e^-1, 1, e^1.5
+    w = np.asarray(L.group.is_weights(old, samp, jnp.ones((1, 3)), mode, 3.0, 0.5))
+    if mode == "token_mask":
+        np.testing.assert_allclose(w, [[0.0, 1.0, 0.0]])  # e^-1 < 0.5, e^1.5 > 3: masked
+    else:  # sequence weight e^0.5 in [0.5, 3]: kept for every token
+        np.testing.assert_allclose(w, [[math.exp(0.5)] * 3], rtol=1e-6)
+
+
+def test_rloo_sequence_loss_gradient_is_trl_s():
+    """TRL RLOOTrainer (_compute_loss, ~l.1683-1694): rho_i = exp(sum_t m (logp - old)),
+    loss = mean_i -min(rho_i A_i, clip(rho_i) A_i). d loss / d logp_it = -A_i rho_i m_it / N
+    where the unclipped term is the active one, else 0: never divided by the length."""
+    rng = np.random.default_rng(11)
+    n, t, el, eh = 6, 7, 0.2, 0.28
+    lp = rng.normal(-1.0, 0.3, (n, t))
+    old = lp + rng.normal(0, 0.15, (n, t))
+    adv = rng.normal(size=n)
+    mask = np.ones((n, t))
+    for i, L_ in enumerate([7, 2, 5, 1, 7, 3]):
+        mask[i, L_:] = 0
+    want_loss, want_grad = 0.0, np.zeros((n, t))
+    for i in range(n):
+        rho = math.exp(sum((lp[i, j] - old[i, j]) * mask[i, j] for j in range(t)))
+        unclipped, clipped = rho * adv[i], min(max(rho, 1 - el), 1 + eh) * adv[i]
+        want_loss += -min(unclipped, clipped) / n
+        active = unclipped <= clipped or (1 - el) <= rho <= (1 + eh)
+        for j in range(t):
+            want_grad[i, j] = -adv[i] * rho * mask[i, j] / n if active else 0.0
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+    def loss(x):
+        return jnp.mean(L.group.rloo_sequence_loss(x, f32(old), f32(adv), f32(mask), el, eh)[0])
+    val, grad = jax.value_and_grad(loss)(f32(lp))
+    assert float(val) == pytest.approx(want_loss, rel=1e-5, abs=1e-7)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=2e-5, atol=1e-7)

@@ -255,3 +255,16 @@ def test_tiny_preset_improves_the_synthetic_reward(sft_run, tmp_path):
     assert all(r["objective/true_reward"] == pytest.approx(r["objective/scores"], abs=1e-6)
                for r in rows)  # reward.functions=synthetic is the true reward
     assert blocks[-1] > blocks[0] + 0.04
+
+
+def test_unscorable_rows_never_form_a_pair():
+    """A row every reward function returned None for (NaN) is neither chosen nor rejected while
+    its group has scorable rows, and a pair with an unscorable side has weight 0."""
+    from easyrl.algorithms.online_dpo import pair_ok, select_pairs
+    nan = float("nan")
+    r = jnp.asarray([nan, 0.2, 0.9, 0.5,     # best 2, worst 1 (row 0 skipped)
+                     0.3, nan, nan, nan,     # one scorable row: no pair
+                     nan, nan, nan, nan], jnp.float32)
+    ci, ri = select_pairs(r, 4)
+    assert ci[0] == 2 and ri[0] == 1
+    np.testing.assert_array_equal(np.asarray(pair_ok(r, ci, ri)), [1.0, 0.0, 0.0])

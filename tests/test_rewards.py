@@ -48,12 +48,13 @@ def test_user_file_by_path_with_answer_column(user_file):
     assert rs.names == ["accuracy"] and rs.weights == [1.0]
     total, m = rs(PROMPTS, COMPLETIONS, IDS, COLUMNS)
     assert total.dtype == np.float32 and total.shape == (3,)
-    np.testing.assert_allclose(total, [1.0, 0.0, 0.0])
+    # the row without an answer is unscorable: NaN (TRL), out of reward / reward_std
+    np.testing.assert_allclose(total, [1.0, 0.0, np.nan])
     assert m["rewards/accuracy/mean"] == pytest.approx(0.5)  # over the 2 rows with an answer
     assert m["rewards/accuracy/std"] == pytest.approx(0.5)
     assert m["rewards/none_rows"] == 1.0
-    assert m["reward"] == pytest.approx(1 / 3)
-    assert m["reward_std"] == pytest.approx(np.std([1.0, 0.0, 0.0]))
+    assert m["reward"] == pytest.approx(0.5)
+    assert m["reward_std"] == pytest.approx(np.std([1.0, 0.0]))
 
 
 def test_user_module_on_sys_path(user_file, monkeypatch):
@@ -84,14 +85,16 @@ def test_comma_separated_strings_and_builtins(user_file):
 def test_weight_zero_removes_effect_but_is_reported(user_file):
     rs = load_reward_functions([f"{user_file}:accuracy", f"{user_file}:brevity"], [1.0, 0.0])
     total, m = rs(PROMPTS, COMPLETIONS, IDS, COLUMNS)
-    np.testing.assert_allclose(total, [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(total, [1.0, 0.0, 0.0])  # brevity applies to row 2 (weight 0)
     assert m["rewards/brevity/mean"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
 
 
-def test_all_none_row_gets_zero_and_is_counted(user_file):
+def test_all_none_row_is_nan_and_counted(user_file):
     rs = load_reward_functions([f"{user_file}:nothing", f"{user_file}:accuracy"])
     total, m = rs(PROMPTS, COMPLETIONS, IDS, COLUMNS)
-    np.testing.assert_allclose(total, [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(total, [1.0, 0.0, np.nan])
+    warn = R.unscorable_warning(PROMPTS, COMPLETIONS, rs.values(PROMPTS, COMPLETIONS, IDS, COLUMNS))
+    assert "1 of 3 rows (first: row 2, prompt 'q3', completion 'x')" in warn
     assert m["rewards/none_rows"] == 1.0
     assert "rewards/nothing/mean" not in m  # applies to no row: no mean/std (no NaN metrics)
 
@@ -99,7 +102,7 @@ def test_all_none_row_gets_zero_and_is_counted(user_file):
 def test_name_collision_made_unique(user_file, monkeypatch):
     monkeypatch.syspath_prepend(str(user_file.parent))
     rs = load_reward_functions(["my_rewards:brevity", f"{user_file}:brevity"])
-    rs.add_model("brevity", 1.0, lambda p, c, ids: np.zeros(len(p)))
+    rs.add_model("brevity", 1.0, lambda p, c, ids: np.zeros(len(p)))  # the RM path: positional
     assert rs.names == ["brevity", "brevity_2", "brevity_3"]
     _, m = rs(PROMPTS, COMPLETIONS, IDS, COLUMNS)
     assert "rewards/brevity_2/mean" in m and "rewards/brevity_3/std" in m
@@ -123,15 +126,18 @@ def test_failing_function_one_line_error(user_file, fn, needle):
 
 def test_non_finite_and_wrong_shape_rejected():
     rs = RewardSet()
-    rs.add("nan", 1.0, lambda p, c, ids, **kw: [float("nan")] * len(p))
-    with pytest.raises(RewardError, match="'nan' returned a non-finite value at row 0"):
+    rs.add("inf", 1.0, lambda prompts, **kw: [float("inf")] * len(prompts))
+    with pytest.raises(RewardError, match="'inf' returned a non-finite value at row 0"):
         rs(PROMPTS, COMPLETIONS, IDS)
+    rs = RewardSet()  # NaN means "not applicable", as None (TRL turns None into NaN)
+    rs.add("nan", 1.0, lambda prompts, **kw: np.array([np.nan, 1.0, 2.0]))
+    np.testing.assert_allclose(rs(PROMPTS, COMPLETIONS, IDS)[0], [np.nan, 1.0, 2.0])
     rs = RewardSet()
     rs.add_model("rm", 1.0, lambda p, c, ids: np.zeros((len(p), 2)))
     with pytest.raises(RewardError, match=r"'rm' \(reward model\) returned an array of shape"):
         rs(PROMPTS, COMPLETIONS, IDS)
     rs = RewardSet()
-    rs.add("scalar", 1.0, lambda p, c, ids, **kw: 1.0)
+    rs.add("scalar", 1.0, lambda completions, **kw: 1.0)
     with pytest.raises(RewardError, match="'scalar' returned float, expected a list of 3"):
         rs(PROMPTS, COMPLETIONS, IDS)
 

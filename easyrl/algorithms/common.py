@@ -60,16 +60,36 @@ def pair_logps(config, params, batch, rng=None):
     return lp[:b], lp[b:], n[:b], n[b:]
 
 
+def pair_logps_with_chosen_nll(config, params, batch, rng=None):
+    """`pair_logps` plus the summed log-probs of every attended token of the chosen rows
+    (prompt + response, column 0 excepted: it has no predictor), from the same forward: the
+    chosen NLL of TRL's ORPOTrainer ("orpo chosen nll loss is computed over the full prompt and
+    response", trl/experimental/orpo/orpo_trainer.py ``concatenated_forward``)."""
+    ids, attn = pair_inputs(batch)
+    mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], axis=0)
+    logits = M.forward(config, params, ids, attn, rng=rng)
+    lp = losses.token_logprobs(logits, ids)
+    mask = mask.at[:, 0].set(0)
+    seq, n = losses.masked_sum(lp, mask, axis=-1), jnp.sum(mask, axis=-1).astype(lp.dtype)
+    b = batch["chosen_input_ids"].shape[0]
+    full = losses.masked_sum(lp[:b], attn[:b].at[:, 0].set(0), axis=-1)
+    return seq[:b], seq[b:], n[:b], n[b:], full
+
+
 def pair_denom(batch):
     """Number of pairs in the whole global batch."""
     return jnp.asarray(batch["chosen_input_ids"].shape[0], jnp.float32)
 
 
 def pair_nll_denom(batch):
-    """{pairs, chosen_tokens} of the whole global batch: the normalizers of a pair loss plus a
-    token-mean NLL of the chosen responses (ORPO, CPO), so both are split-invariant."""
+    """{pairs, chosen_tokens, chosen_all_tokens} of the whole global batch: the normalizers of a
+    pair loss plus a token-mean NLL of the chosen responses (CPO; ORPO with
+    orpo.nll_tokens=response) or of the chosen prompt + response (ORPO's default, as TRL), so
+    each is split-invariant."""
     m = batch["chosen_loss_mask"][:, 1:]  # column 0 has no predictor (response_logps)
-    return {"pairs": pair_denom(batch), "chosen_tokens": jnp.sum(m).astype(jnp.float32)}
+    a = batch["chosen_attention_mask"][:, 1:]  # prompt + response (ORPO's NLL, as TRL)
+    return {"pairs": pair_denom(batch), "chosen_tokens": jnp.sum(m).astype(jnp.float32),
+            "chosen_all_tokens": jnp.sum(a).astype(jnp.float32)}
 
 
 def pair_metrics(r_c, r_r, lp_c, lp_r, pairs) -> dict:

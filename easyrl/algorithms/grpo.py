@@ -23,6 +23,7 @@ with the frozen loaded adapter (`common.reference`).
 """
 from __future__ import annotations
 
+import logging
 import types
 
 import jax
@@ -36,6 +37,7 @@ from easyrl.rollout import response_logprobs
 from easyrl.train.step import counted_step
 
 ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+log = logging.getLogger("easyrl.grpo")
 BEHAVIOUR = ("auto", "sampler", "trainer")
 
 
@@ -52,6 +54,7 @@ def settings(c):
     g.behaviour_logprobs = mode
     g.is_correction = ro.get("is_correction", "none")
     g.is_cap = float(ro.get("is_cap", 2.0))
+    g.is_cap_min = float(ro.get("is_cap_min", 0.0))
     return g
 
 
@@ -121,6 +124,7 @@ def advantages(scored, roll, g):
     old, ref = scored.get("old_logprobs", zeros), scored.get("ref_logprobs", zeros)
     stats = {}
     penalised = g.advantage != "grpo" and g.beta > 0
+    scorable = ~jnp.isnan(rewards)  # NaN: every reward function returned None (advantage 0)
     if g.advantage == "grpo":
         adv = G.group_advantages(rewards, n_gen, "grpo", g.scale_rewards, g.adv_eps)
         adv = jnp.broadcast_to(adv[:, None], mask.shape)
@@ -129,9 +133,14 @@ def advantages(scored, roll, g):
         r = rewards - g.beta * kl_seq if penalised else rewards
         adv = jnp.broadcast_to(G.group_advantages(r, n_gen, "rloo")[:, None], mask.shape)
     else:
-        adv, _ = G.reinforce_pp_returns(rewards, old, ref, mask, g.beta if penalised else 0.0,
-                                        baseline=g.advantage == "reinforce_pp_baseline",
-                                        num_generations=n_gen)
+        sc = rewards
+        if g.advantage == "reinforce_pp_baseline":  # the group mean of the scorable rows
+            grp = sc.reshape(-1, n_gen)
+            sc = (grp - jnp.nanmean(grp, axis=1, keepdims=True)).reshape(-1)
+        m_ok = mask * scorable[:, None]  # unscorable rows: out of the whitening, advantage 0
+        adv, _ = G.reinforce_pp_returns(jnp.where(scorable, sc, 0.0), old, ref, m_ok,
+                                        g.beta if penalised else 0.0)
+        adv = jnp.where(scorable[:, None], adv, 0.0)
     if penalised:
         stats["kl"] = jnp.mean(jnp.sum((old - ref) * mask, -1))
     loss_mask = mask * has_eos[:, None] if g.mask_truncated_completions else mask
@@ -141,7 +150,8 @@ def advantages(scored, roll, g):
     n_term = jnp.maximum(jnp.sum(term), 1)
     big = jnp.float32(1e9)
     stats.update({
-        "reward_std": jnp.mean(jnp.std(grouped, axis=1, ddof=1)) if n_gen > 1 else jnp.float32(0),
+        "reward_std": (jnp.nan_to_num(jnp.nanmean(jnp.nanstd(grouped, axis=1, ddof=1)))
+                       if n_gen > 1 else jnp.float32(0)),
         "completions/mean_length": jnp.mean(lengths),
         "completions/min_length": jnp.min(lengths),
         "completions/max_length": jnp.max(lengths),
@@ -170,7 +180,7 @@ def denominators(loss_mask, g, n_micro: int):
         loss = tokens
     elif g.loss_type == "dr_grpo":
         loss = jnp.float32(rows * g.max_new_tokens)
-    elif g.loss_type == "grpo":
+    elif g.loss_type in ("grpo", "rloo"):
         loss = jnp.float32(rows)
     else:  # bnpo: each micro-batch's token mean, averaged over the micro-batches
         loss = jnp.float32(n_micro)
@@ -185,6 +195,8 @@ def make_loss(policy_cfg, g):
     top_k, top_p = int(g.top_k), float(g.top_p)
     beta = g.beta if kl_in_loss(g) else 0.0
     is_mode, is_cap = g.get("is_correction", "none"), float(g.get("is_cap", 2.0))
+    is_min = float(g.get("is_cap_min", 0.0)) or None
+    seq_level = g.importance_sampling_level == "sequence" or g.loss_type == "rloo"
 
     def loss_fn(params, frozen, mb, rng, denom):
         del frozen, rng
@@ -193,20 +205,25 @@ def make_loss(policy_cfg, g):
                                     top_k, top_p)
         old = mb["old_logprobs"] if "old_logprobs" in mb else jax.lax.stop_gradient(lp)
         ref = mb.get("ref_logprobs")
-        per_tok, clip = G.clipped_policy_loss(lp, old, mb["advantages"], m, g.epsilon_low,
-                                              g.epsilon_high, g.importance_sampling_level,
-                                              ref_logp=ref, beta=beta)
         samp = mb.get("sampler_logprobs")
-        extra = {}
+        extra, w = {}, None
         if samp is not None:
             if is_mode != "none":  # the trainer's old log-probs vs the sampler's
-                w = G.is_weights(jax.lax.stop_gradient(old), samp, m, is_mode, is_cap)
-                per_tok = per_tok * w
+                w = G.is_weights(jax.lax.stop_gradient(old), samp, m, is_mode, is_cap, is_min)
                 extra["rollout/is_weight_mean"] = losses.masked_sum(w, m) / denom["tokens"]
             diff = jnp.abs(jax.lax.stop_gradient(lp) - samp) * m
             extra["rollout/logprob_diff_mean"] = jnp.sum(diff) / denom["tokens"]
             extra["rollout/logprob_diff_max"] = jnp.max(diff)
-        if g.loss_type == "grpo":
+        if g.loss_type == "rloo":  # TRL RLOOTrainer: one summed-ratio term per sequence
+            seq_loss, clip = G.rloo_sequence_loss(lp, old, mb["advantages"][:, 0], m,
+                                                  g.epsilon_low, g.epsilon_high)
+        else:  # IS weights multiply the policy term only; beta * k3 is added after (TRL)
+            per_tok, clip = G.grpo_token_loss(lp, old, mb["advantages"], m, g.epsilon_low,
+                                              g.epsilon_high, g.importance_sampling_level,
+                                              ref_logp=ref, beta=beta, is_weight=w)
+        if g.loss_type == "rloo":
+            loss = jnp.sum(seq_loss) / denom["loss"]
+        elif g.loss_type == "grpo":
             seq = losses.masked_sum(per_tok, m, axis=-1) / jnp.maximum(jnp.sum(m, -1), 1)
             loss = jnp.sum(seq) / denom["loss"]
         elif g.loss_type == "bnpo":
@@ -214,7 +231,14 @@ def make_loss(policy_cfg, g):
         else:
             loss = losses.masked_sum(per_tok, m) / denom["loss"]
         tok = lambda x: losses.masked_sum(x, m) / denom["tokens"]  # noqa: E731
-        metrics = {f"clip_ratio/{k}_mean": tok(v.astype(jnp.float32)) for k, v in clip.items()}
+        if seq_level:  # one ratio per sequence: the clip metrics count sequences (TRL)
+            has = (jnp.sum(m, -1) > 0).astype(jnp.float32)
+            metrics = {f"clip_ratio/{k}_mean": jnp.sum(
+                (v if v.ndim == 1 else jnp.any(v, -1)).astype(jnp.float32) * has) / denom["rows"]
+                for k, v in clip.items()}
+        else:
+            metrics = {f"clip_ratio/{k}_mean": tok(v.astype(jnp.float32))
+                       for k, v in clip.items()}
         metrics["entropy"] = tok(ent)
         metrics["ratio"] = tok(jnp.exp(jnp.where(m > 0, lp - old, 0.0)))
         if ref is not None:
@@ -304,6 +328,9 @@ def validate(c, mesh, max_positions: int) -> None:
                          f"rollout.behaviour_logprobs=trainer")
     if not g.is_cap > 0:
         raise ValueError(f"config rollout.is_cap: {g.is_cap} must be > 0")
+    if not 0 <= g.is_cap_min < g.is_cap:
+        raise ValueError(f"config rollout.is_cap_min: {g.is_cap_min} must be in [0, "
+                         f"rollout.is_cap={g.is_cap}) (0 = no lower bound)")
 
     def need(cond, key, msg):
         if not cond:
@@ -320,6 +347,19 @@ def validate(c, mesh, max_positions: int) -> None:
          f"{g.loss_type!r}; valid: {', '.join(G.GROUP_LOSS_TYPES)}")
     need(g.importance_sampling_level in G.IS_LEVELS, "importance_sampling_level",
          f"{g.importance_sampling_level!r}; valid: {', '.join(G.IS_LEVELS)}")
+    need(g.loss_type != "rloo" or g.advantage == "rloo", "loss_type",
+         f"rloo (TRL RLOOTrainer's summed sequence ratio) goes with advantage=rloo, got "
+         f"advantage={g.advantage}")
+    need(g.loss_type != "rloo" or g.importance_sampling_level == "token",
+         "importance_sampling_level", "the rloo loss has its own sequence ratio: leave it 'token'")
+    need(g.loss_type != "rloo" or g.is_correction == "none", "loss_type",
+         "rloo does not take rollout.is_correction (TRL's RLOOTrainer has no IS correction)")
+    if g.importance_sampling_level == "sequence" and g.loss_type in G.LENGTH_WEIGHTED:
+        log.warning(  # TRL GRPOTrainer warns the same (grpo_trainer.py ~l.903)
+            "config grpo.importance_sampling_level=sequence with loss_type=%s: that loss sums "
+            "per-token terms, which weights each sequence by its completion length instead of "
+            "optimizing the per-sequence objective; for the GSPO paper's setup use "
+            "grpo.loss_type=grpo", g.loss_type)
     need(g.num_generations >= 2 or g.advantage in ("reinforce_pp",), "num_generations",
          f"{g.num_generations}; {g.advantage} compares the samples of a prompt: use >= 2")
     need(g.num_iterations >= 1, "num_iterations", f"{g.num_iterations} must be >= 1")

@@ -43,12 +43,22 @@ SIDES = ("chosen", "rejected")
 
 def select_pairs(rewards, g: int):
     """(chosen, rejected) row indices [B] into `rewards` [B * g] (groups of g consecutive rows):
-    chosen = the first argmax, rejected = the first argmin, or (all g equal) the next sample."""
+    chosen = the first argmax, rejected = the first argmin, or (all g equal) the next sample.
+    NaN rewards (unscorable rows: every reward function returned None) are never chosen or
+    rejected while the group has scorable rows; see `pair_ok`."""
     r = rewards.reshape(-1, g)
-    best, worst = jnp.argmax(r, axis=1), jnp.argmin(r, axis=1)
+    ok = ~jnp.isnan(r)
+    best = jnp.argmax(jnp.where(ok, r, -jnp.inf), axis=1)
+    worst = jnp.argmin(jnp.where(ok, r, jnp.inf), axis=1)
     worst = jnp.where(worst == best, (best + 1) % g, worst)
     base = jnp.arange(r.shape[0]) * g
     return base + best, base + worst
+
+
+def pair_ok(rewards, ci, ri):
+    """[B] 1.0 where both sides of a pair have a reward (not NaN), else 0.0: a pair with an
+    unscorable side is no preference and adds nothing to the loss."""
+    return (~jnp.isnan(rewards[ci]) & ~jnp.isnan(rewards[ri])).astype(jnp.float32)
 
 
 def make_score(ref_cfg, d, n_chunks: int = 1):
@@ -66,13 +76,17 @@ def pairs(scored, roll, d):
     """(update inputs: {chosen,rejected}_{tokens,attn,mask,ref,score} [B, ...], stats)."""
     rewards = roll["rewards"].astype(jnp.float32)
     ci, ri = select_pairs(rewards, int(d.num_generations))
-    inputs = {}
+    ok = pair_ok(rewards, ci, ri)
+    inputs = {"pair_ok": ok}
     for side, i in zip(SIDES, (ci, ri)):
         inputs.update({f"{side}_tokens": roll["tokens"][i], f"{side}_attn": roll["attn"][i],
                        f"{side}_mask": roll["resp_mask"][i].astype(jnp.float32),
-                       f"{side}_ref": scored["ref_logps"][i], f"{side}_score": rewards[i]})
-    stats = {"objective/scores": jnp.mean(rewards),
-             "objective/scores_margin": jnp.mean(rewards[ci] - rewards[ri]),
+                       f"{side}_ref": scored["ref_logps"][i],
+                       f"{side}_score": jnp.nan_to_num(rewards[i])})
+    margin = jnp.where(ok > 0, rewards[ci] - rewards[ri], 0.0)
+    stats = {"objective/scores": jnp.nan_to_num(jnp.nanmean(rewards)),
+             "objective/scores_margin": jnp.sum(margin) / jnp.maximum(jnp.sum(ok), 1),
+             "pairs/unscorable": jnp.sum(1.0 - ok),
              "val/contain_eos_token": jnp.mean(roll["has_eos"].astype(jnp.float32)),
              "completions/mean_length": jnp.mean(jnp.sum(roll["resp_mask"], -1).astype(jnp.float32)),
              "beta": jnp.float32(d.beta)}
@@ -109,7 +123,8 @@ def make_loss(policy_cfg, d):
                         "objective/non_score_reward": -beta * kl / (2 * n),
                         "objective/entropy": -jnp.sum(sg(seq)) / (2 * n),
                         "objective/rlhf_reward": (jnp.sum(cat("score")) - beta * kl) / (2 * n)})
-        return jnp.sum(per_pair) / n, metrics
+        w = mb["pair_ok"] if "pair_ok" in mb else 1.0
+        return jnp.sum(per_pair * w) / n, metrics
 
     return loss_fn
 

@@ -216,7 +216,9 @@ def make_iteration(cfgs, p, policy_tx, value_tx, *, policy_mask=None, value_mask
             scored = dict(scored, logprobs=roll["logprobs"].astype(jnp.float32)
                           * roll["resp_mask"].astype(jnp.float32))
         if host_rewards is not None:
-            scored = dict(scored, scores=reward_weight * scored["scores"] + roll["rewards"])
+            # an unscorable row (every reward function returned None) adds 0 to the score
+            scored = dict(scored, scores=reward_weight * scored["scores"]
+                          + jnp.nan_to_num(roll["rewards"]))
         elif reward_weight != 1.0:
             scored = dict(scored, scores=reward_weight * scored["scores"])
         a, ret, stats = advantages(
@@ -341,11 +343,8 @@ def build(env):
     cfgs = dict(policy=pcfg, ref=ref_cfg, value=vcfg, reward=rcfg)
     hr = None
     if c.reward.get("functions"):  # host reward functions, added to the reward model's score
-        from easyrl.rewards import load_reward_functions
-        from easyrl.train.rl_loop import HostRewards
-        hr = HostRewards(load_reward_functions(
-            c.reward.functions, c.reward.weights,
-            context={"max_completion_length": int(p.max_new_tokens)}), env.tokenizer, mesh)
+        from easyrl.train.rl_loop import HostRewards, reward_set
+        hr = HostRewards(reward_set(c, int(p.max_new_tokens)), env.tokenizer, mesh)
     it = make_iteration(cfgs, p, policy_tx, value_tx, policy_mask=pol_mask, value_mask=val_mask,
                         state_sharding=state_sh, mesh=mesh, host_rewards=hr,
                         reward_weight=float(c.reward.get("weight", 1.0)),

@@ -326,14 +326,16 @@ def tokenize_prompts(rows: Sequence[dict], tokenizer, template: str, max_prompt_
             ids = head + (ids[len(ids) - keep:] if keep > 0 else [])
             stats["num_truncated"] += 1
         text = prompt if isinstance(prompt, str) else templates.render_prompt(template, prompt, tokenizer)
-        out.append({"ids": ids, "text": text, "columns": dict(row.get("columns") or {})})
+        out.append({"ids": ids, "text": text, "columns": dict(row.get("columns") or {}),
+                    "messages": None if isinstance(prompt, str) else list(prompt)})
     stats["num_examples"] = len(out)
     return out, stats
 
 
 def collate_prompts(examples: Sequence[dict], max_prompt_len: int, pad_id: int) -> dict:
     """Prompt examples -> LEFT-padded ``input_ids``, ``attention_mask`` [B, P], ``prompts`` (list of
-    str) and ``columns`` ({name: list of B values, None where a row lacks the name})."""
+    str), ``columns`` ({name: list of B values, None where a row lacks the name}) and
+    ``messages`` (the prompts as message lists for conversational rows, else None)."""
     b = len(examples)
     ids = np.full((b, max_prompt_len), pad_id, np.int32)
     attn = np.zeros((b, max_prompt_len), np.int32)
@@ -346,5 +348,6 @@ def collate_prompts(examples: Sequence[dict], max_prompt_len: int, pad_id: int) 
     for ex in examples:
         names.update(dict.fromkeys(ex.get("columns") or {}))
     columns = {k: [(ex.get("columns") or {}).get(k) for ex in examples] for k in names}
+    msgs = [ex.get("messages") for ex in examples]
     return {"input_ids": ids, "attention_mask": attn, "prompts": [ex["text"] for ex in examples],
-            "columns": columns}
+            "columns": columns, "messages": msgs if any(m is not None for m in msgs) else None}

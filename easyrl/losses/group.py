@@ -18,7 +18,9 @@ from easyrl.losses.ppo import kl_penalty, ppo_rewards
 ADVANTAGE_KINDS = ("grpo", "rloo")
 SCALE_REWARDS = ("group", "batch", "none")
 IS_LEVELS = ("token", "sequence")
-GROUP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+GROUP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "rloo")
+# loss types that sum per-token terms (length-weighted): GSPO's sequence ratio warns with them
+LENGTH_WEIGHTED = ("bnpo", "dr_grpo", "dapo")
 
 
 def _grouped(rewards, num_generations):
@@ -35,12 +37,18 @@ def _grouped(rewards, num_generations):
     return r.reshape(-1, g)
 
 
-def _unbiased_std(x, axis=None):
-    """torch.std semantics (ddof=1); 0 where there is a single element (TRL uses 0 there)."""
-    n = x.size if axis is None else x.shape[axis]
-    if n < 2:
-        return jnp.zeros_like(jnp.mean(x, axis=axis, keepdims=axis is not None))
-    return jnp.std(x, axis=axis, ddof=1, keepdims=axis is not None)
+def _nan_stats(r, axis=None):
+    """(valid mask, count, mean, unbiased std) of ``r`` ignoring NaN entries, as TRL's
+    ``torch.nanmean`` / ``trl.trainer.utils.nanstd`` (std NaN where fewer than 2 values)."""
+    valid = ~jnp.isnan(r)
+    keep = axis is not None
+    n = jnp.sum(valid, axis=axis, keepdims=keep).astype(r.dtype)
+    r0 = jnp.where(valid, r, 0)
+    mean = jnp.sum(r0, axis=axis, keepdims=keep) / n
+    sq = jnp.where(valid, jnp.square(r - mean), 0)
+    std = jnp.where(n > 1, jnp.sqrt(jnp.sum(sq, axis=axis, keepdims=keep) / jnp.maximum(n - 1, 1)),
+                    jnp.nan)
+    return valid, n, mean, std
 
 
 def group_advantages(rewards, num_generations, kind="grpo", scale_rewards="group", eps=1e-4):
@@ -52,25 +60,36 @@ def group_advantages(rewards, num_generations, kind="grpo", scale_rewards="group
       ``torch.std``) as TRL ``GRPOTrainer``; with a single element it is 0.
     ``rloo``: A_i = r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean_group(r)) (needs G >= 2;
       ``scale_rewards`` and ``eps`` are ignored).
+
+    NaN rewards (a row every reward function returned None for: "unscorable", TRL) are left out
+    of their group's mean and std (``nanmean`` / ``nanstd``), of the batch std and of the
+    leave-one-out baselines (which average the group's other scorable rows), and get advantage
+    0, as TRL's GRPOTrainer (grpo_trainer.py ``unscorable_mask``, ~l.2679-2728) and RLOOTrainer
+    (rloo_trainer.py ~l.1512-1560). A group with a single scorable row gives it advantage 0
+    (TRL: nanstd / the (count - 1) divisor of one value is NaN, zeroed). Without NaN the values
+    are the formulas above.
     """
     if kind not in ADVANTAGE_KINDS:
         raise ValueError(f"unknown advantage kind {kind!r}; valid: {', '.join(ADVANTAGE_KINDS)}")
     r = _grouped(rewards, num_generations)
     g = r.shape[1]
-    total = jnp.sum(r, axis=1, keepdims=True)
+    valid, n, mean, std = _nan_stats(r, axis=1)
     if kind == "rloo":
         if g < 2:
             raise ValueError("rloo needs num_generations >= 2")
-        return (r - (total - r) / (g - 1)).reshape(-1)
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; valid: "
-                         f"{', '.join(SCALE_REWARDS)}")
-    adv = r - total / g
-    if scale_rewards == "group":
-        adv = adv / (_unbiased_std(r, axis=1) + eps)
-    elif scale_rewards == "batch":
-        adv = adv / (_unbiased_std(r) + eps)
-    return adv.reshape(-1)
+        total = jnp.sum(jnp.where(valid, r, 0), axis=1, keepdims=True)
+        adv = r - (total - r) / (n - 1)
+    else:
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"unknown scale_rewards {scale_rewards!r}; valid: "
+                             f"{', '.join(SCALE_REWARDS)}")
+        adv = r - mean
+        if scale_rewards == "group":
+            adv = adv / ((std if g > 1 else jnp.zeros_like(std)) + eps)
+        elif scale_rewards == "batch":
+            bstd = _nan_stats(r)[3] if r.size > 1 else jnp.zeros((), r.dtype)
+            adv = adv / (bstd + eps)
+    return jnp.where(valid & jnp.isfinite(adv), adv, 0).reshape(-1)
 
 
 def reverse_cumsum(x, mask):
@@ -152,6 +171,40 @@ def clipped_policy_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=
     return jnp.where(ok, loss, 0), clip
 
 
+def grpo_token_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, level="token",
+                    ref_logp=None, beta=0.0, is_weight=None):
+    """The GRPO trainer's per-token loss [N, T] as TRL's GRPOTrainer composes it
+    (grpo_trainer.py ``_compute_loss``, ~l.3083-3121): the clipped policy term
+    (``clipped_policy_loss``), times the importance-sampling weight ``is_weight`` (``is_weights``;
+    None: 1), THEN ``+ beta * k3(logp, ref_logp)``: the weight multiplies the policy term only,
+    never the KL term. Returns (per_token_loss, clip)."""
+    loss, clip = clipped_policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high, level)
+    if is_weight is not None:
+        loss = loss * is_weight
+    if ref_logp is not None and beta != 0:
+        loss = loss + beta * k3_kl(logp, ref_logp, mask)
+    return loss, clip
+
+
+def rloo_sequence_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2):
+    """TRL's RLOOTrainer loss per sequence (trl/trainer/rloo_trainer.py ``_compute_loss``,
+    ~l.1683-1694): one ratio per sequence rho = exp(sum_t m_t (logp_t - old_t)) (the summed
+    log-prob ratio, no length normalisation), ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)``
+    with A [N] the sequence advantage. The trainer's loss is the plain mean over sequences, so a
+    sequence's gradient is not divided by its length.
+
+    Returns (per_sequence_loss [N], clip) with ``clip`` bool [N] indicators (TRL's low / high /
+    region at sequence level)."""
+    m = as_mask(mask, logp)
+    d = jnp.sum(jnp.where(m != 0, logp - old_logp, 0) * m, axis=-1)
+    rho = jnp.exp(d)
+    a = jnp.asarray(advantages, logp.dtype).reshape(-1)
+    loss = -jnp.minimum(rho * a, jnp.clip(rho, 1.0 - eps_low, 1.0 + eps_high) * a)
+    low = (rho < 1.0 - eps_low) & (a < 0)
+    high = (rho > 1.0 + eps_high) & (a > 0)
+    return loss, {"low": low, "high": high, "region": low | high}
+
+
 def clip_metrics(clip, mask):
     """``clip_ratio/{low,high,region}_mean``: the token means of ``clipped_policy_loss``'s
     indicators over the valid tokens given (TRL's ``masked_batch_mean`` at token level)."""
@@ -179,8 +232,10 @@ def aggregate(per_token, mask, loss_type, max_completion_length=None, global_tok
     quantities (N and token count of the rows passed), so their summed (or averaged)
     micro-batch values depend on the split.
     """
-    if loss_type not in GROUP_LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(GROUP_LOSS_TYPES)}")
+    if loss_type not in GROUP_LOSS_TYPES or loss_type == "rloo":
+        raise ValueError(f"unknown per-token loss_type {loss_type!r}; valid: "
+                         f"{', '.join(t for t in GROUP_LOSS_TYPES if t != 'rloo')} (rloo: "
+                         f"rloo_sequence_loss)")
     m = as_mask(mask, per_token)
     total = masked_sum(per_token, m)
     if loss_type == "grpo":
@@ -211,14 +266,17 @@ def overlong_penalty(lengths, max_len, cache_len):
 IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
-def is_weights(old_logp, sampler_logp, mask, mode="token_truncate", cap=2.0):
+def is_weights(old_logp, sampler_logp, mask, mode="token_truncate", cap=2.0, cap_min=None):
     """Importance weights correcting for a sampler whose log-probs differ from the trainer's
     (bf16 rollouts, another mesh; TRL's `vllm_importance_sampling_correction`) [N, T], 0 off
     the mask. With d_t = old_t - sampler_t (the trainer's old log-prob minus the sampler's):
 
     ``token_*``: w_t = exp(d_t); ``sequence_*``: w = exp(sum_t m_t d_t), shared by the row's
-    tokens. ``*_truncate``: min(w, cap) (truncated IS); ``*_mask``: w where w <= cap, else 0.
-    ``none``: 1. The per-token loss is multiplied by w (no gradient flows through it)."""
+    tokens. ``*_truncate``: clip(w, cap_min, cap) (truncated IS); ``*_mask``: w where
+    cap_min <= w <= cap, else 0. ``cap_min`` None: no lower bound. ``none``: 1. As TRL's
+    ``vllm_importance_sampling_clip_max`` / ``_clip_min`` (grpo_trainer.py ~l.2596-2619). The
+    policy term of the per-token loss is multiplied by w (no gradient flows through it); the KL
+    term is not (TRL adds ``beta * k3`` after, ~l.3117-3121)."""
     if mode not in IS_CORRECTIONS:
         raise ValueError(f"unknown IS correction {mode!r}; valid: {', '.join(IS_CORRECTIONS)}")
     m = as_mask(mask, old_logp)
@@ -229,5 +287,9 @@ def is_weights(old_logp, sampler_logp, mask, mode="token_truncate", cap=2.0):
     if mode.startswith("sequence"):
         d = jnp.broadcast_to(jnp.sum(d, axis=-1, keepdims=True), d.shape)
     w = jnp.exp(d)
-    w = jnp.minimum(w, cap) if mode.endswith("truncate") else jnp.where(w <= cap, w, 0.0)
+    lo = -jnp.inf if cap_min is None else cap_min
+    if mode.endswith("truncate"):
+        w = jnp.clip(w, lo, cap) if cap_min is not None else jnp.minimum(w, cap)
+    else:
+        w = jnp.where((w <= cap) & (w >= lo), w, 0.0)
     return jnp.where(ok, w, 0.0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -37,6 +38,7 @@ from easyrl import parallel, rollout
 from easyrl.algorithms.common import config_at, fmt, iter_kwargs
 from easyrl.data.iterator import prompt_iterator
 from easyrl.generate import make_sampler
+from easyrl.rewards import DEFAULT_TIMEOUT, TrainerState, check_isolation
 from easyrl.train import setup
 from easyrl.train.config import SYNTHETIC
 from easyrl.train.metrics import restart_jsonl
@@ -99,8 +101,11 @@ class HostRewards:
                                                                        tokens, attn))
             self.set.add_model("reward_model", reward_weight, lambda p, c, ids: self._rm_local)
 
-    def values(self, models, roll, host):
-        """(values [N, K] float64 on every host, this host's completion texts)."""
+    def values(self, models, roll, host, trainer_state=None):
+        """(values [N, K] float64 on every host, this host's completion texts). Stops the run
+        (`RewardError`) when every source returned None for every row of the iteration, and
+        prints one warning line for rows where every source returned None (they are NaN)."""
+        from easyrl.rewards import RewardError, unscorable_warning
         mine = host_rows(roll["tokens"].shape[0])
         resp, mask = parallel.to_host(roll["response"]), parallel.to_host(roll["resp_mask"])
         ids = [[int(t) for t, m in zip(r, mr) if m] for r, mr in zip(resp[mine], mask[mine])]
@@ -108,28 +113,48 @@ class HostRewards:
         if self._rm_fn is not None:
             scores = parallel.to_host(self._rm_fn(models["reward"], roll["tokens"], roll["attn"]))
             self._rm_local = scores[mine]
-        vals = self.set.values(host["prompts"], texts, ids, host["columns"])
+        vals = self.set.values(host["prompts"], texts, ids, host["columns"],
+                               trainer_state=trainer_state, messages=host.get("messages"))
         if jax.process_count() > 1:
             vals = parallel.to_host(parallel.to_global_batch({"v": vals}, self.mesh)["v"])
+        if vals.size and np.isnan(vals).all():
+            cols = sorted(host["columns"]) or ["none"]
+            raise RewardError(
+                f"every reward function ({', '.join(self.set.names)}) returned None for every "
+                f"row of this iteration; the prompt rows have the columns: {', '.join(cols)} "
+                f"(e.g. exact_match needs an 'answer' column: data.columns=SRC:answer renames)")
+        warning = unscorable_warning(host["prompts"], texts, vals[mine])
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         return vals, texts
 
     def total(self, values, has_eos):
+        from easyrl.rewards import reward_stats
         total, metrics = self.set.combine(values)
+        metrics.update(self.set.extra_metrics)
         if self.penalty:
             total = (total - self.penalty * (~np.asarray(has_eos, bool))).astype(np.float32)
-            metrics["reward"] = float(total.mean())
-            metrics["reward_std"] = float(total.std())
+            metrics.update(reward_stats(total))
         return total, metrics
+
+
+def reward_set(c, max_new_tokens: int):
+    """The run's reward functions (config reward.functions / weights / num_workers / timeout /
+    on_error), with `max_completion_length` = max_new_tokens for the functions."""
+    from easyrl import rewards
+    r = c.reward
+    return rewards.load_reward_functions(
+        r.functions, r.weights, context={"max_completion_length": int(max_new_tokens)},
+        num_workers=r.get("num_workers", 0), timeout=r.get("timeout", rewards.DEFAULT_TIMEOUT),
+        on_error=r.get("on_error", "raise"))
 
 
 def host_rewards(c, env, mesh, section: str):
     """(HostRewards, reward model params or None): the run's reward sources, reward.functions
     and reward.path, with config section `section`'s max_new_tokens (the reward functions'
     `max_completion_length`) and missing_eos_penalty."""
-    from easyrl import rewards
     s = c[section]
-    rs = rewards.load_reward_functions(c.reward.functions, c.reward.weights,
-                                       context={"max_completion_length": int(s.max_new_tokens)})
+    rs = reward_set(c, int(s.max_new_tokens))
     rcfg = rparams = None
     if c.reward.path:
         rc = config_at(c, c.reward.path, lora_on=False)
@@ -172,9 +197,18 @@ def expand(batch: dict, host: dict, g: int):
     """Repeat every prompt row `g` times (consecutive): host arrays [b, P] -> [b*g, P], and
     the host info (`prompts` texts, `columns` lists) alike."""
     rep = lambda v: [x for x in v for _ in range(g)]  # noqa: E731
-    return ({k: np.repeat(np.asarray(v), g, axis=0) for k, v in batch.items()},
-            dict(prompts=rep(host["prompts"]),
-                 columns={k: rep(v) for k, v in host.get("columns", {}).items()}))
+    out = dict(prompts=rep(host["prompts"]),
+               columns={k: rep(v) for k, v in host.get("columns", {}).items()})
+    if host.get("messages") is not None:
+        out["messages"] = rep(host["messages"])
+    return {k: np.repeat(np.asarray(v), g, axis=0) for k, v in batch.items()}, out
+
+
+def _spread(x) -> float:
+    """max - min of a group's scorable (non-NaN) rewards; 0 when fewer than two."""
+    x = np.asarray(x, np.float64)
+    x = x[~np.isnan(x)]
+    return float(x.max() - x.min()) if x.size > 1 else 0.0
 
 
 def pick_groups(rounds: list, g: int, n_proc: int):
@@ -193,7 +227,7 @@ def pick_groups(rounds: list, g: int, n_proc: int):
             for j in range(want):
                 lo = p * nl + j * g
                 rows = list(range(r * n + lo, r * n + lo + g))
-                (good if np.ptp(rew[lo:lo + g]) > 0 else flat).append(rows)
+                (good if _spread(rew[lo:lo + g]) > 0 else flat).append(rows)
         done &= len(good) >= want
         chosen = (good + flat)[:want]
         kept_flat += max(0, want - len(good))
@@ -224,7 +258,8 @@ class Online:
 
 
 def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dict,
-            host: Optional[dict] = None, more: Optional[Callable] = None, shared: int = 1):
+            host: Optional[dict] = None, more: Optional[Callable] = None, shared: int = 1,
+            trainer_state=None):
     """One iteration: rollout, host rewards (if `it.rewards`), scoring, advantages, update.
     Returns (state, metrics (host floats, with `time/rollout`, `time/rewards`, `time/score`,
     `time/update`), roll, scored).
@@ -233,7 +268,8 @@ def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dic
     prompt, or, with `shared` = G (a sampler made with num_samples=G: each prompt prefilled
     once), [N / G, P]. host: this host's rows' {prompts, columns} (expanded; needed with
     `it.rewards`); it is updated in place to the rows trained on, with `completions` (texts)
-    and `rewards` (totals). more(): the next (prompts, host) batch, for dynamic sampling."""
+    and `rewards` (totals). more(): the next (prompts, host) batch, for dynamic sampling.
+    trainer_state: what the reward functions get as `trainer_state` (`rewards.TrainerState`)."""
     t0 = time.time()
     models = it.models(state, frozen)
     roll = rollout.sample(sampler, it.policy(state), prompts, jax.random.fold_in(rng, 0), shared)
@@ -241,7 +277,7 @@ def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dic
     t1 = time.time()
     rmetrics: dict = {}
     if it.rewards is not None:
-        vals, texts = it.rewards.values(models, roll, host)
+        vals, texts = it.rewards.values(models, roll, host, trainer_state)
         rounds = [(roll, dict(host, completions=texts), vals)]
         totals = [it.rewards.total(vals, parallel.to_host(roll["has_eos"]))[0]]
         if it.filter_groups:
@@ -250,7 +286,7 @@ def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dic
                 p2, h2 = more()
                 r2 = rollout.sample(sampler, it.policy(state), p2,
                                     jax.random.fold_in(rng, 100 + len(rounds)), shared)
-                v2, t2_ = it.rewards.values(models, r2, h2)
+                v2, t2_ = it.rewards.values(models, r2, h2, trainer_state)
                 rounds.append((r2, dict(h2, completions=t2_), v2))
                 totals.append(it.rewards.total(v2, parallel.to_host(r2["has_eos"]))[0])
             rmetrics["dynamic_sampling/rounds"] = float(len(rounds))
@@ -263,6 +299,8 @@ def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dic
             hs = [h for _, h, _ in rounds]
             host.update(prompts=[hs[r]["prompts"][i] for r, i in picks],
                         completions=[hs[r]["completions"][i] for r, i in picks],
+                        messages=[(hs[r].get("messages") or [None] * len(hs[r]["prompts"]))[i]
+                                  for r, i in picks],
                         columns={k: [hs[r]["columns"][k][i] for r, i in picks]
                                  for k in host.get("columns", {})})
             vals = np.concatenate([v for _, _, v in rounds])[idx]
@@ -273,7 +311,7 @@ def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dic
         rmetrics.update(rm)  # of the rows trained on
         if it.group > 1:  # of the first rollout (what the policy generated, before filtering)
             rmetrics["frac_reward_zero_std"] = float(np.mean(
-                np.ptp(totals[0].reshape(-1, it.group), axis=1) == 0))
+                [_spread(x) == 0 for x in totals[0].reshape(-1, it.group)]))
         host["rewards"] = total[host_rows(len(total))]
         roll = dict(roll, rewards=parallel.to_global_batch(
             {"r": host["rewards"]}, it.rewards.mesh)["r"])
@@ -317,6 +355,8 @@ def run(c, algo) -> RunResult:
     pcfg = setup.model_config(c, tok)
     spec.validate(c, r.mesh, pcfg.max_position_embeddings)
     validate_rollout(c)
+    check_isolation(c.reward.get("num_workers", 0), c.reward.get("timeout", DEFAULT_TIMEOUT),
+                    c.reward.get("on_error", "raise"))
     prompts = prompt_iterator(setup.data_source(c, "prompts", "train"), tok,
                               max_prompt_len=s.max_prompt_len, global_batch_size=c.train.batch_size,
                               template=c.data.template, format=fmt(c),
@@ -351,7 +391,7 @@ def run(c, algo) -> RunResult:
         prompts.set_state(meta["data"])
     if jax.process_index() == 0:  # samples of steps after the checkpoint will be redone
         restart_jsonl(os.path.join(r.out, SAMPLES), r.start_step if restored is not None else None)
-    loop = _Loop(c, s, r, built, sampler, prompts, tok, shared)
+    loop = _Loop(c, s, r, built, sampler, prompts, tok, shared, steps)
     last = r.loop(steps, loop.step, loop.snapshot,
                   postfix=getattr(spec, "postfix", ("objective/scores", "objective/kl")))
     return RunResult(metrics=last, state=built.state, final_step=steps)
@@ -360,8 +400,10 @@ def run(c, algo) -> RunResult:
 class _Loop:
     """One iteration at a time: prompts in, metrics, samples.jsonl and the true reward out."""
 
-    def __init__(self, c, s, r, built: Online, sampler, prompts, tok, shared: int = 1):
+    def __init__(self, c, s, r, built: Online, sampler, prompts, tok, shared: int = 1,
+                 steps: int = 0):
         self.c, self.s, self.r, self.built = c, s, r, built
+        self.steps = steps
         self.shared = shared
         self.sampler, self.prompts, self.tok = sampler, prompts, tok
         self.base = jax.random.PRNGKey(c.seed)
@@ -376,7 +418,8 @@ class _Loop:
         repeated `group` times."""
         local = next(self.prompts)
         arrays = {k: local[k] for k in ("input_ids", "attention_mask")}
-        host = dict(prompts=list(local["prompts"]), columns=dict(local.get("columns") or {}))
+        host = dict(prompts=list(local["prompts"]), columns=dict(local.get("columns") or {}),
+                    messages=local.get("messages"))
         g = self.built.iteration.group
         if g > 1:
             expanded, host = expand(arrays, host, g)
@@ -390,7 +433,9 @@ class _Loop:
         b.state, metrics, roll, scored = iterate(
             b.iteration, self.sampler, b.state, b.frozen, batch,
             jax.random.fold_in(self.base, step), b.ctrl, host=host, more=self._next,
-            shared=self.shared)
+            shared=self.shared, trainer_state=TrainerState(
+                global_step=step, max_steps=self.steps,
+                epoch=step / max(1, self.prompts.steps_per_epoch)))
         done = step + 1
         self._check_nonfinite(done, metrics)
         b.ctrl = b.after_iteration(b.ctrl, metrics)
@@ -409,7 +454,8 @@ class _Loop:
                     rows = list(zip(host["prompts"], host["completions"], scores))
                     for q, a, sc in rows[:s.num_samples]:
                         f.write(json.dumps({"step": done, "prompt": q, "response": a,
-                                            "score": float(sc)}) + "\n")
+                                            "score": None if np.isnan(sc) else float(sc)})
+                                + "\n")
         return metrics
 
     def _check_nonfinite(self, done: int, metrics: dict) -> None:
