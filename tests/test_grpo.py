@@ -84,10 +84,27 @@ def test_second_iteration_ratio_moves_with_old_logprobs_fixed(policy_dir, tmp_pa
 
 
 def test_beta_zero_holds_no_reference(policy_dir, tmp_path):
-    res, rows = run_grpo(policy_dir, tmp_path, "--config.train.steps=1")
+    """beta = 0: no reference parameters are allocated (the built run's frozen models hold
+    none, the plan has no reference role); beta > 0: a reference as large as the policy."""
+    from easyrl import parallel
     from easyrl.algorithms import grpo
-    c = launch.parse_config("grpo", grpo_args(policy_dir, tmp_path / "x"))
-    assert not grpo.needs_ref(c.grpo) and "kl" not in rows[0]
+    from easyrl.train import setup
+    from easyrl.train.rl_loop import RLEnv
+    frozen = {}
+    for beta in (0.0, 0.04):
+        c = launch.parse_config("grpo", grpo_args(policy_dir, tmp_path / str(beta),
+                                                  f"--config.grpo.beta={beta}"))
+        mesh = parallel.create_mesh("dp:1")
+        tok = setup.load_tokenizer(c)
+        pcfg = setup.model_config(c, tok)
+        built = grpo.build(RLEnv(c, mesh, tok, pcfg, 1))
+        frozen[beta] = built.frozen
+        n_policy = sum(x.size for x in jax.tree.leaves(built.state.params))
+    assert frozen[0.0]["ref"] is None and frozen[0.0]["ref_adapters"] is None
+    assert not jax.tree.leaves(frozen[0.0]["ref"])
+    assert sum(x.size for x in jax.tree.leaves(frozen[0.04]["ref"])) == n_policy
+    _, rows = run_grpo(policy_dir, tmp_path / "run", "--config.train.steps=1")
+    assert "kl" not in rows[0]
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -122,7 +139,7 @@ def _batch(cfg, params, n=8, seed=0):
                 old_logprobs=jnp.asarray(old * mask, jnp.float32))
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "grpo", "bnpo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "grpo", "bnpo", "rloo"])
 def test_update_loss_and_grads_under_micro_batch_splits(loss_type):
     """dapo / dr_grpo / grpo: the same loss and gradient for 1, 2 or 4 micro-batches (global
     normalisers). bnpo averages the micro-batches' token means, as TRL does under gradient
@@ -145,9 +162,16 @@ def test_update_loss_and_grads_under_micro_batch_splits(loss_type):
     old, a = np.asarray(batch["old_logprobs"], np.float64), np.asarray(batch["advantages"], np.float64)
     rho = np.exp(lp - old)
     per = -np.minimum(rho * a, np.clip(rho, 0.8, 1.28) * a) * m
+    rho_seq = np.exp(((lp - old) * m).sum(1))  # TRL RLOOTrainer: one summed ratio per sequence
+    a0 = a[:, 0]
     ref = {"dapo": per.sum() / m.sum(), "dr_grpo": per.sum() / (8 * 6),
-           "grpo": np.mean(per.sum(1) / np.maximum(m.sum(1), 1)), "bnpo": per.sum() / m.sum()}
+           "grpo": np.mean(per.sum(1) / np.maximum(m.sum(1), 1)), "bnpo": per.sum() / m.sum(),
+           "rloo": np.mean(-np.minimum(rho_seq * a0, np.clip(rho_seq, 0.8, 1.28) * a0))}
     assert out[1][0] == pytest.approx(ref[loss_type], rel=1e-5, abs=1e-7)
+    if loss_type == "bnpo":  # TRL under accumulation: the mean of the micro-batches' token means
+        for n in (2, 4):  # micro-batch j holds rows j, j + n, ... (train.step.split_micro)
+            want = np.mean([per[j::n].sum() / m[j::n].sum() for j in range(n)])
+            assert out[n][0] == pytest.approx(want, rel=1e-5, abs=1e-7)
     same = [np.allclose(out[1][0], out[n][0], rtol=1e-5, atol=1e-7) and all(
         np.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in
         zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[n][1]))) for n in (2, 4)]
@@ -287,7 +311,7 @@ def test_config_errors(policy_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- variants
 @pytest.mark.parametrize("extra", [
-    ("--config.grpo.advantage=rloo", "--config.grpo.beta=0.05", "--config.grpo.loss_type=grpo"),
+    ("--config.grpo.advantage=rloo", "--config.grpo.beta=0.05", "--config.grpo.loss_type=rloo"),
     ("--config.grpo.advantage=reinforce_pp", "--config.grpo.beta=0.01",
      "--config.grpo.loss_type=bnpo"),
     ("--config.grpo.advantage=reinforce_pp_baseline", "--config.grpo.loss_type=dr_grpo",
@@ -297,12 +321,39 @@ def test_config_errors(policy_dir, tmp_path):
      "--config.grpo.scale_rewards=batch", "--config.grpo.mask_truncated_completions=true"),
 ])
 def test_variants_run(policy_dir, tmp_path, extra):
-    _, rows = run_grpo(policy_dir, tmp_path, "--config.train.steps=2", *extra)
+    """Each variant runs finite and shows its defining property in what it logs: rloo's
+    leave-one-out advantages sum to 0 over each group (samples.jsonl, one advantage per
+    completion); REINFORCE++'s token advantages are whitened over the batch (logged token mean
+    0); GSPO (sequence level) counts clipping per sequence (a multiple of 1 / rows); dynamic
+    sampling trains on groups whose rewards differ (or says it kept flat ones)."""
+    _, rows = run_grpo(policy_dir, tmp_path, "--config.train.steps=2",
+                       "--config.grpo.samples_every=1", "--config.grpo.num_samples=16",
+                       varied(policy_dir), *extra)
     for r in rows:
         assert all(np.isfinite(v) for v in r.values() if isinstance(v, float)), r
         assert r["nonfinite_updates"] == 0
-    if "--config.grpo.dynamic_sampling=true" in extra:
+    samples = [json.loads(x) for x in open(tmp_path / "samples.jsonl")]
+    assert len(samples) == 2 * 16
+    groups = [samples[i:i + 4] for i in range(0, len(samples), 4)]
+    opts = " ".join(extra)
+    if "advantage=rloo" in opts:
+        for grp in groups:  # A_i = r'_i - mean_{j != i} r'_j sums to 0 (r' = r - beta KL)
+            assert abs(sum(x["advantage"] for x in grp)) < 1e-4, grp
+        assert any(abs(x["advantage"]) > 1e-3 for x in samples)
+    if "advantage=reinforce_pp" in opts:  # both REINFORCE++ variants whiten over the batch
+        for r in rows:
+            assert abs(r["advantages/mean"]) < 1e-4, r["advantages/mean"]
+    if "importance_sampling_level=sequence" in opts:
+        for r in rows:  # 2 minibatch steps of 8 rows: each clip fraction is k / 8, averaged
+            for k in ("low", "high", "region"):
+                v = r[f"clip_ratio/{k}_mean"] * 2 * 8
+                assert abs(v - round(v)) < 1e-4, (k, v)
+    if "dynamic_sampling=true" in opts:
         assert 1 <= rows[0]["dynamic_sampling/rounds"] <= 3
+        for r, step in zip(rows, (1, 2)):
+            trained = [g for g in groups if g[0]["step"] == step]
+            flat = sum(len({x["score"] for x in g}) == 1 for g in trained)
+            assert flat == r.get("dynamic_sampling/zero_std_groups_kept", 0.0)
 
 
 def test_lora_reference_is_the_base_with_adapters_off(policy_dir, tmp_path):
@@ -469,3 +520,45 @@ def test_lora_on_nf4_base_reference_is_the_quantized_base(policy_dir, tmp_path):
     _, rows = run_grpo(policy_dir, tmp_path / "moves", "--config.train.steps=2",
                        "--config.optim.lr=3e-2", varied(policy_dir), *q)
     assert rows[-1]["kl"] > 1e-6
+
+
+def test_sequence_level_with_a_length_weighted_loss_warns(policy_dir, tmp_path, caplog):
+    """As TRL's GRPOTrainer (grpo_trainer.py ~l.903): GSPO's sequence ratio with bnpo / dr_grpo /
+    dapo weights sequences by length: one warning naming the key; grpo's loss does not warn."""
+    import logging
+
+    from easyrl import parallel
+    from easyrl.algorithms import grpo
+    mesh = parallel.create_mesh("dp:1")
+    for loss_type, warns in (("dapo", True), ("grpo", False)):
+        c = launch.parse_config("grpo", grpo_args(
+            policy_dir, tmp_path, "--config.grpo.importance_sampling_level=sequence",
+            f"--config.grpo.loss_type={loss_type}"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="easyrl.grpo"):
+            grpo.validate(c, mesh, 4096)
+        hits = [r for r in caplog.records if "importance_sampling_level=sequence" in r.message]
+        assert len(hits) == int(warns), caplog.records
+
+
+@pytest.mark.parametrize("section", ["grpo", "online_dpo"])
+def test_missing_eos_penalty_in_the_reward_totals(policy_dir, tmp_path, section):
+    """TRL (grpo_trainer / online_dpo_trainer `missing_eos_penalty`): the penalty is subtracted
+    from the total reward of each completion without EOS; unscorable rows stay NaN."""
+    from easyrl import parallel
+    from easyrl.train import setup
+    from easyrl.train.rl_loop import RLEnv, host_rewards
+    c = launch.parse_config(section, [
+        "--config", f"configs/{section}.py:tiny", f"--config.output_dir={tmp_path}",
+        f"--config.model.path={policy_dir / 'policy'}", "--config.mesh=dp:1",
+        f"--config.{section}.missing_eos_penalty=0.75",
+        "--config.reward.functions=exact_match,length_penalty", "--config.reward.weights=2,0"])
+    mesh = parallel.create_mesh("dp:1")
+    tok = setup.load_tokenizer(c)
+    hr, _ = host_rewards(c, RLEnv(c, mesh, tok, setup.model_config(c, tok), 1), mesh, section)
+    vals = np.array([[1.0, -0.1], [0.0, -0.2], [1.0, -0.3], [np.nan, np.nan]])
+    has_eos = np.array([True, False, False, False])
+    total, m = hr.total(vals, has_eos)
+    want = [2.0, 0.0 - 0.75, 2.0 - 0.75, np.nan]
+    np.testing.assert_allclose(total, want, rtol=1e-6)
+    assert m["reward"] == pytest.approx(np.mean([2.0, -0.75, 1.25]))

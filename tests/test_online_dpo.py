@@ -134,7 +134,7 @@ def _pair_inputs(cfg, params, b=8, p=4, t=6, seed=0):
     return out
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid"])  # ipo's formula: test_losses / test_dpo
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_update_is_the_same_under_micro_batch_splits(loss_type):
     """One optimizer step accumulated over 1 or 4 micro-batches: the same loss, metrics and
     parameters; and the loss equals a float64 numpy reference of the DPO formula."""

@@ -321,6 +321,8 @@ def iterate(it: Iteration, sampler, state, frozen, prompts: dict, rng, ctrl: dic
     jax.block_until_ready(inputs)
     t3 = time.time()
     state, upd = it.update(state, inputs, jax.random.fold_in(rng, 1))
+    if isinstance(inputs, dict) and "advantages" in inputs:  # for samples.jsonl
+        roll = dict(roll, advantages=inputs["advantages"])
     metrics = {**rmetrics, **jax.device_get(stats), **jax.device_get(upd)}
     t4 = time.time()
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -449,13 +451,18 @@ class _Loop:
         if want_samples:
             scores = (host["rewards"] if "rewards" in host
                       else parallel.to_host(scored["scores"]))  # every host takes part
+            adv = roll.get("advantages")  # the first response token's (the sequence's, for
+            if adv is not None:           # the group methods)
+                adv = parallel.to_host(adv)[host_rows(adv.shape[0]), 0]
             if jax.process_index() == 0:
                 with open(os.path.join(self.r.out, SAMPLES), "a") as f:
                     rows = list(zip(host["prompts"], host["completions"], scores))
-                    for q, a, sc in rows[:s.num_samples]:
-                        f.write(json.dumps({"step": done, "prompt": q, "response": a,
-                                            "score": None if np.isnan(sc) else float(sc)})
-                                + "\n")
+                    for i, (q, a, sc) in enumerate(rows[:s.num_samples]):
+                        row = {"step": done, "prompt": q, "response": a,
+                               "score": None if np.isnan(sc) else float(sc)}
+                        if adv is not None:
+                            row["advantage"] = float(adv[i])
+                        f.write(json.dumps(row) + "\n")
         return metrics
 
     def _check_nonfinite(self, done: int, metrics: dict) -> None:
