@@ -2,7 +2,8 @@
 
     python -m easyrl generate --model DIR --prompts prompts.jsonl --out out.jsonl \
         [--num_samples G] [--max_new_tokens 128] [--temperature 0.7] [--top_p 1.0] [--top_k 0] \
-        [--template plain] [--batch_size 8 | --batch_slots B] [--seed 0] [--tokenizer PATH] \
+        [--template plain] [--template_kwargs JSON] [--batch_size 8 | --batch_slots B] \
+        [--seed 0] [--tokenizer PATH] \
         [--mesh dp:1,fsdp:-1,tp:1] [--dtype bfloat16]
 
 --batch_slots B runs the continuous-batching engine (`easyrl.engine`): B decode slots, a
@@ -12,10 +13,14 @@ only on (--seed, request, sample), not on B. Without it, static batches of --bat
 DIR is a Hugging Face model folder or an easyrl checkpoint / run directory (its tokenizer is read
 from `<dir>/tokenizer/` when present, else from `--tokenizer`). Each input line is a JSON object
 with `prompt` (a string) or `messages` (a list of {"role", "content"}); each output line holds
-`prompt`, `responses` (the --num_samples G decoded texts, without special tokens),
-`response_ids` (their generated ids up to and including the first EOS, one list per sample),
-`logprobs` (per token, of the distribution it was drawn from: temperature, top-k, top-p; the
-behaviour log-probs of RL) and `response` (= responses[0]). The G samples of a prompt share one
+`prompt` and, with the same shape whatever --num_samples is:
+  `response`, `response_ids`, `logprobs`     the first sample: its text (without special
+      tokens), its generated ids up to and including the first EOS, and the log-prob of each
+      (of the distribution it was drawn from: temperature, top-k, top-p; the behaviour
+      log-probs of RL) -- the output of a single-sample run, unchanged;
+  `responses`, `responses_ids`, `responses_logprobs`   the same for all G samples, one list
+      entry per sample (length 1 when G = 1).
+The G samples of a prompt share one
 prefill (its KV cache copied on device). A summary line on stderr gives requests, generated
 tokens, seconds and tokens/s. `--temperature 0` is greedy decoding (argmax; --top_p and
 --top_k do not apply). Every prompt's tokens plus --max_new_tokens must fit in the model's
@@ -161,10 +166,12 @@ def _record(row, prompt_ids, tok, ids_g, lp_g) -> dict:
            tok.decode(prompt_ids, skip_special_tokens=True)}
     if "messages" in row and not isinstance(row.get("prompt"), str):
         rec["messages"] = row["messages"]
-    rec["responses"] = [tok.decode(x, skip_special_tokens=True) for x in ids_g]
-    rec["response"] = rec["responses"][0]
-    rec["response_ids"] = ids_g
-    rec["logprobs"] = [[round(float(x), 6) for x in lp] for lp in lp_g]
+    texts = [tok.decode(x, skip_special_tokens=True) for x in ids_g]
+    lps = [[round(float(x), 6) for x in lp] for lp in lp_g]
+    # the first sample's flat keys (the output before --num_samples: scripts keep working) ...
+    rec.update(response=texts[0], response_ids=ids_g[0], logprobs=lps[0])
+    # ... and every sample's, one list entry per sample, also for G = 1
+    rec.update(responses=texts, responses_ids=ids_g, responses_logprobs=lps)
     return rec
 
 
@@ -204,7 +211,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="Hugging Face folder or easyrl checkpoint/run dir")
     p.add_argument("--prompts", required=True, help="JSONL: one {'prompt': ...} or {'messages': [...]} per line")
     p.add_argument("--out", required=True,
-                   help="JSONL to write: prompt, responses, response_ids, logprobs, response")
+                   help="JSONL to write: prompt, response, response_ids, logprobs (the first "
+                        "sample), responses, responses_ids, responses_logprobs (all samples)")
     p.add_argument("--num_samples", type=int, default=1,
                    help="samples per prompt (G), sharing one prefill of the prompt")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -213,6 +221,9 @@ def add_parser(sub) -> None:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--template", default="plain", help="tulu | stackllama | plain | chat")
+    p.add_argument("--template_kwargs", default="",
+                   help="JSON object of apply_chat_template keyword arguments (template chat), "
+                        "e.g. '{\"enable_thinking\": false}' (config data.template_kwargs)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per static batch")
     p.add_argument("--batch_slots", type=int, default=0,
                    help="decode slots of the continuous-batching engine (0: static batches)")
@@ -240,10 +251,15 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.batch_slots < 0:  # before anything is loaded
+        raise ValueError(f"--batch_slots must be >= 0 (0 = static batches), got {args.batch_slots}")
+    from easyrl.data.templates import parse_template_kwargs, set_template_kwargs
+    template_kwargs = parse_template_kwargs(args.template_kwargs, "--template_kwargs")
     check_out(args.out)
     rows = read_prompts(args.prompts)
     mesh = parallel.create_mesh(args.mesh) if args.mesh else None
     config, params, tok = load_model_and_tokenizer(args.model, args.tokenizer, mesh, args.dtype)
+    set_template_kwargs(tok, template_kwargs)
     prompt_ids = encode_prompts(rows, tok, args.template, args.prompts)
     check_lengths(rows, prompt_ids, args.max_new_tokens, config.max_position_embeddings, args.prompts)
 
@@ -257,8 +273,6 @@ def run(args: argparse.Namespace) -> None:
         dp = parallel.data_parallel_size(mesh)
         bs = -(-bs // dp) * dp
     g = args.num_samples
-    if args.batch_slots < 0:
-        raise ValueError(f"--batch_slots must be >= 0 (0 = static batches), got {args.batch_slots}")
     if args.batch_slots:
         return _run_engine(args, rows, prompt_ids, config, params, tok, eos, pad_id, mesh)
     sampler = make_sampler(config, max_new_tokens=args.max_new_tokens,

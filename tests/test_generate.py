@@ -367,7 +367,9 @@ def test_cli_end_to_end(cli_model, tmp_path, capsys):
         if "prompt" in row:
             assert g["prompt"] == row["prompt"]
         want = [int(t) for t, m in zip(ref["response"][i], ref["response_mask"][i]) if m]
-        assert g["response_ids"] == [want] and 1 <= len(want) <= n
+        assert g["response_ids"] == want and 1 <= len(want) <= n  # the single-sample shape
+        assert g["responses_ids"] == [want] and g["responses"] == [g["response"]]
+        assert g["logprobs"] == g["responses_logprobs"][0] and len(g["logprobs"]) == len(want)
         assert g["response"] == tok.decode(want, skip_special_tokens=True)
 
     # the same model as an easyrl checkpoint (tokenizer copied to <dir>/tokenizer/) -> same output
@@ -536,13 +538,16 @@ def test_cli_num_samples_logprobs_and_summary(cli_model, tmp_path, capsys):
                     "--top_p", "0.9", "--batch_size", "2", "--seed", "4"], capsys)
     got = [json.loads(x) for x in out.read_text().splitlines()]
     assert [len(g["responses"]) for g in got] == [3, 3]
-    total = sum(len(x) for g in got for x in g["response_ids"])
+    total = sum(len(x) for g in got for x in g["responses_ids"])
+    for g in got:  # the flat keys are the first sample's, whatever G is
+        assert (g["response"], g["response_ids"], g["logprobs"]) == (
+            g["responses"][0], g["responses_ids"][0], g["responses_logprobs"][0])
     last = res.err.strip().splitlines()[-1]
     assert last.startswith("easyrl generate: 2 requests, 6 samples, ") and f"{total} generated" in last
     config, params = hf.load(folder)
     for g in got:
         p_ids = tokenize_prompt("plain", g["prompt"], tok)
-        for ids, lps in zip(g["response_ids"], g["logprobs"]):
+        for ids, lps in zip(g["responses_ids"], g["responses_logprobs"]):
             assert len(ids) == len(lps) >= 1
             tokens = jnp.asarray([p_ids + ids], jnp.int32)
             lp, _ = rollout.response_logprobs(config, params, tokens, jnp.ones_like(tokens),
@@ -564,8 +569,54 @@ def test_cli_batch_slots_engine_matches_static_greedy(cli_model, tmp_path, capsy
     res = _run_cli([*common, "--out", str(tmp_path / "engine.jsonl"), "--batch_slots", "3"], capsys)
     a = [json.loads(x) for x in (tmp_path / "static.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "engine.jsonl").read_text().splitlines()]
-    assert [x["response_ids"] for x in a] == [x["response_ids"] for x in b]
+    assert [x["responses_ids"] for x in a] == [x["responses_ids"] for x in b]
     for x, y in zip(a, b):
-        np.testing.assert_allclose(np.concatenate(x["logprobs"]), np.concatenate(y["logprobs"]),
-                                   atol=1e-4)
+        np.testing.assert_allclose(np.concatenate(x["responses_logprobs"]),
+                                   np.concatenate(y["responses_logprobs"]), atol=1e-4)
     assert "easyrl generate: 5 requests, 10 samples" in res.err
+
+
+def test_cli_rejects_negative_batch_slots_before_loading(tmp_path, capsys):
+    """--batch_slots -1 is refused with the other arguments, before the model is read (the
+    model folder does not even exist here)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    from easyrl import cli
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--model", str(tmp_path / "missing"), "--prompts", str(prompts),
+                  "--out", str(tmp_path / "o.jsonl"), "--batch_slots", "-1"])
+    err = capsys.readouterr().err
+    assert "--batch_slots must be >= 0" in err and "missing" not in err
+
+
+def test_cli_greedy_matches_transformers_for_a_tokenizer_without_bos(cli_model, tmp_path,
+                                                                     capsys):
+    """A tokenizer whose config adds no BOS: `easyrl generate` encodes the prompt as
+    `tokenizer(text)` does (no BOS), so greedy output equals transformers `generate` on those
+    ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, tok = cli_model
+    tok.save_pretrained(str(tmp_path / "bos"))
+    AutoTokenizer.from_pretrained(str(tmp_path / "bos"), add_bos_token=False).save_pretrained(
+        str(tmp_path / "nobos"))
+    nobos = AutoTokenizer.from_pretrained(str(tmp_path / "nobos"))
+    texts = ["sort: f b d a", "sort: c a"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    out = tmp_path / "g.jsonl"
+    _run_cli(["--model", folder, "--tokenizer", str(tmp_path / "nobos"), "--out", str(out),
+              "--prompts", str(prompts), "--max_new_tokens", "6", "--temperature", "0"], capsys)
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    tm = AutoModelForCausalLM.from_pretrained(folder).eval()
+    for t, g in zip(texts, got):
+        ids = nobos(t)["input_ids"]
+        assert ids[0] != nobos.bos_token_id
+        with torch.no_grad():
+            want = tm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                                                               dtype=torch.long),
+                               do_sample=False, max_new_tokens=6, eos_token_id=2,
+                               pad_token_id=3)[0, len(ids):].tolist()
+        if 2 in want:
+            want = want[:want.index(2) + 1]
+        assert g["response_ids"] == want, (t, g["response_ids"], want)

@@ -61,12 +61,22 @@ def tokenize_sft_row(row: dict, tokenizer, template: str) -> Example:
     return p + c, [0] * len(p) + [1] * len(c)
 
 
+def _empty_responses(row: dict) -> int:
+    """Blank completions / assistant turns of a canonical SFT row (each trains as its EOS)."""
+    if "messages" in row:
+        return sum(m["role"] == "assistant" and not m["content"].strip() for m in row["messages"])
+    if "completion" in row:
+        return int(not row["completion"].strip())
+    return 0
+
+
 def tokenize_sft(rows: Sequence[dict], tokenizer, template: str, seq_len: int
                  ) -> tuple[list[Example], dict]:
     """Tokenize and right-truncate SFT rows to ``seq_len`` -> (examples, stats)."""
-    stats = dict(_new_stats(len(rows)), num_dropped_long_prompt=0)
+    stats = dict(_new_stats(len(rows)), num_dropped_long_prompt=0, num_empty_responses=0)
     out = []
     for row in rows:
+        stats["num_empty_responses"] += _empty_responses(row)
         ids, mask = tokenize_sft_row(row, tokenizer, template)
         had_target = any(mask[1:])
         if len(ids) > seq_len:
@@ -274,11 +284,11 @@ def collate_preference(examples: Sequence[dict], seq_len: int, pad_id: int) -> d
 def tokenize_rrhf(rows: Sequence[dict], tokenizer, template: str, seq_len: int,
                   num_responses: int | None = None) -> tuple[list[dict], dict]:
     """RRHF rows -> examples ``{seqs: [(ids, mask)], scores}``; keeps the first ``num_responses``."""
-    stats = _new_stats(len(rows))
-    stats["num_responses_cut"] = 0
+    stats = dict(_new_stats(len(rows)), num_responses_cut=0, num_empty_responses=0)
     out = []
     for row in rows:
         resp, scores = row["responses"], row["scores"]
+        stats["num_empty_responses"] += sum(not r.strip() for r in resp)
         if num_responses is not None and len(resp) > num_responses:
             resp, scores = resp[:num_responses], scores[:num_responses]
             stats["num_responses_cut"] += 1
@@ -310,16 +320,28 @@ def collate_rrhf(examples: Sequence[dict], num_responses: int, seq_len: int, pad
 
 
 # ----------------------------------------------------------------------------- prompts
-def tokenize_prompts(rows: Sequence[dict], tokenizer, template: str, max_prompt_len: int
-                     ) -> tuple[list[dict], dict]:
+class PromptTooLong(ValueError):
+    """A prompt longer than max_prompt_len with truncation refused (``truncate="error"``)."""
+
+    def __init__(self, index: int, length: int):
+        super().__init__(f"prompt of {length} tokens")
+        self.index, self.length = index, length
+
+
+def tokenize_prompts(rows: Sequence[dict], tokenizer, template: str, max_prompt_len: int,
+                     truncate: str = "left") -> tuple[list[dict], dict]:
     """Prompt rows -> ``{ids, text, columns}`` with ids cut from the left (keeping BOS) to
-    ``max_prompt_len``; ``columns``: the row's other fields (``{}`` when it has none)."""
+    ``max_prompt_len`` (counted: ``num_truncated``), or, with ``truncate="error"``, a
+    `PromptTooLong` for the first longer prompt; ``columns``: the row's other fields (``{}``
+    when it has none)."""
     stats = _new_stats(len(rows))
     out = []
     bos = tokenizer.bos_token_id
-    for row in rows:
+    for i, row in enumerate(rows):
         prompt = row["prompt"]
         ids = templates.tokenize_prompt(template, prompt, tokenizer)
+        if len(ids) > max_prompt_len and truncate == "error":
+            raise PromptTooLong(i, len(ids))
         if len(ids) > max_prompt_len:
             head = [bos] if bos is not None and ids[:1] == [bos] else []
             keep = max_prompt_len - len(head)

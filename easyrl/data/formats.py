@@ -293,15 +293,19 @@ def normalize_row(row: Any, fmt: str) -> dict:
         raise BadRow(f"expected a JSON object, got {type(row).__name__}")
     if fmt == "messages":
         msgs = _messages(_field(row, "messages"), "messages")
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-            raise BadRow("messages contain no non-empty assistant turn")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise BadRow("messages contain no assistant turn")
+        for m in msgs:  # a blank assistant turn trains as its EOS alone (as a blank completion)
+            if m["role"] == "assistant" and not m["content"].strip():
+                m["content"] = ""
         return {"messages": msgs}
     if fmt == "prompt_completion":
-        return {"prompt": _prompt(row), "completion": _response(row, "completion")}
+        return {"prompt": _prompt(row), "completion": _response(row, "completion", allow_empty=True)}
     if fmt == "text":
         return {"text": _text(row, "text")}
     if fmt == "unpaired":
-        return {"prompt": _prompt(row), "completion": _response(row, "completion"), "label": _label(row)}
+        return {"prompt": _prompt(row), "completion": _response(row, "completion", allow_empty=True),
+                "label": _label(row)}
     if fmt == "preference":
         p = _prompt(row)
         return {"prompt": p, "chosen": _response(row, "chosen", allow_empty=True),
@@ -311,8 +315,8 @@ def normalize_row(row: Any, fmt: str) -> dict:
     if fmt == "rrhf":
         p = _prompt(row)
         resp, scores = _field(row, "responses"), _field(row, "scores")
-        if not isinstance(resp, list) or not resp or not all(isinstance(x, str) and x.strip() for x in resp):
-            raise BadRow("field 'responses' must be a non-empty list of non-empty strings")
+        if not isinstance(resp, list) or not resp or not all(isinstance(x, str) for x in resp):
+            raise BadRow("field 'responses' must be a non-empty list of strings")
         if not isinstance(scores, list) or len(scores) != len(resp):
             raise BadRow(f"field 'scores' must be a list with one number per response ({len(resp)})")
         try:

@@ -211,13 +211,22 @@ def rrhf_iterator(source, tokenizer, *, seq_len: int, global_batch_size: int, te
 
 def prompt_iterator(source, tokenizer, *, max_prompt_len: int, global_batch_size: int,
                     template: str = "plain", format: str | None = None, skip_bad_rows: bool = False,
-                    split: str | None = None, **iter_kw) -> BatchIterator:
+                    split: str | None = None, truncate: str = "left",
+                    max_prompt_len_key: str = "max_prompt_len", **iter_kw) -> BatchIterator:
     """Prompt batches for PPO / generation: LEFT-padded ``input_ids``, ``attention_mask`` [B, P],
     ``prompts`` (this host's prompt texts) and ``columns`` (their rows' other fields, ``{name:
     list}`` aligned with ``prompts``; see ``encode.collate_prompts``)."""
     templates.check_template(template)
     loaded = formats.load_data(source, "prompts", format, skip_bad_rows, split)
-    examples, stats = encode.tokenize_prompts(loaded.rows, tokenizer, template, max_prompt_len)
+    try:
+        examples, stats = encode.tokenize_prompts(loaded.rows, tokenizer, template, max_prompt_len,
+                                                  truncate)
+    except encode.PromptTooLong as e:
+        raise formats.DataError(
+            f"{loaded.where or loaded.source}: prompt row {e.index} has {e.length} tokens, more "
+            f"than config {max_prompt_len_key}={max_prompt_len} (data.truncate_prompts=error; "
+            f"raise {max_prompt_len_key}, or data.truncate_prompts=left cuts it from the "
+            f"left)") from None
     pad = pad_id(tokenizer)
     return _iterator(examples, lambda items: encode.collate_prompts(items, max_prompt_len, pad),
                      stats, loaded, global_batch_size=global_batch_size, **iter_kw)

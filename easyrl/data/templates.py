@@ -72,9 +72,38 @@ def _own_segments(template: str, messages: Messages, generation_prompt: bool) ->
 
 
 # ---------------------------------------------------------------------------- chat template
+def parse_template_kwargs(value, key: str = "data.template_kwargs") -> dict:
+    """``data.template_kwargs`` (TRL's ``chat_template_kwargs``): a dict, or a JSON object string
+    from the command line (``'{"enable_thinking": false}'``); "" = none."""
+    import json
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config {key}: not JSON ({e.msg} at character {e.pos}): "
+                             f"{value!r}") from None
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"config {key}: must be a JSON object of keyword arguments for "
+                         f"apply_chat_template, got {value!r}")
+    return dict(value)
+
+
+def set_template_kwargs(tokenizer, kwargs: dict):
+    """Attach the keyword arguments every ``apply_chat_template`` call of this run passes (e.g.
+    ``enable_thinking=False`` for Qwen3), to the run's tokenizer: training, scoring,
+    generation and evaluation all render through `_apply_chat`. Returns the tokenizer."""
+    tokenizer._easyrl_template_kwargs = dict(kwargs or {})
+    return tokenizer
+
+
 def _apply_chat(tokenizer, messages, generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+                                         add_generation_prompt=generation_prompt,
+                                         **getattr(tokenizer, "_easyrl_template_kwargs", {}))
 
 
 def _require_chat(tokenizer):
@@ -208,12 +237,35 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def bos_prefix(tokenizer, ids: Sequence[int]) -> list[int]:
-    """``[bos]`` if the tokenizer has a BOS and ``ids`` do not already start with it, else ``[]``."""
+def adds_bos(tokenizer) -> bool:
+    """Does ``tokenizer(text)`` put a BOS first, as ``transformers`` encodes text (and as
+    ``apply_chat_template`` renders it, for templates that write ``{{ bos_token }}``)? Decided
+    once per tokenizer from the tokenizer itself: a tokenizer whose config does not add BOS
+    (``add_bos_token=False``, Qwen's, ...) gets none in training, scoring and generation."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None or (len(ids) and ids[0] == bos):
+    if bos is None:
+        return False
+    cached = getattr(tokenizer, "_easyrl_adds_bos", None)
+    if cached is not None:
+        return cached
+    try:
+        ids = list(tokenizer("a")["input_ids"])
+        out = bool(ids) and ids[0] == bos
+    except Exception:  # not a transformers tokenizer: the old rule (BOS when it has one)
+        out = True
+    try:
+        tokenizer._easyrl_adds_bos = out
+    except Exception:
+        pass
+    return out
+
+
+def bos_prefix(tokenizer, ids: Sequence[int]) -> list[int]:
+    """``[bos]`` if the tokenizer adds a BOS when it encodes text (`adds_bos`) and ``ids`` do
+    not already start with it, else ``[]``."""
+    if not adds_bos(tokenizer) or (len(ids) and ids[0] == tokenizer.bos_token_id):
         return []
-    return [int(bos)]
+    return [int(tokenizer.bos_token_id)]
 
 
 def encode_segments(segments: Sequence[Segment], tokenizer, add_bos: bool = True

@@ -83,14 +83,17 @@ def load_prompts(ec, tokenizer, template: str, mesh):
 
 
 def evaluate(policies: dict, *, sft_dir: str, rm_dir: Optional[str], ec, template: str, mesh_spec: str,
-             seed: int = 0, log=print) -> dict:
+             seed: int = 0, log=print, template_kwargs=None) -> dict:
     """{policy name: metrics} for `policies` = {name: run dir} (causal-LM run dirs of the SFT
     architecture). `sft_dir`: the KL reference and the tokenizer; `rm_dir`: the reward model
-    (None: no RM score)."""
+    (None: no RM score). `template_kwargs`: apply_chat_template's keyword arguments (the
+    stages' data.template_kwargs)."""
+    from easyrl.data.templates import parse_template_kwargs, set_template_kwargs
     from easyrl.data.tokenizer import load_tokenizer
     from easyrl.data.synthetic import true_reward as synthetic_reward
     mesh = parallel.create_mesh(mesh_spec)
-    tok = load_tokenizer(os.path.join(sft_dir, "tokenizer"))
+    tok = set_template_kwargs(load_tokenizer(os.path.join(sft_dir, "tokenizer")),
+                              parse_template_kwargs(template_kwargs))
     batches, n = load_prompts(ec, tok, template, mesh)
     rule = synthetic_reward if ec.true_reward == "synthetic" else None
     if ec.true_reward not in ("", "synthetic"):

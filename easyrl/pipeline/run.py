@@ -217,11 +217,12 @@ def read_rows(run_dir: str) -> list:
         return []
 
 
-def eval_template(c, stages) -> str:
+def eval_template(c, stages, key: str = "template"):
+    """The evaluation's data.template (or data.template_kwargs): PPO's, else SFT's."""
     for name in ("ppo", "sft"):
         if name in c:
-            return c[name].data.template
-    return "plain"
+            return c[name].data.get(key, "")
+    return "plain" if key == "template" else ""
 
 
 def evaluation(c, stages, info) -> Optional[dict]:
@@ -251,7 +252,8 @@ def evaluation(c, stages, info) -> Optional[dict]:
         t0 = time.time()
         with _distributed_once():
             new = evaluate({n: policies[n] for n in todo}, sft_dir=sft, rm_dir=rm, ec=c.eval,
-                           template=eval_template(c, stages), mesh_spec=c.mesh, seed=c.seed, log=say)
+                           template=eval_template(c, stages), mesh_spec=c.mesh, seed=c.seed, log=say,
+                           template_kwargs=eval_template(c, stages, "template_kwargs"))
         say(f"[pipeline] eval: done in {time.time() - t0:.0f}s")
     else:
         say(f"[pipeline] eval: reusing {path}")

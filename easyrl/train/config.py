@@ -54,6 +54,12 @@ def base_config(command: str) -> mlc.ConfigDict:
         # split by seed, like datasets' test_size); data.eval must then be "" or "synthetic".
         # Without it, data.eval="synthetic" evaluates only when data.train is synthetic too.
         eval_fraction=0.0,
+        # keyword arguments for the tokenizer's apply_chat_template (template=chat), a JSON
+        # object, e.g. '{"enable_thinking": false}' (TRL's chat_template_kwargs)
+        template_kwargs="",
+        # online trainers' prompts longer than <section>.max_prompt_len: left (cut from the left,
+        # keeping BOS; counted and warned) | error (refuse, naming the row)
+        truncate_prompts="left",
     ))
     c.train = mlc.ConfigDict(dict(
         steps=0, epochs=0, batch_size=32, micro_batch_size=0, seq_len=64, max_nonfinite=10,
@@ -127,6 +133,10 @@ def validate(c: mlc.ConfigDict, *, dp_size: Optional[int] = None,
             parse_columns(c.data.columns)
         except ValueError as e:
             raise ValueError(f"config data.columns: {e}") from None
+    from easyrl.data.templates import parse_template_kwargs
+    parse_template_kwargs(c.data.get("template_kwargs", ""))
+    need(c.data.get("truncate_prompts", "left") in ("left", "error"), "data.truncate_prompts",
+         f"{c.data.get('truncate_prompts')!r}; valid: left, error")
     frac = c.data.get("eval_fraction", 0.0)
     need(isinstance(frac, (int, float)) and 0.0 <= frac < 1.0, "data.eval_fraction",
          f"must be in [0, 1), got {frac!r}")

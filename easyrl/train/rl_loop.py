@@ -359,10 +359,19 @@ def run(c, algo) -> RunResult:
     validate_rollout(c)
     check_isolation(c.reward.get("num_workers", 0), c.reward.get("timeout", DEFAULT_TIMEOUT),
                     c.reward.get("on_error", "raise"))
+    key = f"{spec.section}.max_prompt_len"
     prompts = prompt_iterator(setup.data_source(c, "prompts", "train"), tok,
                               max_prompt_len=s.max_prompt_len, global_batch_size=c.train.batch_size,
                               template=c.data.template, format=fmt(c),
-                              skip_bad_rows=c.data.skip_bad_rows, **iter_kwargs(c, "train"))
+                              skip_bad_rows=c.data.skip_bad_rows,
+                              truncate=c.data.get("truncate_prompts", "left"),
+                              max_prompt_len_key=key, **iter_kwargs(c, "train"))
+    cut = int(prompts.stats.get("num_truncated", 0))
+    if cut and jax.process_index() == 0:  # one line: prompts are never cut silently
+        print(f"warning: {cut} of {prompts.stats.get('num_rows', '?')} prompts are longer than "
+              f"config {key}={s.max_prompt_len} and are cut from the left (keeping BOS); raise "
+              f"{key}, or set data.truncate_prompts=error to refuse them", file=sys.stderr,
+              flush=True)
     steps = total_steps(c, prompts.steps_per_epoch)
     built = spec.build(RLEnv(c, r.mesh, tok, pcfg, steps))
     g = built.iteration.group
@@ -439,6 +448,7 @@ class _Loop:
                 global_step=step, max_steps=self.steps,
                 epoch=step / max(1, self.prompts.steps_per_epoch)))
         done = step + 1
+        metrics["data/num_truncated_prompts"] = float(self.prompts.stats.get("num_truncated", 0))
         self._check_nonfinite(done, metrics)
         b.ctrl = b.after_iteration(b.ctrl, metrics)
         want_samples = s.samples_every and done % s.samples_every == 0

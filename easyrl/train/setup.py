@@ -25,7 +25,9 @@ def load_tokenizer(c):
             if os.path.isdir(cand) and any(os.path.exists(os.path.join(cand, n)) for n in hf.TOKENIZER_FILES):
                 path = cand
                 break
-    return _load(path or synthetic_tokenizer_path())
+    from easyrl.data.templates import parse_template_kwargs, set_template_kwargs
+    return set_template_kwargs(_load(path or synthetic_tokenizer_path()),
+                               parse_template_kwargs(c.data.get("template_kwargs", "")))
 
 
 # config keys of the iterator arguments, named in data messages
