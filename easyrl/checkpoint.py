@@ -138,7 +138,7 @@ def load_model(path: str, kind: Optional[str] = None, *, mesh=None, dtype=None,
     params = out["params"]
     if merge_lora and config.base_quant != "none":  # the base dequantized (a full copy)
         from easyrl.model import qlora
-        params = qlora.dequantize_params(params, config.param_dtype)
+        params = qlora.dequantize_params(params, config.param_dtype, config)
         config = config.replace(base_quant="none")
     if merge_lora and config.lora_rank:
         from easyrl.model import lora

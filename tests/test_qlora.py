@@ -269,7 +269,41 @@ def test_quantization_config_errors_name_the_key(tmp_path):
     c = _config("sft", tmp_path, **{"model.lora.rank": 0})
     with pytest.raises(ValueError, match="model.lora.base_quant.*only applies with LoRA"):
         validate_lora(c)
-    with pytest.raises(ValueError, match="quant_block=48"):
-        get_preset("tiny").replace(base_quant="nf4", quant_block=48)
+    with pytest.raises(ValueError, match="config model.lora.quant_block: 3 must be an even"):
+        get_preset("tiny").replace(base_quant="nf4", quant_block=3)
+    get_preset("tiny").replace(base_quant="nf4", quant_block=48)  # any kernel size: padded
     assert lora.disabled(get_preset("tiny").replace(lora_rank=2, base_quant="int8")).base_quant \
         == "int8"  # the adapters-off reference still reads the quantized kernels
+
+
+def test_nf4_block_that_divides_no_kernel_trains(base_lm):
+    """quant_block 40 divides neither in size (64, 96) of the tiny model: every kernel's last
+    block is padded, the model equals its dequantized weights (cut to their true shapes) and
+    the adapters get finite, non-zero gradients."""
+    config, full = hf.load(base_lm)
+    qconfig, qparams = hf.load(base_lm, base_quant="nf4", quant_block=40)
+    ids, mask = batch(VOCAB, b=2, t=10)
+    deq = qlora.dequantize_params(qparams, jnp.float32, qconfig)
+    flat = trainable.flatten(deq)
+    for k, v in trainable.flatten(full).items():
+        if k in flat:
+            assert flat[k].shape == v.shape, k
+    got = np.asarray(M.forward(qconfig, qparams, jnp.asarray(ids), jnp.asarray(mask)))
+    ref = np.asarray(M.forward(config, full, jnp.asarray(ids), jnp.asarray(mask)))
+    assert float(np.abs(got - ref)[mask > 0].max()) < CLOSE["nf4"]
+
+    lcfg = qconfig.replace(lora_rank=2)  # adapters over the padded kernels, random init
+    lparams = M.init_params(lcfg, jax.random.PRNGKey(0))
+    from easyrl.model import quant
+    assert lparams["layers"]["mlp"]["down_proj"]["kernel"]["codes"].shape[-2] == \
+        quant.padded_in(lcfg.intermediate_size, 40) // 2 > lcfg.intermediate_size // 2
+
+    train, frozen = trainable.partition(lparams, trainable.trainable_mask(lparams))
+
+    def loss(t):
+        p = trainable.combine(t, frozen)
+        return jnp.mean(M.forward(lcfg, p, jnp.asarray(ids), jnp.asarray(mask)) ** 2)
+    grads = trainable.flatten(jax.grad(loss)(train))
+    lora_b = [v for k, v in grads.items() if k.endswith("lora_b")]
+    assert lora_b and all(np.all(np.isfinite(np.asarray(g))) for g in lora_b)
+    assert any(float(jnp.abs(g).max()) > 0 for g in lora_b)

@@ -66,7 +66,7 @@ class QuantDense(nn.Module):
             self.config, self.kernel_init(key, (d_in, self.features), jnp.float32)))
         bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
                 if self.use_bias else None)
-        kernel = quant.dequantize(qk, self.dtype)
+        kernel = quant.dequantize(qk, self.dtype, n_in=d_in)
         x = x.astype(self.dtype)
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         y = dense_dot_general(x, kernel, dims)
@@ -97,8 +97,18 @@ def quantize_params(config, params) -> dict:
     return unflatten(out)
 
 
-def dequantize_params(params, dtype) -> dict:
-    """`params` with every quantized kernel back as a plain [.., in, out] kernel in `dtype`."""
+def in_features(config, path: str) -> int:
+    """The in size of projection kernel `path` (.../<name>_proj/kernel) under `config`."""
+    name = re.search(r"(\w+_proj)/kernel$", path).group(1)
+    if name == "o_proj":
+        return config.num_attention_heads * config.head_dim
+    return config.intermediate_size if name == "down_proj" else config.hidden_size
+
+
+def dequantize_params(params, dtype, config=None) -> dict:
+    """`params` with every quantized kernel back as a plain [.., in, out] kernel in `dtype`.
+    `config`: the model's (needed when an NF4 kernel's in size is not a multiple of its
+    block: the padded last block is cut to the true size)."""
     flat = flatten(params)
     groups, out = {}, {}
     for k, v in flat.items():
@@ -107,7 +117,8 @@ def dequantize_params(params, dtype) -> dict:
             groups.setdefault(m.group(1), {})[m.group(2)] = v
         else:
             out[k] = v
-    deq = jax.jit(lambda g: {k: quant.dequantize(v, dtype) for k, v in g.items()})
+    sizes = {k: (in_features(config, k) if config is not None else None) for k in groups}
+    deq = jax.jit(lambda g: {k: quant.dequantize(v, dtype, sizes[k]) for k, v in g.items()})
     out.update(deq(groups) if groups else {})
     return unflatten(out)
 

@@ -17,7 +17,9 @@ that anyway, so writing it out makes the stored numbers the same on every backen
 or not. They differ from a correctly rounded division by at most one float32 ulp.
 
 NF4 -- `quantize_nf4(w, block=64)`: blocks of `block` consecutive values along `in` (axis -2)
-of each output column (requires in % block == 0), so splitting `in` or `out` over a mesh axis
+of each output column (an in size that is not a multiple of block gets its last block padded
+with zeros, as bitsandbytes pads: the arrays hold `padded_in(in, block)` rows and
+`dequantize(qd, n_in=in)` cuts them off), so splitting `in` or `out` over a mesh axis
 splits every array along the same axis, as long as each shard of `in` holds whole blocks
 ((in / shards) % block == 0; with double quant also (out / shards) % dq_block == 0):
     codes   uint8   [..., in/2, out]      two 4-bit codes per byte along `in`: the value at
@@ -109,11 +111,6 @@ def _nf4_dims(shape: Sequence[int], block: int, double_quant: bool, dq_block: in
         raise ValueError(f"{fn}: {_label(name)} of shape {shape} is not a dense kernel; expected "
                          f"[in, out] or [L, in, out]")
     n_in, n_out = shape[-2], shape[-1]
-    if n_in % block:
-        raise ValueError(
-            f"{fn}: {_label(name)} of shape {shape} has in = {n_in} (axis -2), which is not a "
-            f"multiple of block = {block}; NF4 quantizes blocks of `block` consecutive values "
-            f"along the in axis of each output column, so use a block that divides {n_in}")
     if double_quant:
         _check_block(dq_block, "dq_block", fn)
         if n_out % dq_block:
@@ -208,6 +205,12 @@ def _quantize_absmax(absmax, dq_block: int):
             "absmax_mean": mean.astype(jnp.float32)}
 
 
+def padded_in(n_in: int, block: int) -> int:
+    """The in size NF4 stores: `n_in` rounded up to whole blocks (the last block is padded with
+    zeros, as bitsandbytes pads its flattened tensor to a multiple of the blocksize)."""
+    return -(-int(n_in) // int(block)) * int(block)
+
+
 def quantize_nf4(w, block: int = 64, double_quant: bool = False, dq_block: int = 256,
                  name: Optional[str] = None) -> Dict[str, Any]:
     """NF4 of kernel `w` [..., in, out] in blocks of `block` along `in` (see the module docstring
@@ -215,8 +218,12 @@ def quantize_nf4(w, block: int = 64, double_quant: bool = False, dq_block: int =
     in runs of `dq_block` along `out`). `name` labels errors. Shapes must be static (jit-safe)."""
     w = jnp.asarray(w)
     _check_float(w, "quantize_nf4", name)
-    _nf4_dims(w.shape, block, double_quant, dq_block, "quantize_nf4", name)
-    xb = _blocks(w.astype(jnp.float32), block)                      # [..., nb, block, out]
+    n_in, _ = _nf4_dims(w.shape, block, double_quant, dq_block, "quantize_nf4", name)
+    w = w.astype(jnp.float32)
+    pad = padded_in(n_in, block) - n_in
+    if pad:  # the last block padded with zeros (they dequantize to exact zeros, code 7)
+        w = jnp.pad(w, [(0, 0)] * (w.ndim - 2) + [(0, pad), (0, 0)])
+    xb = _blocks(w, block)                                          # [..., nb, block, out]
     absmax = jnp.max(jnp.abs(xb), axis=-2)                          # [..., nb, out]
     inv = jnp.where(absmax > 0, 1.0 / jnp.where(absmax > 0, absmax, 1.0), 0.0)
     codes = nf4_code(xb * inv[..., None, :]).reshape(w.shape)       # zero block -> code 7
@@ -239,13 +246,18 @@ def nf4_absmax(qd: Mapping):
     return (runs * s2[..., None]).reshape(q2.shape) + qd["absmax_mean"]
 
 
-def dequantize_nf4(qd: Mapping, dtype=jnp.float32):
-    """NF4_LEVELS[code] * absmax of its block, computed in float32 and returned in `dtype`."""
-    codes = unpack_nibbles(qd["codes"], axis=-2)                    # [..., in, out]
+def dequantize_nf4(qd: Mapping, dtype=jnp.float32, n_in: Optional[int] = None):
+    """NF4_LEVELS[code] * absmax of its block, computed in float32 and returned in `dtype`:
+    [..., in, out] with in the stored (block-padded) size, or the first `n_in` rows (the
+    kernel's true in size, when its last block was padded)."""
+    codes = unpack_nibbles(qd["codes"], axis=-2)                    # [..., in_pad, out]
     absmax = nf4_absmax(qd)                                         # [..., nb, out]
     block = codes.shape[-2] // absmax.shape[-2]
     vals = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)]
-    return (_blocks(vals, block) * absmax[..., None, :]).reshape(codes.shape).astype(dtype)
+    out = (_blocks(vals, block) * absmax[..., None, :]).reshape(codes.shape).astype(dtype)
+    if n_in is not None and n_in != out.shape[-2]:
+        out = out[..., :n_in, :]
+    return out
 
 
 # ---- dispatch --------------------------------------------------------------------------------
@@ -266,13 +278,14 @@ def is_quantized(x) -> bool:
     return quant_kind(x) is not None
 
 
-def dequantize(qd, dtype=jnp.float32):
-    """The dense kernel in `dtype` of a quantized dict (any kind), jit-compatible."""
+def dequantize(qd, dtype=jnp.float32, n_in: Optional[int] = None):
+    """The dense kernel in `dtype` of a quantized dict (any kind), jit-compatible. `n_in`: the
+    kernel's in size (NF4 stores whole blocks: a padded last block is cut off)."""
     kind = quant_kind(qd)
     if kind == "int8":
         return dequantize_int8(qd, dtype)
     if kind == "nf4":
-        return dequantize_nf4(qd, dtype)
+        return dequantize_nf4(qd, dtype, n_in)
     keys = sorted(qd.keys()) if isinstance(qd, Mapping) else type(qd).__name__
     raise ValueError(f"dequantize: not a quantized kernel (keys {keys}); expected the keys "
                      f"{sorted(INT8_KEYS)}, {sorted(NF4_KEYS)} or {sorted(NF4_DQ_KEYS)}")
@@ -326,6 +339,7 @@ def quantized_nbytes(shape: Sequence[int], kind: str, block: int = 64, double_qu
     if kind == "nf4":
         n_in, n_out = _nf4_dims(shape, block, double_quant, dq_block, "quantized_nbytes", None)
         lead = math.prod(shape[:-2])
+        n = lead * padded_in(n_in, block) * n_out  # the last block padded
         n_abs = n // block
         if double_quant:
             return n // 2 + n_abs + 4 * (n_abs // dq_block) + 4 * lead
