@@ -53,13 +53,47 @@ def easyrl_to_hf(ckpt: str, out: str, kind=None, dtype=None, tokenizer=None,
         log.warning(note)
 
 
-def base_model_of(run_dir: str) -> Optional[str]:
-    """The `model.path` a run started from (absolute when it is a local path), or None."""
+def _origin(stored: dict) -> Optional[str]:
+    """The model a checkpoint came from: its run's model.path, or a conversion's source."""
+    return (stored.get("run_config") or {}).get("model", {}).get("path") or stored.get("source")
+
+
+def _local(path: str) -> str:
+    p = os.path.expanduser(path)
+    return os.path.abspath(p) if os.path.exists(p) else path
+
+
+def base_model_of(run_dir: str) -> tuple:
+    """(base_model_name_or_path for a PEFT adapter of `run_dir`, or None; a warning or None).
+
+    The run's model.path, followed back through easyrl folders that hold their origin's weights
+    unchanged (`easyrl convert hf-to-easyrl` checkpoints: their `source`) to the Hugging Face
+    folder or hub id it started from: what PEFT users load the adapters onto. When the chain
+    reaches an easyrl TRAINING run (its weights were trained, LoRA adapters merged into a new
+    base), the adapters belong on that run's weights, which PEFT can only load once exported:
+    None, and the warning says how (`--base-model`). None too, with a warning, when no origin is
+    recorded (a random init)."""
     _, _, stored = checkpoint.read_model_config(run_dir)
-    path = (stored.get("run_config") or {}).get("model", {}).get("path") or stored.get("source")
+    path, seen = _origin(stored), set()
+    while path and os.path.isfile(os.path.join(os.path.expanduser(path),
+                                               checkpoint.CONFIG_FILE)):
+        here = os.path.abspath(os.path.expanduser(path))
+        if here in seen:
+            break
+        seen.add(here)
+        _, _, st = checkpoint.read_model_config(here)
+        if st.get("run_config"):  # a training run: its weights are not its origin's
+            return None, (
+                f"{run_dir} started from the easyrl run {here}, whose trained weights are the "
+                f"base of these adapters; PEFT users load them on that model exported as a "
+                f"Hugging Face folder: `easyrl convert easyrl-to-hf --ckpt {here} --out DIR` "
+                f"(add --merge-lora for a LoRA run), then pass --base-model DIR "
+                f"(base_model_name_or_path left empty)")
+        path = _origin(st)
     if not path:
-        return None
-    return os.path.abspath(os.path.expanduser(path)) if os.path.exists(os.path.expanduser(path)) else path
+        return None, (f"{run_dir} records no Hugging Face base model (random init?); pass "
+                      f"--base-model to set base_model_name_or_path")
+    return _local(path), None
 
 
 def easyrl_to_peft(ckpt: str, out: str, base_model: Optional[str] = None, dtype=None,
@@ -67,7 +101,8 @@ def easyrl_to_peft(ckpt: str, out: str, base_model: Optional[str] = None, dtype=
     """PEFT adapter folder (adapter_config.json + adapter_model.safetensors) from a LoRA
     checkpoint: `PeftModel.from_pretrained(<base HF model>, out)`. A reward / value model is a
     SEQ_CLS adapter with the `score` head in modules_to_save. `base_model` (written as
-    base_model_name_or_path) defaults to the run's model.path."""
+    base_model_name_or_path) defaults to the Hugging Face model the run's chain started from
+    (`base_model_of`)."""
     run_dir, _ = checkpoint.resolve(ckpt)
     stored, _, _ = checkpoint.read_model_config(run_dir)
     if not stored.lora_rank:
@@ -77,8 +112,12 @@ def easyrl_to_peft(ckpt: str, out: str, base_model: Optional[str] = None, dtype=
     if tokenizer is None and os.path.isdir(os.path.join(run_dir, TOKENIZER_SUBDIR)):
         tokenizer = os.path.join(run_dir, TOKENIZER_SUBDIR)
     # one atomic write: the adapter and its tokenizer files appear together
-    save_peft(out, config, params, kind=kind, base_model=base_model or base_model_of(run_dir),
-              dtype=dtype, tokenizer=tokenizer)
+    if not base_model:
+        base_model, warning = base_model_of(run_dir)
+        if warning and jax.process_index() == 0:
+            log.warning(warning)
+    save_peft(out, config, params, kind=kind, base_model=base_model, dtype=dtype,
+              tokenizer=tokenizer)
 
 
 def parse_size(s: str) -> int:
@@ -124,7 +163,8 @@ def add_parser(sub) -> None:
     c.add_argument("--ckpt", required=True, help="LoRA easyrl checkpoint, run output_dir, or <run>/checkpoints/<step>")
     c.add_argument("--out", required=True, help="adapter folder to write")
     c.add_argument("--base-model", default=None,
-                   help="base_model_name_or_path to record (default: the run's model.path)")
+                   help="base_model_name_or_path to record (default: the Hugging Face model the "
+                        "run started from, followed back through converted checkpoints)")
     c.add_argument("--dtype", default=None, help="adapter dtype (default: as stored)")
     c.add_argument("--tokenizer", default=None, help="tokenizer folder or .model to include")
     p.set_defaults(func=run)

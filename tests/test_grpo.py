@@ -304,7 +304,15 @@ def test_config_errors(policy_dir, tmp_path):
                           (("--config.grpo.advantage=ppo",), "grpo.advantage"),
                           (("--config.grpo.num_generations=1",), "grpo.num_generations"),
                           (("--config.grpo.loss_type=mean",), "grpo.loss_type"),
-                          (("--config.grpo.num_minibatches=3",), "grpo.num_minibatches")]:
+                          (("--config.grpo.num_minibatches=3",), "grpo.num_minibatches"),
+                          (("--config.grpo.epsilon_high=-0.1",), "config grpo.epsilon_high"),
+                          (("--config.grpo.epsilon_low=1.5",), "config grpo.epsilon_low"),
+                          (("--config.grpo.max_new_tokens=0",), "config grpo.max_new_tokens"),
+                          (("--config.grpo.loss_type=rloo",), "config grpo.loss_type: rloo"),
+                          (("--config.rollout.is_cap_min=3",), "config rollout.is_cap_min"),
+                          (("--config.reward.num_workers=-2",), "config reward.num_workers"),
+                          (("--config.reward.on_error=skip",), "config reward.on_error"),
+                          (("--config.data.truncate_prompts=right",), "data.truncate_prompts")]:
         with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
             grpo.train(launch.parse_config("grpo", grpo_args(policy_dir, tmp_path / "e", *extra)))
 

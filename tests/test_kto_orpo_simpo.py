@@ -144,6 +144,9 @@ def test_kto_weight_advice_follows_trl():
     from ml_collections import ConfigDict
     k = ConfigDict(dict(desirable_weight=1.0, undesirable_weight=1.0))
     assert kto.weight_advice(k, 50, 50) is None
+    for nd, nu, none in ((50, 0, "undesirable"), (0, 50, "desirable")):  # no weight can help
+        msg = kto.weight_advice(k, nd, nu)
+        assert f"with no {none} example no kto.desirable_weight" in msg and "[" not in msg
     assert "in [1.25, 1.66]" in kto.weight_advice(k, 40, 50)  # neither 1 is in range
     k.desirable_weight = 1.3
     assert kto.weight_advice(k, 40, 50) is None  # w_d in [1.25, 1.66]

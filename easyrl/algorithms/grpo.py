@@ -364,9 +364,14 @@ def validate(c, mesh, max_positions: int) -> None:
          f"{g.num_generations}; {g.advantage} compares the samples of a prompt: use >= 2")
     need(g.num_iterations >= 1, "num_iterations", f"{g.num_iterations} must be >= 1")
     need(g.beta >= 0, "beta", f"{g.beta} must be >= 0 (0 = no reference model)")
-    need(0 <= g.epsilon_low < 1 and g.epsilon_high >= 0, "epsilon_low",
-         f"clip range [1 - {g.epsilon_low}, 1 + {g.epsilon_high}] must have 0 <= epsilon_low < 1 "
-         f"and epsilon_high >= 0")
+    need(0 <= g.epsilon_low < 1, "epsilon_low",
+         f"{g.epsilon_low} must be in [0, 1) (clip range [1 - epsilon_low, 1 + epsilon_high])")
+    need(g.epsilon_high >= 0, "epsilon_high",
+         f"{g.epsilon_high} must be >= 0 (clip range [1 - epsilon_low, 1 + epsilon_high])")
+    need(isinstance(g.max_new_tokens, int) and g.max_new_tokens >= 1, "max_new_tokens",
+         f"{g.max_new_tokens!r} must be an int >= 1")
+    need(isinstance(g.max_prompt_len, int) and g.max_prompt_len >= 1, "max_prompt_len",
+         f"{g.max_prompt_len!r} must be an int >= 1")
     need(g.max_resample >= 0, "max_resample", f"{g.max_resample} must be >= 0")
     need(not g.dynamic_sampling or g.num_generations >= 2, "dynamic_sampling",
          "needs num_generations >= 2")

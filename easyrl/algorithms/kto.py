@@ -119,8 +119,16 @@ def iterators(c, tokenizer):
 def weight_advice(k, n_desirable: int, n_undesirable: int):
     """TRL KTOTrainer's check (bounds from Eq. 8 of the KTO paper): with unequal class counts,
     the desirable weight should lie in [1, 1.33] x n_u w_u / n_d, or the undesirable weight in
-    [1/1.33, 1] x n_d w_d / n_u. Returns the warning text, or None when either is in range."""
-    nd, nu = max(n_desirable, 1), max(n_undesirable, 1)
+    [1/1.33, 1] x n_d w_d / n_u. Returns the warning text, or None when either is in range.
+    With no example of one class no weight helps: the text says that and what to check."""
+    if n_desirable == 0 or n_undesirable == 0:
+        none, label = ("undesirable", "false") if n_undesirable == 0 else ("desirable", "true")
+        return (f"kto: {n_desirable} desirable and {n_undesirable} undesirable examples: with no "
+                f"{none} example no kto.desirable_weight / kto.undesirable_weight can balance the "
+                f"classes; KTO learns from both (rows with label {label}; check data.columns "
+                f"maps your label column, or use paired data, whose rejected answers are the "
+                f"undesirable ones)")
+    nd, nu = n_desirable, n_undesirable
     if nd == nu:
         return None
     d_lo, d_hi = round(nu * k.undesirable_weight / nd, 2), round(nu * k.undesirable_weight / nd * 1.33, 2)

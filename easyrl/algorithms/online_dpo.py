@@ -190,6 +190,10 @@ def validate(c, mesh, max_positions: int) -> None:
     need(0.0 < d.top_p <= 1.0, "top_p", f"{d.top_p} must be in (0, 1] (1 = off)")
     need(d.top_k >= 0, "top_k", f"{d.top_k} must be an integer >= 0 (0 = off)")
     need(d.beta > 0, "beta", f"{d.beta} must be > 0")
+    need(isinstance(d.max_new_tokens, int) and d.max_new_tokens >= 1, "max_new_tokens",
+         f"{d.max_new_tokens!r} must be an int >= 1")
+    need(isinstance(d.max_prompt_len, int) and d.max_prompt_len >= 1, "max_prompt_len",
+         f"{d.max_prompt_len!r} must be an int >= 1")
     check_loss_types(d, SECTION)
     need(0.0 <= d.label_smoothing < 0.5, "label_smoothing",
          f"{d.label_smoothing} must be in [0, 0.5)")

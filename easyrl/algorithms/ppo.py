@@ -276,6 +276,9 @@ def validate(c, mesh, max_positions: int) -> None:
         raise ValueError(f"config ppo.top_p: {p.top_p} must be in (0, 1] (1 = off)")
     if p.get("top_k", 0) < 0:
         raise ValueError(f"config ppo.top_k: {p.top_k} must be an integer >= 0 (0 = off)")
+    for key in ("max_new_tokens", "max_prompt_len"):
+        if not isinstance(p[key], int) or p[key] < 1:
+            raise ValueError(f"config ppo.{key}: {p[key]!r} must be an int >= 1")
     b = c.train.batch_size
     if p.num_minibatches <= 0 or b % p.num_minibatches:
         raise ValueError(f"config ppo.num_minibatches: {p.num_minibatches} must divide train.batch_size={b}")
