@@ -227,7 +227,8 @@ def test_bad_rows_named_and_skipped(tok, tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", [
         {"prompt": "p1", "completion": "c1"},
         {"prompt": "p2"},                                # line 2: missing field
-        {"prompt": "p3", "completion": "  "},            # line 3: empty completion
+        {"prompt": "p3", "completion": 7},               # line 3: not a string (an empty
+                                                         # completion is fine: EOS alone)
         '{"prompt": "p4", "completion": ',               # line 4: invalid JSON
         {"prompt": "p5", "completion": "c5"},
     ])
@@ -237,7 +238,7 @@ def test_bad_rows_named_and_skipped(tok, tmp_path):
     loaded = load_data(path, "sft", skip_bad_rows=True)
     assert loaded.num_bad == 3 and [r["prompt"] for r in loaded.rows] == ["p1", "p5"]
     assert any("line 4" in m and "invalid JSON" in m for m in loaded.bad_examples)
-    assert any("line 3" in m and "empty" in m for m in loaded.bad_examples)
+    assert any("line 3" in m and "must be a string" in m for m in loaded.bad_examples)
     good = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "completion": "c"}] * 3 + ['{"prompt": 1'])
     with pytest.raises(DataError, match=r"ok\.jsonl: line 4: invalid JSON"):
         load_data(good, "sft")

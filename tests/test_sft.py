@@ -250,7 +250,7 @@ def test_invalid_config_values_name_the_key(tmp_path):
 
 BAD_LINES = [
     ('{"prompt": "sort: b a"}', "completion"),
-    ('{"prompt": "sort: b a", "completion": ""}', "empty"),
+    ('{"prompt": "sort: b a", "completion": 5}', "must be a string"),  # "" trains as EOS
     ('{"prompt": "sort: b a", "completion": "a b"', "JSON"),
 ]
 
