@@ -1,7 +1,6 @@
 """easyrl-to-peft's base_model_name_or_path: the Hugging Face model the run started from,
 followed back through converted easyrl checkpoints; a run started from another easyrl TRAINING
 run gets no (wrong) HF base but a warning naming --base-model; a random init warns too."""
-import logging
 
 from easyrl import checkpoint, convert
 from easyrl.model import get_preset
@@ -29,7 +28,7 @@ def test_chain_through_converted_checkpoints_reaches_the_hf_folder(tmp_path):
     assert convert.base_model_of(hub) == ("meta-llama/Llama-2-7b-hf", None)
 
 
-def test_a_trained_run_in_the_chain_is_not_skipped(tmp_path, caplog):
+def test_a_trained_run_in_the_chain_is_not_skipped(tmp_path):
     hf_dir = tmp_path / "llama-hf"
     hf_dir.mkdir()
     sft = _run(tmp_path / "sft", str(hf_dir))
