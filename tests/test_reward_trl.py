@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from easyrl import reward_set
 from easyrl import rewards as R
 from easyrl.data import encode
 from easyrl.rewards import RewardError, RewardSet, load_reward_functions
@@ -169,7 +170,7 @@ def test_unscorable_rows_warn_and_all_none_is_counted():
 
 def test_slow_function_in_process_prints_one_line(monkeypatch, capsys):
     import time
-    monkeypatch.setattr(R, "SLOW_WARNING_S", 0.2)
+    monkeypatch.setattr(reward_set, "SLOW_WARNING_S", 0.2)
     rs = RewardSet()
     rs.add("sleepy", 1.0, lambda completions, **kw: time.sleep(0.6) or [0.0] * len(completions))
     rs.values(PROMPTS, COMPLETIONS, IDS)
