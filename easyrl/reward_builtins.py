@@ -13,7 +13,7 @@ DEFAULT_MAX_COMPLETION_LENGTH = 256
 DEFAULT_FORMAT_PATTERN = r"^<think>.*?</think>.*$"
 
 
-def _as_text(x) -> str:
+def as_text(x) -> str:
     """A completion or prompt as text: a string as is, a message list's last content."""
     if isinstance(x, (list, tuple)) and x and isinstance(x[-1], dict):
         return str(x[-1].get("content", ""))
@@ -37,13 +37,13 @@ def _column(kwargs: dict, key: str, n: int) -> list:
 def synthetic(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
     """The synthetic sort task's graded reward: ``easyrl.data.synthetic.true_reward``."""
     from easyrl.data.synthetic import true_reward
-    return [true_reward(_as_text(p), _as_text(c)) for p, c in zip(prompts, completions)]
+    return [true_reward(as_text(p), as_text(c)) for p, c in zip(prompts, completions)]
 
 
 def exact_match(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
     """1.0 if the stripped completion equals the stripped ``answer``; None where no answer."""
     answers = _column(kwargs, "answer", len(completions))
-    return [None if a is None else float(_as_text(c).strip() == str(a).strip())
+    return [None if a is None else float(as_text(c).strip() == str(a).strip())
             for c, a in zip(completions, answers)]
 
 
@@ -57,7 +57,7 @@ def gsm8k_exact(prompts, completions, completion_ids=None, **kwargs) -> list[flo
         if gold is None:
             out.append(None)
         else:
-            out.append(float(answer_extraction(_as_text(c)) == gold))
+            out.append(float(answer_extraction(as_text(c)) == gold))
     return out
 
 
@@ -75,7 +75,7 @@ def boxed_math(prompts, completions, completion_ids=None, **kwargs) -> list[floa
             continue
         gold = last_boxed(a)
         gold = normalize_math(gold if gold is not None else a)
-        got = last_boxed(_as_text(c))
+        got = last_boxed(as_text(c))
         out.append(float(got is not None and normalize_math(got) == gold))
     return out
 
@@ -84,7 +84,7 @@ def regex_format(prompts, completions, completion_ids=None, **kwargs) -> list[fl
     """1.0 if ``re.match(pattern, completion.strip(), re.DOTALL)``, else 0.0; ``pattern`` is the
     row's ``format_pattern`` (column or keyword) or ``DEFAULT_FORMAT_PATTERN``."""
     patterns = _column(kwargs, "format_pattern", len(completions))
-    return [float(re.match(p if p is not None else DEFAULT_FORMAT_PATTERN, _as_text(c).strip(),
+    return [float(re.match(p if p is not None else DEFAULT_FORMAT_PATTERN, as_text(c).strip(),
                            re.DOTALL)
                   is not None) for c, p in zip(completions, patterns)]
 

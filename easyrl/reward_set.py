@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from easyrl.reward_builtins import _as_text
+from easyrl.reward_builtins import as_text
+from easyrl.reward_workers import WorkerPool, function_ref
 
 DEFAULT_TIMEOUT = 600.0  # seconds per reward call in a worker process (reward.timeout)
 _RESERVED = ("prompts", "completions", "completion_ids")
@@ -35,21 +36,21 @@ class _Source:
         return f"reward function '{self.name}'" + (f" ({self.spec})" if self.spec else "")
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     msg = " ".join(str(e).split())
     if len(msg) > 300:
         msg = msg[:297] + "..."
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-def _check_weight(weight, what: str) -> float:
+def check_weight(weight, what: str) -> float:
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real) \
             or not math.isfinite(float(weight)):
         raise ValueError(f"{what}: weight must be a finite number, got {weight!r}")
     return float(weight)
 
 
-def _to_values(result, n: int, label: str) -> list[float | None]:
+def to_values(result, n: int, label: str) -> list[float | None]:
     """Validate a source's return: N numbers or None -> a list of float | None."""
     if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__len__"):
         raise RewardError(f"{label} returned {type(result).__name__}, expected a list of {n} "
@@ -137,13 +138,16 @@ class RewardSet:
     (its rows are not applicable, counted in ``rewards/<name>/errors``)."""
 
     def __init__(self, context: dict | None = None, num_workers: int = 0,
-                 timeout: float = DEFAULT_TIMEOUT, on_error: str = "raise"):
+                 timeout: float = DEFAULT_TIMEOUT, on_error: str = "raise",
+                 resolver: Callable | None = None):
         self.sources: list[_Source] = []
         self.context = dict(context or {})
         if on_error not in ON_ERROR:
             raise ValueError(f"config reward.on_error: {on_error!r}; valid: {', '.join(ON_ERROR)}")
         self.num_workers, self.timeout, self.on_error = int(num_workers), float(timeout), on_error
+        self.resolver = resolver  # spec -> (name, fn), for workers (rewards.resolve_reward_function)
         self._pool = None
+        self.resolver = resolver  # spec -> (name, fn), for workers (rewards.resolve_reward_function)
         self.extra_metrics: dict[str, float] = {}  # of the last `values` call (errors, log_metric)
 
     def _unique(self, name: str) -> str:
@@ -160,10 +164,9 @@ class RewardSet:
         if not callable(fn):
             raise ValueError(f"reward source '{name}' is not callable")
         name = self._unique(name)
-        src = _Source(name, _check_weight(weight, f"reward source '{name}'"), fn, spec, True)
+        src = _Source(name, check_weight(weight, f"reward source '{name}'"), fn, spec, True)
         if self.num_workers > 0:
-            from easyrl.reward_workers import function_ref
-            src.ref = function_ref(fn, spec, src.label())
+            src.ref = function_ref(fn, spec if self.resolver else "", src.label(), self.resolver)
         self.sources.append(src)
         return name
 
@@ -175,7 +178,7 @@ class RewardSet:
         if not callable(score_fn):
             raise ValueError(f"reward model '{name}' is not callable")
         name = self._unique(name)
-        self.sources.append(_Source(name, _check_weight(weight, f"reward model '{name}'"),
+        self.sources.append(_Source(name, check_weight(weight, f"reward model '{name}'"),
                                     score_fn, "reward model", False))
         return name
 
@@ -253,7 +256,6 @@ class RewardSet:
         results: dict[int, tuple] = {}
         if self.num_workers > 0 and user:
             if self._pool is None:
-                from easyrl.reward_workers import WorkerPool
                 self._pool = WorkerPool(self.num_workers, self.timeout)
             answers = self._pool.run([(self.sources[j].ref, kwargs) for j in user])
             for j, a in zip(user, answers):
@@ -269,7 +271,7 @@ class RewardSet:
                 try:
                     results[j] = ("ok", _watched(s.label(), lambda: s.fn(**call_kw)))
                 except Exception as e:  # user code: one line naming the source
-                    results[j] = ("error", _one_line(e))
+                    results[j] = ("error", one_line(e))
             coros = [j for j in user if j not in results]
             if coros:
                 results.update(self._run_async(coros, call_kw))
@@ -280,7 +282,7 @@ class RewardSet:
                 try:
                     result = s.fn(prompts, completions, completion_ids)
                 except Exception as e:
-                    raise RewardError(f"{label} raised {_one_line(e)}") from None
+                    raise RewardError(f"{label} raised {one_line(e)}") from None
             else:
                 a = results[j]
                 if a[0] != "ok":
@@ -299,7 +301,7 @@ class RewardSet:
                 result = a[1]
                 if self.on_error == "none":
                     self.extra_metrics[f"rewards/{s.name}/errors"] = 0.0
-            for i, v in enumerate(_to_values(result, n, label)):
+            for i, v in enumerate(to_values(result, n, label)):
                 if v is not None:
                     out[i, j] = v
         for name, vs in logged.items():
@@ -314,7 +316,7 @@ class RewardSet:
             try:
                 return ("ok", await s.fn(**call_kw))
             except Exception as e:
-                return ("error", _one_line(e))
+                return ("error", one_line(e))
 
         async def gather():
             return await asyncio.gather(*(one(s) for s in srcs))
@@ -367,6 +369,6 @@ def unscorable_warning(prompts, completions, values) -> str | None:
         return None
     i = int(bad[0])
     return (f"rewards: every reward function returned None for {bad.size} of {len(values)} "
-            f"rows (first: row {i}, prompt {str(_as_text(prompts[i]))[-80:]!r}, completion "
+            f"rows (first: row {i}, prompt {str(as_text(prompts[i]))[-80:]!r}, completion "
             f"{str(completions[i])[:80]!r}); they get advantage 0. Make sure at least one "
             f"reward function returns a value for every row.")

@@ -10,7 +10,8 @@ reaped; either is replaced by a fresh process at its next task. The answer of a 
 `("timeout", seconds)` or `("crash", exit code)`.
 
 The function travels as its config spec (`module:function`, `path/to/file.py:function` or a
-built-in name), re-resolved in the worker and cached there, or, for a function added in code
+built-in name) with the resolver that loads it (`easyrl.rewards.resolve_reward_function`,
+pickled by reference), re-resolved in the worker and cached there, or, for a function added in code
 without a spec, pickled by reference (a module-level function). Its keyword arguments are the
 ones TRL passes (see `easyrl.rewards`); `log_metric` / `log_extra` are recorded in the worker and
 sent back with the values.
@@ -59,11 +60,10 @@ def _worker_main(conn) -> None:  # pragma: no cover - runs in the child process
         ref, kwargs = msg
         logged: list = []
         try:
-            if ref[0] == "spec":
-                if ref[1] not in cache:
-                    from easyrl.rewards import resolve_reward_function
-                    cache[ref[1]] = resolve_reward_function(ref[1])[1]
-                fn = cache[ref[1]]
+            if ref[0] == "spec":  # ("spec", resolver pickled by reference, spec)
+                if ref[2] not in cache:
+                    cache[ref[2]] = ref[1](ref[2])[1]
+                fn = cache[ref[2]]
             else:
                 fn = ref[1]
             kwargs = dict(kwargs, log_metric=lambda name, value: logged.append(
@@ -78,10 +78,12 @@ def _worker_main(conn) -> None:  # pragma: no cover - runs in the child process
                                 f"({type(e).__name__}: {e})"))
 
 
-def function_ref(fn: Callable, spec: str, label: str):
-    """What a worker needs to find `fn`: its spec, else the function pickled by reference."""
-    if spec:
-        return ("spec", spec)
+def function_ref(fn: Callable, spec: str, label: str, resolver: Callable | None = None):
+    """What a worker needs to find `fn`: its spec and the resolver that turns it into the
+    function (`easyrl.rewards.resolve_reward_function`, pickled by reference), else the function
+    itself pickled by reference."""
+    if spec and resolver is not None:
+        return ("spec", resolver, spec)
     try:
         pickle.dumps(fn)
     except Exception as e:

@@ -86,11 +86,11 @@ from typing import Callable
 
 from easyrl.math_answers import answer_extraction, last_boxed, normalize_math  # noqa: F401
 from easyrl.reward_builtins import (  # noqa: F401  (easyrl.rewards:NAME names them)
-    DEFAULT_FORMAT_PATTERN, DEFAULT_MAX_COMPLETION_LENGTH, _as_text, _column, _row, boxed_math,
+    DEFAULT_FORMAT_PATTERN, DEFAULT_MAX_COMPLETION_LENGTH, boxed_math,
     exact_match, gsm8k_exact, length_penalty, overlong, overlong_penalty, regex_format, synthetic)
 from easyrl.reward_set import (  # noqa: F401  (the public names of easyrl.rewards)
-    DEFAULT_TIMEOUT, ON_ERROR, SLOW_WARNING_S, RewardError, RewardSet, TrainerState, _check_weight,
-    _one_line, _to_values, reward_stats, unscorable_warning)
+    DEFAULT_TIMEOUT, ON_ERROR, SLOW_WARNING_S, RewardError, RewardSet, TrainerState, check_weight,
+    one_line, reward_stats, unscorable_warning)
 
 BUILTINS = ("synthetic", "exact_match", "gsm8k_exact", "boxed_math", "regex_format",
             "length_penalty", "overlong")
@@ -141,7 +141,7 @@ def _load_file(module: str, entry: str):
         spec.loader.exec_module(mod)
     except Exception as e:
         del sys.modules[mod_name]
-        raise ValueError(f"{_CFG}: {entry!r}: loading {module!r} raised {_one_line(e)}") from None
+        raise ValueError(f"{_CFG}: {entry!r}: loading {module!r} raised {one_line(e)}") from None
     return mod
 
 
@@ -156,10 +156,10 @@ def _load_module(module: str, entry: str):
                              f"sys.path / PYTHONPATH? or give a file path, path/to/file.py:fn)"
                              ) from None
         raise ValueError(f"{_CFG}: {entry!r}: importing module {module} raised "
-                         f"{_one_line(e)}") from None
+                         f"{one_line(e)}") from None
     except Exception as e:
         raise ValueError(f"{_CFG}: {entry!r}: importing module {module} raised "
-                         f"{_one_line(e)}") from None
+                         f"{one_line(e)}") from None
 
 
 def resolve_reward_function(entry: str) -> tuple[str, Callable]:
@@ -200,7 +200,8 @@ def load_reward_functions(names, weights=None, context: dict | None = None, *,
     if len(ws) != len(entries):
         raise ValueError(f"config reward.weights: {len(ws)} weights for {len(entries)} reward "
                          f"functions ({', '.join(entries) or 'none'})")
-    rs = RewardSet(context, num_workers=num_workers, timeout=timeout, on_error=on_error)
+    rs = RewardSet(context, num_workers=num_workers, timeout=timeout, on_error=on_error,
+                   resolver=resolve_reward_function)
     for entry, w in zip(entries, ws):
         if isinstance(w, str):
             try:
@@ -208,7 +209,7 @@ def load_reward_functions(names, weights=None, context: dict | None = None, *,
             except ValueError:
                 raise ValueError(f"config reward.weights: {w!r} (for {entry!r}) is not a "
                                  f"number") from None
-        w = _check_weight(w, f"config reward.weights: {entry!r}")
+        w = check_weight(w, f"config reward.weights: {entry!r}")
         name, fn = resolve_reward_function(entry)
         rs.add(name, w, fn, spec=entry)
     return rs
